@@ -1,0 +1,20 @@
+"""lightning-peft: parameter-efficient fine-tuning of Hugging Face transformers, the Lightning way."""
+
+from lightning_peft.backbone import BackboneConfig, load_backbone
+from lightning_peft.callbacks import JsonlPredictionWriter
+from lightning_peft.data import ClassificationDataModule, TextDataModule
+from lightning_peft.errors import LightningPeftError
+from lightning_peft.tasks import PeftModule, SequenceClassifier
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackboneConfig",
+    "ClassificationDataModule",
+    "JsonlPredictionWriter",
+    "LightningPeftError",
+    "PeftModule",
+    "SequenceClassifier",
+    "TextDataModule",
+    "load_backbone",
+]

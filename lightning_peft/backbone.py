@@ -1,0 +1,172 @@
+"""Load a Hugging Face model with the Auto class a task needs and apply any ``peft.PeftConfig`` to it."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft import PeftConfig, PeftModel, TaskType, get_peft_model
+from transformers import AutoConfig, PreTrainedModel
+
+from lightning_peft.errors import LightningPeftError
+
+
+@dataclass
+class BackboneConfig:
+    """Where the transformer comes from and how it is loaded.
+
+    Args:
+        pretrained_model_name_or_path: hub id or local directory with ``config.json`` and weights.
+        model_config: with a path, overrides applied to the pretrained config (e.g. ``{hidden_dropout_prob: 0}``);
+            without a path, a full config (with ``model_type``) for a randomly initialised model.
+        tokenizer: tokenizer hub id or directory; defaults to ``pretrained_model_name_or_path``.
+        gradient_checkpointing: trade compute for activation memory (non-reentrant, works with frozen bases).
+        dtype: weight dtype to load (``float32``, ``bfloat16``, ``float16`` or ``auto``); ``None`` keeps float32.
+        revision: hub revision (branch, tag or commit).
+        trust_remote_code: allow custom modelling code from the hub.
+
+    Example::
+
+        BackboneConfig(pretrained_model_name_or_path="bert-base-uncased", gradient_checkpointing=True)
+    """
+
+    pretrained_model_name_or_path: str | None = None
+    model_config: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None
+    gradient_checkpointing: bool = False
+    dtype: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def is_pretrained(self) -> bool:
+        """Whether the frozen weights can be reloaded from ``pretrained_model_name_or_path``."""
+        return self.pretrained_model_name_or_path is not None
+
+    @property
+    def tokenizer_name_or_path(self) -> str | None:
+        return self.tokenizer or self.pretrained_model_name_or_path
+
+
+def _torch_dtype(name: str | None) -> torch.dtype | str | None:
+    if name is None or name == "auto":
+        return name
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise LightningPeftError(
+            f"backbone.dtype: unknown dtype {name!r}; use float32, bfloat16, float16 or auto"
+        )
+    return dtype
+
+
+def _load_transformer(spec: BackboneConfig, auto_class: type, model_kwargs: dict[str, Any]) -> PreTrainedModel:
+    overrides = {**spec.model_config, **model_kwargs}
+    if not spec.is_pretrained:
+        if "model_type" not in spec.model_config:
+            raise LightningPeftError(
+                "backbone: set pretrained_model_name_or_path (hub id or local directory), "
+                "or model_config with a model_type for a randomly initialised model"
+            )
+        config = AutoConfig.for_model(**overrides)
+        model = auto_class.from_config(config, trust_remote_code=spec.trust_remote_code)
+        dtype = _torch_dtype(spec.dtype)
+        return model.to(dtype) if isinstance(dtype, torch.dtype) else model
+    try:
+        return auto_class.from_pretrained(
+            spec.pretrained_model_name_or_path,
+            revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code,
+            dtype=_torch_dtype(spec.dtype),
+            **overrides,
+        )
+    except (OSError, ValueError) as err:
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LightningPeftError(
+            f"backbone.pretrained_model_name_or_path: cannot load {spec.pretrained_model_name_or_path!r} as "
+            f"{auto_class.__name__} ({cause}). Give a local directory with config.json and weights, or a hub id "
+            "reachable from this machine."
+        ) from err
+
+
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """Distinct short names of the model's linear layers: the values ``target_modules`` usually takes."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    return sorted(names)
+
+
+def _unmatched_target_modules(model: torch.nn.Module, target_modules: str | list[str] | set[str]) -> list[str]:
+    module_names = [name for name, _ in model.named_modules() if name]
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear" or any(re.fullmatch(target_modules, n) for n in module_names):
+            return []
+        return [target_modules]
+    return [
+        key
+        for key in sorted(target_modules)
+        if not any(name == key or name.endswith("." + key) for name in module_names)
+    ]
+
+
+def apply_peft(model: PreTrainedModel, peft_config: PeftConfig, task_type: TaskType | None) -> PeftModel:
+    """Wrap ``model`` with ``peft_config`` (any PEFT method), checking ``target_modules`` against the model first.
+
+    The task type is filled in from the task when the config leaves it out, so that peft keeps task heads
+    (``classifier``, ``score``, …) trainable and saves them with the adapter.
+    """
+    peft_config = copy.deepcopy(peft_config)
+    if getattr(peft_config, "task_type", None) is None and task_type is not None:
+        peft_config.task_type = task_type
+    target_modules = getattr(peft_config, "target_modules", None)
+    if target_modules:
+        unmatched = _unmatched_target_modules(model, target_modules)
+        if unmatched:
+            raise LightningPeftError(
+                f"peft.target_modules: {unmatched} match no module of {type(model).__name__}. "
+                f"Its linear layers are: {linear_layer_names(model)}"
+            )
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as err:
+        raise LightningPeftError(
+            f"peft: {type(peft_config).__name__} cannot be applied to {type(model).__name__}: {err}"
+        ) from err
+
+
+def load_backbone(
+    spec: BackboneConfig,
+    auto_class: type,
+    peft_config: PeftConfig | None = None,
+    task_type: TaskType | None = None,
+    **model_kwargs: Any,
+) -> PreTrainedModel | PeftModel:
+    """Load the transformer described by ``spec`` with ``auto_class`` and wrap it with ``peft_config``.
+
+    Example::
+
+        from peft import LoraConfig
+        from transformers import AutoModelForSequenceClassification
+        model = load_backbone(
+            BackboneConfig("bert-base-uncased"), AutoModelForSequenceClassification,
+            LoraConfig(r=8, target_modules=["query", "value"]), num_labels=3,
+        )
+    """
+    model = _load_transformer(spec, auto_class, model_kwargs)
+    if spec.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise LightningPeftError(
+                f"backbone.gradient_checkpointing: {type(model).__name__} does not support it; set it to false"
+            )
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if peft_config is None:
+        return model
+    return apply_peft(model, peft_config, task_type)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

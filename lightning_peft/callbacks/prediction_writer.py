@@ -1,0 +1,62 @@
+"""``JsonlPredictionWriter``: one JSON line per predicted example, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+
+class JsonlPredictionWriter(BasePredictionWriter):
+    """Writes each example's prediction record (merged with the batch's raw text) as a JSON line.
+
+    Records go to ``<output_path>.tmp`` while predicting and are renamed to ``output_path`` when prediction
+    ends, so an interrupted run never leaves a truncated file under the final name. Under DDP each rank
+    writes ``<stem>.rank<N><suffix>``.
+
+    Example::
+
+        trainer = Trainer(callbacks=[JsonlPredictionWriter("predictions.jsonl")])
+        trainer.predict(model, datamodule=dm, return_predictions=False)
+    """
+
+    def __init__(self, output_path: str = "predictions.jsonl") -> None:
+        super().__init__(write_interval="batch")
+        self.output_path = Path(output_path)
+        self._file: Any = None
+        self._path: Path | None = None
+
+    def _rank_path(self, trainer: Trainer) -> Path:
+        if trainer.world_size == 1:
+            return self.output_path
+        p = self.output_path
+        return p.with_name(f"{p.stem}.rank{trainer.global_rank}{p.suffix}")
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._path = self._rank_path(trainer)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(f"{self._path}.tmp", "w", encoding="utf-8")  # noqa: SIM115 - closed in on_predict_end
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: list[dict[str, Any]],
+        batch_indices: Any,
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        raw = {k: v for k, v in batch.items() if isinstance(v, list)}
+        for i, record in enumerate(prediction):
+            row = {k: v[i] for k, v in raw.items()} | record
+            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._file.close()
+        os.replace(f"{self._path}.tmp", self._path)
+        print(f"predictions written to {self._path}")

@@ -1,0 +1,142 @@
+"""``lightning-peft``: LightningCLI with our links and defaults, plus an ``export`` command.
+
+    lightning-peft fit --config configs/quickstart.yaml
+    lightning-peft test --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/best.ckpt
+    lightning-peft predict --config configs/quickstart.yaml --ckpt_path … --predictions_path preds.jsonl
+    lightning-peft export --config configs/quickstart.yaml --ckpt_path … --export_dir runs/quickstart/adapter
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightning_peft.callbacks.prediction_writer import JsonlPredictionWriter
+from lightning_peft.data.base import TextDataModule
+from lightning_peft.errors import LightningPeftError
+from lightning_peft.tasks.base import PeftModule
+
+# jsonargparse builds every dataclass field of a peft config, including an empty LoftQConfig that peft then
+# warns about although LoftQ is not in use.
+warnings.filterwarnings("ignore", message=r"`loftq_config` specified but will be ignored")
+
+
+def _tokenizer_of(path: str | None, tokenizer: str | None) -> str | None:
+    return tokenizer or path
+
+
+def _labels_of(datamodule: LightningDataModule) -> list[str] | None:
+    return getattr(datamodule, "labels", None)
+
+
+def _problem_type_of(datamodule: LightningDataModule) -> str:
+    return getattr(datamodule, "problem_type", "single_label_classification")
+
+
+class LightningPeftCLI(LightningCLI):
+    """LightningCLI for any :class:`PeftModule` and :class:`TextDataModule` subclass (``class_path`` in YAML).
+
+    Links so that one YAML drives everything: the backbone's path (or ``backbone.tokenizer``) becomes the
+    datamodule's tokenizer; the datamodule's discovered ``labels`` and ``problem_type`` become the model's.
+    Adds a ``checkpoint`` group (Lightning's ``ModelCheckpoint``: best on ``val/loss`` plus ``last``) and
+    ``--predictions_path`` for ``predict`` (JSONL).
+
+    Example::
+
+        LightningPeftCLI(args=["fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs", "1"])
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", PeftModule)
+        kwargs.setdefault("datamodule_class", TextDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        defaults = {
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+        }
+        kwargs["trainer_defaults"] = {**defaults, **kwargs.get("trainer_defaults", {})}
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.filename": "best",
+                "checkpoint.save_last": True,
+                "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.RichProgressBar"}],
+            }
+        )
+        parser.add_argument(
+            "--predictions_path", type=str | None, default=None,
+            help="predict: JSONL output path (default: <log dir>/predictions.jsonl)",
+        )
+        parser.link_arguments(
+            ("model.init_args.backbone.pretrained_model_name_or_path", "model.init_args.backbone.tokenizer"),
+            "data.init_args.tokenizer",
+            compute_fn=_tokenizer_of,
+        )
+        parser.link_arguments("data", "model.init_args.labels", compute_fn=_labels_of, apply_on="instantiate")
+        parser.link_arguments(
+            "data", "model.init_args.problem_type", compute_fn=_problem_type_of, apply_on="instantiate"
+        )
+
+    def before_predict(self) -> None:
+        if any(isinstance(cb, JsonlPredictionWriter) for cb in self.trainer.callbacks):
+            return
+        path = self._get(self.config, "predictions_path") or str(
+            Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions.jsonl"
+        )
+        self.trainer.callbacks.append(JsonlPredictionWriter(path))
+
+    def predict(self, model: LightningModule, **kwargs: Any) -> None:
+        kwargs["return_predictions"] = False  # records stream to the JSONL writer instead of piling up in memory
+        self.trainer.predict(model, **kwargs)
+
+
+class ExportCLI(LightningPeftCLI):
+    """``lightning-peft export``: rebuild the model from the config, load a checkpoint, write an HF export."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint to export")
+        parser.add_argument("--export_dir", type=str, required=True, help="directory to write (replaced atomically)")
+
+    def run_export(self) -> Path:
+        ckpt_path = Path(self.config["ckpt_path"])
+        if not ckpt_path.is_file():
+            raise LightningPeftError(f"--ckpt_path: {str(ckpt_path)!r} does not exist or is not a file")
+        model: PeftModule = self.model
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"], strict=False)
+        tokenizer = self.datamodule.tokenizer if isinstance(self.datamodule, TextDataModule) else None
+        return model.export(self.config["export_dir"], tokenizer=tokenizer)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point: user errors become one ``error:`` line and exit status 2."""
+    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        if argv and argv[0] == "export":
+            cli = ExportCLI(args=argv[1:], run=False, save_config_callback=None)
+            print(f"adapter exported to {cli.run_export()}")
+        else:
+            LightningPeftCLI(args=argv)
+    except LightningPeftError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""Datamodules: HF datasets or local files → tokenised, batched splits."""
+
+from lightning_peft.data.base import TextDataModule
+from lightning_peft.data.classification import ClassificationDataModule
+from lightning_peft.data.sampling import EpochSeededSampler
+
+__all__ = ["ClassificationDataModule", "EpochSeededSampler", "TextDataModule"]

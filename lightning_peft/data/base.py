@@ -1,0 +1,258 @@
+"""``TextDataModule``: splits from an HF dataset or local files, tokenisation, batching. No task logic."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset, DatasetDict, load_dataset
+from datasets.fingerprint import Hasher
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from lightning_peft.data.sampling import EpochSeededSampler
+from lightning_peft.errors import LightningPeftError
+
+SPLITS = ("train", "validation", "test", "predict")
+STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ("predict",)}
+_READERS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+}
+
+
+class PassthroughCollator:
+    """Pads the model inputs with ``collator`` and passes ``columns`` (e.g. raw text) through as lists."""
+
+    def __init__(self, collator: Callable[[list[dict[str, Any]]], dict[str, Any]], columns: tuple[str, ...]) -> None:
+        self.collator = collator
+        self.columns = columns
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        extras = {c: [f.pop(c) for f in features] for c in self.columns if c in features[0]}
+        return {**self.collator(features), **extras}
+
+
+class TextDataModule(LightningDataModule):
+    """Base datamodule: finds each split, checks it, tokenises it and serves batches.
+
+    Subclasses implement :meth:`required_columns`, :meth:`preprocess` (batched ``datasets.map`` function)
+    and :meth:`build_collator`, and may check or normalise a raw split in :meth:`prepare_split`.
+
+    Args:
+        tokenizer: tokenizer hub id or directory; the CLI links it from the model's backbone.
+        dataset_name / dataset_config_name: an HF dataset loaded with ``datasets.load_dataset``.
+        train_file / validation_file / test_file / predict_file: local csv, tsv, json or jsonl files;
+            a file given for a split takes precedence over ``dataset_name``.
+        predict_split: the ``dataset_name`` split used for ``predict`` when no ``predict_file`` is given.
+        max_length: truncate inputs to this many tokens.
+        batch_size / eval_batch_size: per-device batch sizes (evaluation defaults to ``batch_size``).
+        group_by_length: batch training examples of similar length together (less padding, faster);
+            evaluation batches are always length-sorted, prediction keeps the input order.
+        limit_train_samples / limit_eval_samples: keep the first N rows of train / of validation and test.
+        num_workers: DataLoader worker processes.
+        seed: seed of the per-epoch training order.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        dataset_name: str | None = None,
+        dataset_config_name: str | None = None,
+        train_file: str | None = None,
+        validation_file: str | None = None,
+        test_file: str | None = None,
+        predict_file: str | None = None,
+        predict_split: str = "test",
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        group_by_length: bool = True,
+        limit_train_samples: int | None = None,
+        limit_eval_samples: int | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        self.tokenizer_name_or_path = tokenizer
+        self.dataset_name = dataset_name
+        self.dataset_config_name = dataset_config_name
+        self.files = {"train": train_file, "validation": validation_file, "test": test_file, "predict": predict_file}
+        self.predict_split = predict_split
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.group_by_length = group_by_length
+        self.limits = {"train": limit_train_samples, "validation": limit_eval_samples, "test": limit_eval_samples}
+        self.num_workers = num_workers
+        self.seed = seed
+        self.datasets: dict[str, Dataset] = {}
+        self._raw: dict[str, Dataset | None] = {}
+        for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+            if value < 1:
+                raise LightningPeftError(f"data.{name}: must be a positive integer, got {value}")
+
+    # -- hooks for task datamodules ---------------------------------------------------------------------
+    def required_columns(self, split: str) -> list[str]:
+        raise NotImplementedError
+
+    def prepare_split(self, dataset: Dataset, split: str) -> Dataset:
+        """Check (raise :class:`LightningPeftError`) and normalise a raw split whose columns are present."""
+        return dataset
+
+    def preprocess(self, examples: dict[str, list[Any]], split: str) -> dict[str, list[Any]]:
+        raise NotImplementedError
+
+    def build_collator(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        raise NotImplementedError
+
+    #: raw columns kept next to the model inputs in predict batches (for writing predictions)
+    passthrough_columns: tuple[str, ...] = ()
+
+    # -- raw splits -------------------------------------------------------------------------------------
+    def describe(self, split: str) -> str:
+        """How a split is named in messages: the config field and its file, or the HF dataset split."""
+        if self.files[split]:
+            return f"{split}_file {self.files[split]!r}"
+        hub_split = self.predict_split if split == "predict" else split
+        return f"dataset_name {self.dataset_name!r} split {hub_split!r}"
+
+    @cached_property
+    def _hub_dataset(self) -> DatasetDict:
+        try:
+            return load_dataset(self.dataset_name, self.dataset_config_name)
+        except Exception as err:  # datasets raises many types for a missing/unreachable dataset
+            raise LightningPeftError(
+                f"data.dataset_name: cannot load {self.dataset_name!r} (config {self.dataset_config_name!r}): "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}. "
+                "Check the name, or give local files with train_file/validation_file/test_file."
+            ) from err
+
+    def _read_file(self, split: str) -> Dataset:
+        path = Path(self.files[split])
+        field = f"data.{split}_file"
+        if not path.is_file():
+            raise LightningPeftError(f"{field}: {str(path)!r} does not exist or is not a file")
+        if path.suffix.lower() not in _READERS:
+            raise LightningPeftError(
+                f"{field}: {str(path)!r} has an unsupported extension; use one of {sorted(_READERS)}"
+            )
+        builder, kwargs = _READERS[path.suffix.lower()]
+        try:
+            return load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        except Exception as err:  # parser errors surface as several datasets/pyarrow/pandas types
+            raise LightningPeftError(
+                f"{field}: cannot read {str(path)!r} as {path.suffix.lstrip('.')}: "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            ) from err
+
+    def raw_split(self, split: str) -> Dataset | None:
+        """The split's rows before tokenisation (limits applied, columns checked), or ``None`` if not given."""
+        if split not in self._raw:
+            self._raw[split] = self._load_raw(split)
+        return self._raw[split]
+
+    def _load_raw(self, split: str) -> Dataset | None:
+        if self.files[split]:
+            dataset = self._read_file(split)
+        elif self.dataset_name:
+            hub_split = self.predict_split if split == "predict" else split
+            dataset = self._hub_dataset.get(hub_split)
+            if dataset is None:
+                return None
+        else:
+            return None
+        limit = self.limits.get(split)
+        if limit is not None and limit < len(dataset):
+            dataset = dataset.select(range(limit))
+        if len(dataset) == 0:
+            raise LightningPeftError(f"{self.describe(split)} has no rows; give a non-empty split")
+        missing = [c for c in self.required_columns(split) if c not in dataset.column_names]
+        if missing:
+            raise LightningPeftError(
+                f"{self.describe(split)} has no column {missing[0]!r} (columns: {', '.join(dataset.column_names)}); "
+                f"rename it or set the matching data.*_column option"
+            )
+        return self.prepare_split(dataset, split)
+
+    # -- tokenisation -----------------------------------------------------------------------------------
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if not self.tokenizer_name_or_path:
+            raise LightningPeftError(
+                "data.tokenizer: not set; set model.backbone.pretrained_model_name_or_path or backbone.tokenizer"
+            )
+        try:
+            return AutoTokenizer.from_pretrained(self.tokenizer_name_or_path)
+        except (OSError, ValueError) as err:
+            raise LightningPeftError(
+                f"data.tokenizer: cannot load a tokenizer from {self.tokenizer_name_or_path!r} "
+                f"({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+            ) from err
+
+    def setup(self, stage: str) -> None:
+        for split in STAGE_SPLITS[stage]:
+            if split in self.datasets:
+                continue
+            raw = self.raw_split(split)
+            if raw is None:
+                if split in ("train", "test", "predict"):
+                    field = "predict_file" if split == "predict" else f"{split}_file"
+                    raise LightningPeftError(
+                        f"data.{field}: the {stage!r} stage needs a {split} split; set {field} or dataset_name"
+                    )
+                continue
+            keep = set(self.passthrough_columns) if split == "predict" else set()
+            processed = raw.map(
+                self.preprocess,
+                batched=True,
+                fn_kwargs={"split": split},
+                remove_columns=[c for c in raw.column_names if c not in keep],
+                new_fingerprint=self._fingerprint(raw, split),
+                desc=f"Tokenising {split}",
+            )
+            if split in ("validation", "test"):
+                lengths = np.fromiter((len(ids) for ids in processed["input_ids"]), dtype=np.int64)
+                processed = processed.select(np.argsort(-lengths, kind="stable"))
+            self.datasets[split] = processed
+
+    def _fingerprint(self, raw: Dataset, split: str) -> str:
+        """Cache key of a tokenised split: the raw data, this datamodule's class and arguments, the split."""
+        settings = sorted((k, repr(v)) for k, v in vars(self).items() if isinstance(v, (str, int, float, list, dict)))
+        return Hasher.hash((raw._fingerprint, type(self).__qualname__, settings, split))
+
+    @cached_property
+    def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        return PassthroughCollator(self.build_collator(), self.passthrough_columns)
+
+    # -- loaders ----------------------------------------------------------------------------------------
+    def _loader(self, split: str, batch_size: int, sampler: Any = None) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        lengths = [len(ids) for ids in self.datasets["train"]["input_ids"]]
+        sampler = EpochSeededSampler(lengths, self.batch_size, group_by_length=self.group_by_length, seed=self.seed)
+        return self._loader("train", self.batch_size, sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("validation", self.eval_batch_size) if "validation" in self.datasets else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", self.eval_batch_size)

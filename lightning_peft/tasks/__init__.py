@@ -1,0 +1,6 @@
+"""Task modules: a PEFT backbone plus a head, loss, metrics and prediction format."""
+
+from lightning_peft.tasks.base import PeftModule
+from lightning_peft.tasks.classification import SequenceClassifier
+
+__all__ = ["PeftModule", "SequenceClassifier"]

@@ -1,0 +1,161 @@
+"""``PeftModule``: what every task shares — backbone, optimisation, adapter-only checkpoints, logging."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from peft import PeftConfig, PeftModel, TaskType
+from torchmetrics import MetricCollection
+from transformers import AutoModel, get_scheduler
+
+from lightning_peft.backbone import BackboneConfig, count_parameters, load_backbone
+from lightning_peft.errors import LightningPeftError
+from lightning_peft.export import atomic_directory
+
+Batch = dict[str, Any]
+
+
+class PeftModule(LightningModule):
+    """Base task: a (PEFT-wrapped) transformer, AdamW with warmup/decay, adapter-only checkpoints.
+
+    Subclasses set ``auto_model_class`` and ``peft_task_type``, call :meth:`build_backbone` in their
+    ``__init__``, and implement :meth:`forward` (batch → logits), :meth:`compute_loss` and
+    :meth:`build_metrics`. Metrics are logged as ``val/<name>`` and ``test/<name>``.
+
+    Args:
+        backbone: where the transformer comes from (see :class:`BackboneConfig`).
+        peft: any ``peft.PeftConfig`` (LoRA, AdaLoRA, IA3, prefix tuning, …); ``None`` fine-tunes everything.
+        optimizer: optimizer factory called with parameter groups; biases and norm weights get no weight decay.
+        lr_scheduler_type: a ``transformers.get_scheduler`` name (``linear``, ``cosine``, ``constant_with_warmup``…),
+            stepped once per optimizer step.
+        warmup_ratio: fraction of the optimizer steps spent warming the learning rate up from 0.
+    """
+
+    auto_model_class: ClassVar[type] = AutoModel
+    peft_task_type: ClassVar[TaskType | None] = None
+
+    def __init__(
+        self,
+        backbone: BackboneConfig,
+        peft: PeftConfig | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler_type: str = "linear",
+        warmup_ratio: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise LightningPeftError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio}")
+        self.save_hyperparameters()
+        self.backbone_config = backbone
+        self.peft_config = peft
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_type = lr_scheduler_type
+        self.warmup_ratio = warmup_ratio
+        # Checkpoints hold only the trainable weights; the frozen base is rebuilt from the backbone config.
+        self.strict_loading = False
+
+    # -- construction ---------------------------------------------------------------------------------
+    def build_backbone(self, **model_kwargs: Any) -> None:
+        """Load the backbone into ``self.model`` and the metric collections; call once from ``__init__``."""
+        self.model = load_backbone(
+            self.backbone_config, self.auto_model_class, self.peft_config, self.peft_task_type, **model_kwargs
+        )
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps the modes it finds at fit start
+        metrics = self.build_metrics()
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def build_metrics(self) -> MetricCollection:
+        raise NotImplementedError
+
+    # -- steps ----------------------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update_metrics(self, metrics: MetricCollection, logits: torch.Tensor, batch: Batch) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def batch_size_of(batch: Batch) -> int:
+        return int(batch["input_ids"].shape[0])
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(self(batch), batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size_of(batch))
+        return loss
+
+    def _evaluation_step(self, batch: Batch, stage: str, metrics: MetricCollection) -> None:
+        logits = self(batch)
+        loss = self.compute_loss(logits, batch)
+        size = self.batch_size_of(batch)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
+        self.update_metrics(metrics, logits, batch)
+        self.log_dict(metrics, prog_bar=stage == "val", batch_size=size)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluation_step(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluation_step(batch, "test", self.test_metrics)
+
+    # -- optimisation ---------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 else decay).append(param)
+        groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
+        optimizer = self.optimizer_factory(groups)
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = get_scheduler(
+            self.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=math.ceil(self.warmup_ratio * total_steps),
+            num_training_steps=total_steps,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        trainable, total = count_parameters(self)
+        rank_zero_info(
+            f"trainable params: {trainable:,} || all params: {total:,} || trainable: {100 * trainable / total:.4f}%"
+        )
+
+    # -- adapter-only checkpoints ---------------------------------------------------------------------
+    def trainable_state_keys(self) -> set[str]:
+        return {name for name, param in self.named_parameters() if param.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.backbone_config.is_pretrained:
+            return  # a randomly initialised base cannot be rebuilt: keep all of it
+        keep = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = sorted(self.trainable_state_keys() - set(checkpoint.get("state_dict", {})))
+        if missing:
+            raise LightningPeftError(
+                f"checkpoint lacks {len(missing)} trainable weights of this model (e.g. {missing[0]!r}): "
+                "it was written for a different model, PEFT method or label set"
+            )
+
+    # -- export ---------------------------------------------------------------------------------------
+    def export(self, directory: str | Path, tokenizer: Any | None = None) -> Path:
+        """Write the model in Hugging Face format, atomically: a peft adapter dir (or the full model without PEFT),
+        the base config with label maps, and the tokenizer when given. Returns the directory."""
+        with atomic_directory(directory) as tmp:
+            self.model.save_pretrained(tmp)
+            if isinstance(self.model, PeftModel):
+                self.model.get_base_model().config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        return Path(directory)

@@ -1,0 +1,146 @@
+"""``SequenceClassifier``: single-label, multi-label and regression heads over a PEFT backbone."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from peft import PeftConfig, TaskType
+from torchmetrics import MeanSquaredError, MetricCollection, PearsonCorrCoef, SpearmanCorrCoef
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MultilabelAccuracy,
+    MultilabelF1Score,
+)
+from transformers import AutoModelForSequenceClassification
+
+from lightning_peft.backbone import BackboneConfig
+from lightning_peft.errors import LightningPeftError
+from lightning_peft.tasks.base import Batch, PeftModule
+
+ProblemType = Literal["single_label_classification", "multi_label_classification", "regression"]
+
+
+class SequenceClassifier(PeftModule):
+    """Classify (or score) a text or a text pair.
+
+    Args:
+        labels: label names, in id order; the CLI links them from the datamodule. Not used for regression.
+        problem_type: ``single_label_classification`` (cross-entropy), ``multi_label_classification``
+            (binary cross-entropy, sigmoid ≥ ``threshold``) or ``regression`` (MSE on one output).
+        threshold: decision threshold for multi-label prediction.
+        Other arguments: see :class:`~lightning_peft.tasks.base.PeftModule`.
+
+    Example::
+
+        from peft import LoraConfig
+        model = SequenceClassifier(
+            backbone=BackboneConfig("bert-base-uncased"),
+            peft=LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]),
+            labels=["negative", "positive"],
+        )
+
+    Subclass and override :meth:`forward` to swap the head, or :meth:`compute_loss` to swap the loss
+    (``examples/custom_head.py``).
+    """
+
+    auto_model_class = AutoModelForSequenceClassification
+    peft_task_type = TaskType.SEQ_CLS
+
+    def __init__(
+        self,
+        backbone: BackboneConfig,
+        peft: PeftConfig | None = None,
+        labels: list[str] | None = None,
+        problem_type: ProblemType = "single_label_classification",
+        threshold: float = 0.5,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler_type: str = "linear",
+        warmup_ratio: float = 0.0,
+    ) -> None:
+        super().__init__(backbone, peft, optimizer, lr_scheduler_type, warmup_ratio)
+        if problem_type == "regression":
+            labels = None
+        elif not labels:
+            raise LightningPeftError(
+                "model.labels: a classifier needs its label names (the CLI links them from the datamodule)"
+            )
+        self.labels = list(labels) if labels else None
+        self.problem_type = problem_type
+        self.threshold = threshold
+        model_kwargs: dict[str, Any] = {"num_labels": 1, "problem_type": problem_type}
+        if self.labels:
+            model_kwargs.update(
+                num_labels=len(self.labels),
+                id2label=dict(enumerate(self.labels)),
+                label2id={name: i for i, name in enumerate(self.labels)},
+            )
+        self.build_backbone(**model_kwargs)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.labels) if self.labels else 1
+
+    def build_metrics(self) -> MetricCollection:
+        if self.problem_type == "regression":
+            return MetricCollection(
+                {"pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef(), "mse": MeanSquaredError()}
+            )
+        n = self.num_outputs
+        if self.problem_type == "multi_label_classification":
+            return MetricCollection(
+                {
+                    "accuracy": MultilabelAccuracy(num_labels=n, threshold=self.threshold),
+                    "f1": MultilabelF1Score(num_labels=n, threshold=self.threshold, average="macro"),
+                }
+            )
+        return MetricCollection(
+            {
+                "accuracy": MulticlassAccuracy(num_classes=n, average="micro"),
+                "f1": MulticlassF1Score(num_classes=n, average="macro"),
+            }
+        )
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return self.model(**inputs).logits
+
+    def compute_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        labels = batch["labels"]
+        if self.problem_type == "regression":
+            return F.mse_loss(logits.squeeze(-1), labels.float())
+        if self.problem_type == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(logits, labels.float())
+        return F.cross_entropy(logits, labels)
+
+    def update_metrics(self, metrics: MetricCollection, logits: torch.Tensor, batch: Batch) -> None:
+        labels = batch["labels"]
+        if self.problem_type == "regression":
+            metrics.update(logits.squeeze(-1).float(), labels.float())
+        elif self.problem_type == "multi_label_classification":
+            metrics.update(torch.sigmoid(logits.float()), labels.long())
+        else:
+            metrics.update(logits.float(), labels)
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
+        """One record per example: ``label`` (or ``labels`` / ``score``) and per-label ``probabilities``."""
+        logits = self(batch).float()
+        if self.problem_type == "regression":
+            return [{"score": value} for value in logits.squeeze(-1).tolist()]
+        if self.problem_type == "multi_label_classification":
+            probs = torch.sigmoid(logits)
+            return [
+                {
+                    "labels": [name for name, p in zip(self.labels, row) if p >= self.threshold],
+                    "probabilities": dict(zip(self.labels, row)),
+                }
+                for row in probs.tolist()
+            ]
+        probs = torch.softmax(logits, dim=-1)
+        return [
+            {"label": self.labels[max(range(len(row)), key=row.__getitem__)], "probabilities": dict(zip(self.labels, row))}
+            for row in probs.tolist()
+        ]
