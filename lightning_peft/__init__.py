@@ -2,7 +2,7 @@
 
 from lightning_peft.backbone import BackboneConfig, load_backbone
 from lightning_peft.callbacks import JsonlPredictionWriter
-from lightning_peft.data import ClassificationDataModule, TextDataModule
+from lightning_peft.data import ClassificationDataModule, EpochSeededSampler, TextDataModule
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.tasks import PeftModule, SequenceClassifier
 
@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackboneConfig",
     "ClassificationDataModule",
+    "EpochSeededSampler",
     "JsonlPredictionWriter",
     "LightningPeftError",
     "PeftModule",

@@ -159,7 +159,7 @@ def load_backbone(
             raise LightningPeftError(
                 f"backbone.gradient_checkpointing: {type(model).__name__} does not support it; set it to false"
             )
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if peft_config is None:
         return model
     return apply_peft(model, peft_config, task_type)

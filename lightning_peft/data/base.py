@@ -28,6 +28,13 @@ _READERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def _has_rows(path: Path, header: bool) -> bool:
+    """Whether a text data file holds at least one record (after its header line, for csv/tsv)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = (line for line in f if line.strip())
+        return next(lines, None) is not None and (not header or next(lines, None) is not None)
+
+
 class PassthroughCollator:
     """Pads the model inputs with ``collator`` and passes ``columns`` (e.g. raw text) through as lists."""
 
@@ -145,6 +152,8 @@ class TextDataModule(LightningDataModule):
                 f"{field}: {str(path)!r} has an unsupported extension; use one of {sorted(_READERS)}"
             )
         builder, kwargs = _READERS[path.suffix.lower()]
+        if not _has_rows(path, header=builder == "csv"):
+            raise LightningPeftError(f"{field}: {str(path)!r} has no rows; give a non-empty split")
         try:
             return load_dataset(builder, data_files=str(path), split="train", **kwargs)
         except Exception as err:  # parser errors surface as several datasets/pyarrow/pandas types

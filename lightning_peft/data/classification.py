@@ -6,7 +6,7 @@ from collections.abc import Callable
 from functools import cached_property
 from typing import Any
 
-from datasets import ClassLabel, Dataset, Sequence
+from datasets import ClassLabel, Dataset, Sequence, Value
 from transformers import DataCollatorWithPadding
 
 from lightning_peft.data.base import TextDataModule
@@ -106,7 +106,8 @@ class ClassificationDataModule(TextDataModule):
         if split == "train":
             self._class_label_names = list(inner.names)
         column = self.label_column
-        return dataset.map(
+        as_ints = Sequence(Value("int64")) if isinstance(feature, Sequence) else Value("int64")
+        return dataset.cast_column(column, as_ints).map(  # plain ints first, or map re-encodes the names
             lambda batch: {column: [inner.int2str(v) for v in batch[column]]}, batched=True, desc="Decoding labels"
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, ClassVar
@@ -10,7 +11,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
-from peft import PeftConfig, PeftModel, TaskType
+from peft import PeftConfig, TaskType
 from torchmetrics import MetricCollection
 from transformers import AutoModel, get_scheduler
 
@@ -19,6 +20,7 @@ from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import atomic_directory
 
 Batch = dict[str, Any]
+LABELS_FILE = "labels.json"
 
 
 class PeftModule(LightningModule):
@@ -149,13 +151,20 @@ class PeftModule(LightningModule):
             )
 
     # -- export ---------------------------------------------------------------------------------------
+    def model_config_kwargs(self) -> dict[str, Any]:
+        """Config keys a loader must pass to ``from_pretrained`` to rebuild the head (labels, problem type)."""
+        return {}
+
     def export(self, directory: str | Path, tokenizer: Any | None = None) -> Path:
-        """Write the model in Hugging Face format, atomically: a peft adapter dir (or the full model without PEFT),
-        the base config with label maps, and the tokenizer when given. Returns the directory."""
+        """Write the model in Hugging Face format, atomically, and return the directory.
+
+        With PEFT: the adapter (``save_pretrained``), loadable by ``peft.AutoPeftModelFor*`` and by
+        ``transformers.AutoModelFor*.from_pretrained(directory, **labels)``; without PEFT: the full model.
+        ``labels.json`` holds :meth:`model_config_kwargs` (label maps) and the tokenizer is saved when given.
+        """
         with atomic_directory(directory) as tmp:
             self.model.save_pretrained(tmp)
-            if isinstance(self.model, PeftModel):
-                self.model.get_base_model().config.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            (tmp / LABELS_FILE).write_text(json.dumps(self.model_config_kwargs(), indent=2) + "\n")
         return Path(directory)

@@ -71,14 +71,17 @@ class SequenceClassifier(PeftModule):
         self.labels = list(labels) if labels else None
         self.problem_type = problem_type
         self.threshold = threshold
-        model_kwargs: dict[str, Any] = {"num_labels": 1, "problem_type": problem_type}
-        if self.labels:
-            model_kwargs.update(
-                num_labels=len(self.labels),
-                id2label=dict(enumerate(self.labels)),
-                label2id={name: i for i, name in enumerate(self.labels)},
-            )
-        self.build_backbone(**model_kwargs)
+        self.build_backbone(**self.model_config_kwargs())
+
+    def model_config_kwargs(self) -> dict[str, Any]:
+        if not self.labels:
+            return {"num_labels": 1, "problem_type": self.problem_type}
+        return {
+            "num_labels": len(self.labels),
+            "id2label": dict(enumerate(self.labels)),
+            "label2id": {name: i for i, name in enumerate(self.labels)},
+            "problem_type": self.problem_type,
+        }
 
     @property
     def num_outputs(self) -> int:

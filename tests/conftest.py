@@ -1,0 +1,97 @@
+"""Shared fixtures: a tiny random-init BERT saved as a local "pretrained" directory, and toy data files."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POSITIVE = ["good", "great", "lovely", "superb", "fine", "nice"]
+NEGATIVE = ["bad", "awful", "poor", "terrible", "dull", "rude"]
+FILLER = ["the", "food", "was", "service", "room", "film", "really", "very", "and", "staff", "quite", "movie"]
+
+
+def toy_sentence(rng: random.Random, label: str) -> str:
+    words = [rng.choice(FILLER) for _ in range(rng.randint(2, 14))]
+    words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label == "pos" else NEGATIVE))
+    return " ".join(words)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide BERT with a WordPiece tokenizer trained on the toy vocabulary, saved like a hub model."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    import torch
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    corpus = [" ".join(POSITIVE + NEGATIVE + FILLER)] * 10 + ["unbelievably wonderful things"]
+    tokenizer.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=120, special_tokens=specials))
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    fast = BertTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    config = BertConfig(
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A learnable sentiment task (a polar word decides the label): train/validation/test/predict csv files."""
+    directory = tmp_path_factory.mktemp("toy-data")
+    rng = random.Random(0)
+    files = {}
+    for split, n in (("train", 96), ("validation", 32), ("test", 32)):
+        rows = []
+        for i in range(n):
+            label = "pos" if i % 2 == 0 else "neg"
+            rows.append([toy_sentence(rng, label), label])
+        files[split] = write_csv(directory / f"{split}.csv", ["text", "label"], rows)
+    files["predict"] = write_csv(
+        directory / "predict.csv", ["text"], [["the food was great"], ["the room was awful"], ["good"]]
+    )
+    return files
+
+
+@pytest.fixture
+def backbone(tiny_bert_dir: Path):
+    from lightning_peft import BackboneConfig
+
+    return BackboneConfig(pretrained_model_name_or_path=str(tiny_bert_dir))
+
+
+@pytest.fixture
+def lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])
