@@ -19,7 +19,7 @@ FILLER = ["the", "food", "was", "service", "room", "film", "really", "very", "an
 
 
 def toy_sentence(rng: random.Random, label: str) -> str:
-    words = [rng.choice(FILLER) for _ in range(rng.randint(2, 14))]
+    words = [rng.choice(FILLER) for _ in range(rng.randint(1, 8))]
     words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label == "pos" else NEGATIVE))
     return " ".join(words)
 
@@ -35,18 +35,21 @@ def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 32-wide BERT with a WordPiece tokenizer trained on the toy vocabulary, saved like a hub model."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     import torch
 
     directory = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    # A fixed WordPiece vocabulary (trainers order ties arbitrarily, which would change the model per run):
+    # whole toy words, plus letters and continuation letters so any other word splits into sub-words.
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = sorted(set(POSITIVE + NEGATIVE + FILLER)) + ["un", "##believ", "##ably"]
+    vocab = specials + words + letters + ["##" + c for c in letters] + [".", ",", "!", "?", "'", '"']
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    corpus = [" ".join(POSITIVE + NEGATIVE + FILLER)] * 10 + ["unbelievably wonderful things"]
-    tokenizer.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=120, special_tokens=specials))
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
@@ -71,7 +74,7 @@ def toy_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("toy-data")
     rng = random.Random(0)
     files = {}
-    for split, n in (("train", 96), ("validation", 32), ("test", 32)):
+    for split, n in (("train", 320), ("validation", 64), ("test", 64)):
         rows = []
         for i in range(n):
             label = "pos" if i % 2 == 0 else "neg"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
-from peft import PeftConfig, TaskType
+from peft import PeftConfig, TaskType, get_peft_config
 from torchmetrics import MetricCollection
 from transformers import AutoModel, get_scheduler
 
@@ -21,6 +22,43 @@ from lightning_peft.export import atomic_directory
 
 Batch = dict[str, Any]
 LABELS_FILE = "labels.json"
+
+
+def as_backbone_config(value: BackboneConfig | dict[str, Any]) -> BackboneConfig:
+    return BackboneConfig(**value) if isinstance(value, dict) else value
+
+
+def as_peft_config(value: PeftConfig | dict[str, Any] | None) -> PeftConfig | None:
+    return get_peft_config(value) if isinstance(value, dict) else value
+
+
+def plain_hyperparameters(hparams: dict[str, Any]) -> dict[str, Any]:
+    """Hyper-parameters as plain data, so checkpoints load with ``torch.load(weights_only=True)``.
+
+    Backbone and PEFT configs become dicts (the constructor accepts those); other objects, such as an
+    optimizer factory, are dropped, so ``load_from_checkpoint`` falls back to their defaults (a resumed
+    fit restores the optimizer from its saved state anyway).
+    """
+    plain = {}
+    for key, value in hparams.items():
+        if isinstance(value, BackboneConfig):
+            value = dataclasses.asdict(value)
+        elif isinstance(value, PeftConfig):
+            value = json.loads(json.dumps(value.to_dict(), default=list))
+        elif not _is_plain(value):
+            continue
+        plain[key] = value
+    return plain
+
+
+def _is_plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
 
 
 class PeftModule(LightningModule):
@@ -51,6 +89,7 @@ class PeftModule(LightningModule):
         warmup_ratio: float = 0.0,
     ) -> None:
         super().__init__()
+        backbone, peft = as_backbone_config(backbone), as_peft_config(peft)
         if not 0.0 <= warmup_ratio < 1.0:
             raise LightningPeftError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio}")
         self.save_hyperparameters()
@@ -137,6 +176,7 @@ class PeftModule(LightningModule):
         return {name for name, param in self.named_parameters() if param.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["hyper_parameters"] = plain_hyperparameters(checkpoint.get("hyper_parameters", {}))
         if not self.backbone_config.is_pretrained:
             return  # a randomly initialised base cannot be rebuilt: keep all of it
         keep = self.trainable_state_keys()
