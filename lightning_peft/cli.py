@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_peft.callbacks.prediction_writer import JsonlPredictionWriter
@@ -45,8 +45,8 @@ class LightningPeftCLI(LightningCLI):
 
     Links so that one YAML drives everything: the backbone's path (or ``backbone.tokenizer``) becomes the
     datamodule's tokenizer; the datamodule's discovered ``labels`` and ``problem_type`` become the model's.
-    Adds a ``checkpoint`` group (Lightning's ``ModelCheckpoint``: best on ``val/loss`` plus ``last``) and
-    ``--predictions_path`` for ``predict`` (JSONL).
+    Adds a ``checkpoint`` group (Lightning's ``ModelCheckpoint``: best on ``val/loss`` plus ``last``),
+    ``--predictions_path`` for ``predict`` (JSONL), a CSV logger under ``runs/`` and a rich progress bar.
 
     Example::
 
@@ -74,7 +74,6 @@ class LightningPeftCLI(LightningCLI):
                 "checkpoint.mode": "min",
                 "checkpoint.filename": "best",
                 "checkpoint.save_last": True,
-                "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.RichProgressBar"}],
             }
         )
         parser.add_argument(
@@ -90,6 +89,14 @@ class LightningPeftCLI(LightningCLI):
         parser.link_arguments(
             "data", "model.init_args.problem_type", compute_fn=_problem_type_of, apply_on="instantiate"
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's trainer, with a rich progress bar unless progress bars are off or one is configured."""
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = list(config.get("callbacks") or [])
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
     def before_predict(self) -> None:
         if any(isinstance(cb, JsonlPredictionWriter) for cb in self.trainer.callbacks):
@@ -124,17 +131,29 @@ class ExportCLI(LightningPeftCLI):
         return model.export(self.config["export_dir"], tokenizer=tokenizer)
 
 
+def _user_error(err: BaseException) -> LightningPeftError | None:
+    """The :class:`LightningPeftError` behind ``err``, if any (jsonargparse wraps errors raised in links)."""
+    while err is not None and not isinstance(err, LightningPeftError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point: user errors become one ``error:`` line and exit status 2."""
     argv = list(sys.argv[1:] if args is None else args)
     try:
         if argv and argv[0] == "export":
-            cli = ExportCLI(args=argv[1:], run=False, save_config_callback=None)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+                cli = ExportCLI(args=argv[1:], run=False, save_config_callback=None)
             print(f"adapter exported to {cli.run_export()}")
         else:
-            LightningPeftCLI(args=argv)
-    except LightningPeftError as err:
-        print(f"error: {err}", file=sys.stderr)
+            LightningPeftCLI(args=args)
+    except Exception as err:
+        user_error = _user_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
 
 

