@@ -162,7 +162,8 @@ def sample_train_rows(data_dir: Path, rows: int, seed: int, out: Path) -> None:
 def print_table(results: dict[str, dict[str, Any]]) -> None:
     base = results.get("hf_trainer", {}).get("train_samples_per_s")
     grouped_base = results.get("hf_trainer_grouped", {}).get("train_samples_per_s")
-    header = f"{'run':<26}{'samples/s':>10}{'vs HF':>8}{'vs HF grp':>10}{'dev acc':>9}{'peak RSS MB':>13}{'ckpt KB':>10}"
+    header = f"{'run':<26}{'samples/s':>10}{'vs HF':>8}{'vs HF grp':>10}{'dev acc':>9}{'peak RSS MB':>13}"
+    header += f"{'ckpt KB':>10}"
     print(header)
     print("-" * len(header))
     for name, r in results.items():
