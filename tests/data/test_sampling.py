@@ -27,3 +27,22 @@ def test_order_depends_only_on_seed_and_epoch():
     assert list(a) != list(b)
     b.set_epoch(1)
     assert list(a) == list(b)
+
+
+def test_grouped_batches_align_with_the_loader_and_have_no_length_curriculum():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 60) for _ in range(1000)]
+    order = list(EpochSeededSampler(lengths, 32, group_by_length=True, seed=5))
+    batches = [order[i : i + 32] for i in range(0, len(order), 32)]
+    assert len(batches[-1]) == 1000 % 32
+    spans = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
+    assert max(spans) <= 3, "each batch holds examples of (nearly) one length"
+    maxima = [max(lengths[i] for i in b) for b in batches[:-1]]
+    assert maxima[0] == max(lengths), "the longest batch comes first"
+    later = maxima[1:]
+    descents = sum(a > b for a, b in zip(later, later[1:], strict=False))
+    assert 0.3 < descents / len(later) < 0.7, "batch order is shuffled, not swept long to short"
+
+
+def test_empty_sampler():
+    assert list(EpochSeededSampler([], 4)) == []
