@@ -2,20 +2,29 @@
 
 from lightning_peft.backbone import BackboneConfig, load_backbone
 from lightning_peft.callbacks import JsonlPredictionWriter
-from lightning_peft.data import ClassificationDataModule, EpochSeededSampler, TextDataModule
+from lightning_peft.data import (
+    ClassificationDataModule,
+    EpochSeededSampler,
+    TextDataModule,
+    TokenClassificationDataModule,
+)
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.tasks import PeftModule, SequenceClassifier
+from lightning_peft.metrics import EntityF1
+from lightning_peft.tasks import PeftModule, SequenceClassifier, TokenClassifier
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackboneConfig",
     "ClassificationDataModule",
+    "EntityF1",
     "EpochSeededSampler",
     "JsonlPredictionWriter",
     "LightningPeftError",
     "PeftModule",
     "SequenceClassifier",
     "TextDataModule",
+    "TokenClassificationDataModule",
+    "TokenClassifier",
     "load_backbone",
 ]

@@ -36,15 +36,11 @@ def _labels_of(datamodule: LightningDataModule) -> list[str] | None:
     return getattr(datamodule, "labels", None)
 
 
-def _problem_type_of(datamodule: LightningDataModule) -> str:
-    return getattr(datamodule, "problem_type", "single_label_classification")
-
-
 class LightningPeftCLI(LightningCLI):
     """LightningCLI for any :class:`PeftModule` and :class:`TextDataModule` subclass (``class_path`` in YAML).
 
     Links so that one YAML drives everything: the backbone's path (or ``backbone.tokenizer``) becomes the
-    datamodule's tokenizer; the datamodule's discovered ``labels`` and ``problem_type`` become the model's.
+    datamodule's tokenizer; the datamodule's discovered ``labels`` (and ``problem_type``) become the model's.
     Adds a ``checkpoint`` group (Lightning's ``ModelCheckpoint``: best on ``val/loss`` plus ``last``),
     ``--predictions_path`` for ``predict`` (JSONL), a CSV logger under ``runs/`` and a rich progress bar.
 
@@ -86,9 +82,16 @@ class LightningPeftCLI(LightningCLI):
             compute_fn=_tokenizer_of,
         )
         parser.link_arguments("data", "model.init_args.labels", compute_fn=_labels_of, apply_on="instantiate")
-        parser.link_arguments(
-            "data", "model.init_args.problem_type", compute_fn=_problem_type_of, apply_on="instantiate"
-        )
+
+    def before_instantiate_classes(self) -> None:
+        """Share the datamodule's ``problem_type`` with the model when both take one (a conditional link:
+        jsonargparse links cannot skip a target that the chosen model class lacks)."""
+        config = self.config.get(str(self.subcommand), self.config)
+        data, model = config.get("data"), config.get("model")
+        if data is None or model is None:
+            return
+        if "problem_type" in data.get("init_args", {}) and "problem_type" in model.get("init_args", {}):
+            model.init_args.problem_type = data.init_args.problem_type
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Lightning's trainer, with a rich progress bar unless progress bars are off or one is configured."""

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
-    """Writes each example's prediction record (merged with the batch's raw text) as a JSON line.
+    """Writes each record that the task's ``predict_step`` returns as a JSON line.
 
     Records go to ``<output_path>.tmp`` while predicting and are renamed to ``output_path`` when prediction
     ends, so an interrupted run never leaves a truncated file under the final name. Under DDP each rank
@@ -51,10 +51,8 @@ class JsonlPredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        raw = {k: v for k, v in batch.items() if isinstance(v, list)}
-        for i, record in enumerate(prediction):
-            row = {k: v[i] for k, v in raw.items()} | record
-            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for record in prediction:
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._file.close()

@@ -3,5 +3,6 @@
 from lightning_peft.data.base import TextDataModule
 from lightning_peft.data.classification import ClassificationDataModule
 from lightning_peft.data.sampling import EpochSeededSampler
+from lightning_peft.data.token_classification import TokenClassificationDataModule
 
-__all__ = ["ClassificationDataModule", "EpochSeededSampler", "TextDataModule"]
+__all__ = ["ClassificationDataModule", "EpochSeededSampler", "TextDataModule", "TokenClassificationDataModule"]

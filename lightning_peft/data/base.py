@@ -147,6 +147,10 @@ class TextDataModule(LightningDataModule):
         field = f"data.{split}_file"
         if not path.is_file():
             raise LightningPeftError(f"{field}: {str(path)!r} does not exist or is not a file")
+        return self.read_file(path, field)
+
+    def read_file(self, path: Path, field: str) -> Dataset:
+        """Rows of one local file (csv, tsv, json, jsonl); subclasses add formats (e.g. CoNLL)."""
         if path.suffix.lower() not in _READERS:
             raise LightningPeftError(
                 f"{field}: {str(path)!r} has an unsupported extension; use one of {sorted(_READERS)}"
@@ -194,6 +198,9 @@ class TextDataModule(LightningDataModule):
     # -- tokenisation -----------------------------------------------------------------------------------
     @cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.load_tokenizer()
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
         if not self.tokenizer_name_or_path:
             raise LightningPeftError(
                 "data.tokenizer: not set; set model.backbone.pretrained_model_name_or_path or backbone.tokenizer"

@@ -127,11 +127,12 @@ class TokenClassificationDataModule(TextDataModule):
         train = self.raw_split("train")
         if train is None:
             raise LightningPeftError(
-                "data.labels: cannot discover the tag set without a train split; set data.init_args.labels or train_file"
+                "data.labels: cannot discover the tag set without a train split; "
+                "set data.init_args.labels or train_file"
             )
         if self._class_label_names is not None:
             return self._class_label_names
-        return sort_tags({tag for row in train[self.tags_column] for tag in row})
+        return sort_tags({OUTSIDE} | {tag for row in train[self.tags_column] for tag in row})
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -192,9 +193,8 @@ class TokenClassificationDataModule(TextDataModule):
                         )
         return dataset
 
-    @cached_property
-    def tokenizer(self) -> Any:
-        tokenizer = super().tokenizer
+    def load_tokenizer(self) -> Any:
+        tokenizer = super().load_tokenizer()
         if not tokenizer.is_fast:
             raise LightningPeftError(
                 f"data.tokenizer: {type(tokenizer).__name__} is not a fast tokenizer; word → sub-token alignment "

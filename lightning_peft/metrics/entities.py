@@ -65,7 +65,7 @@ def extract_entities(tags: Sequence[str]) -> list[Entity]:
 
 
 def iob1_to_iob2(tags: Sequence[str]) -> list[str]:
-    """IOB1 (``I-`` opens an entity unless it continues one of the same type) → IOB2 (every entity opens with ``B-``)."""
+    """IOB1 (``I-`` opens an entity unless it continues one of its type) → IOB2 (entities open with ``B-``)."""
     converted = []
     previous = OUTSIDE
     for tag in tags:

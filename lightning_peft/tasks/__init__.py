@@ -2,5 +2,6 @@
 
 from lightning_peft.tasks.base import PeftModule
 from lightning_peft.tasks.classification import SequenceClassifier
+from lightning_peft.tasks.token_classification import TokenClassifier
 
-__all__ = ["PeftModule", "SequenceClassifier"]
+__all__ = ["PeftModule", "SequenceClassifier", "TokenClassifier"]

@@ -75,6 +75,9 @@ class PeftModule(LightningModule):
         lr_scheduler_type: a ``transformers.get_scheduler`` name (``linear``, ``cosine``, ``constant_with_warmup``…),
             stepped once per optimizer step.
         warmup_ratio: fraction of the optimizer steps spent warming the learning rate up from 0.
+        micro_batch_size: compute each training batch in length-sorted micro-batches of this many rows, each
+            trimmed to its own padding (same examples and loss per optimizer step, less padding computed);
+            ``null`` runs the batch in one piece.
     """
 
     auto_model_class: ClassVar[type] = AutoModel
@@ -87,17 +90,21 @@ class PeftModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler_type: str = "linear",
         warmup_ratio: float = 0.0,
+        micro_batch_size: int | None = 8,
     ) -> None:
         super().__init__()
         backbone, peft = as_backbone_config(backbone), as_peft_config(peft)
         if not 0.0 <= warmup_ratio < 1.0:
             raise LightningPeftError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise LightningPeftError(f"micro_batch_size: must be a positive integer or null, got {micro_batch_size}")
         self.save_hyperparameters()
         self.backbone_config = backbone
         self.peft_config = peft
         self.optimizer_factory = optimizer
         self.lr_scheduler_type = lr_scheduler_type
         self.warmup_ratio = warmup_ratio
+        self.micro_batch_size = micro_batch_size
         # Checkpoints hold only the trainable weights; the frozen base is rebuilt from the backbone config.
         self.strict_loading = False
 
@@ -129,24 +136,63 @@ class PeftModule(LightningModule):
     def batch_size_of(batch: Batch) -> int:
         return int(batch["input_ids"].shape[0])
 
+    #: batch entries whose second dimension is the (right-padded) sequence, trimmed with it in micro-batches
+    sequence_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids")
+
+    def loss_weight(self, batch: Batch) -> int:
+        """How many units :meth:`compute_loss` averages over (examples here; labelled tokens for taggers)."""
+        return self.batch_size_of(batch)
+
+    def length_grouped_loss(self, batch: Batch) -> torch.Tensor:
+        """The batch's loss computed in length-sorted micro-batches, each trimmed to its own longest row.
+
+        The optimizer sees exactly the batch it was given (same examples, same mean loss), but far less
+        padding is computed: on SST-2, random batches of 32 hold 3x more padded than real tokens.
+        """
+        mask = batch["attention_mask"]
+        lengths = mask.sum(1)
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        right_padded = torch.equal(mask.bool(), positions < lengths[:, None])
+        if not self.micro_batch_size or len(lengths) <= self.micro_batch_size or not right_padded:
+            return self.compute_loss(self(batch), batch)
+        total = 0.0
+        for rows in lengths.argsort(descending=True).split(self.micro_batch_size):
+            width = int(lengths[rows].max())
+            chunk = {
+                key: value[rows, :width] if key in self.sequence_keys else value[rows]
+                for key, value in batch.items()
+                if isinstance(value, torch.Tensor)
+            }
+            total = total + self.compute_loss(self(chunk), chunk) * self.loss_weight(chunk)
+        return total / max(self.loss_weight(batch), 1)
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(self(batch), batch)
+        loss = self.length_grouped_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size_of(batch))
         return loss
 
     def _evaluation_step(self, batch: Batch, stage: str, metrics: MetricCollection) -> None:
         logits = self(batch)
         loss = self.compute_loss(logits, batch)
-        size = self.batch_size_of(batch)
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=self.batch_size_of(batch), sync_dist=True)
         self.update_metrics(metrics, logits, batch)
-        self.log_dict(metrics, prog_bar=stage == "val", batch_size=size)
+
+    def _log_epoch_metrics(self, metrics: MetricCollection, prog_bar: bool) -> None:
+        # compute() syncs the metric states across processes; metrics may return dicts (e.g. per-type F1)
+        self.log_dict(metrics.compute(), prog_bar=prog_bar)
+        metrics.reset()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluation_step(batch, "val", self.val_metrics)
 
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics(self.val_metrics, prog_bar=True)
+
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluation_step(batch, "test", self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics(self.test_metrics, prog_bar=False)
 
     # -- optimisation ---------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

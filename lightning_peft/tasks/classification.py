@@ -60,8 +60,9 @@ class SequenceClassifier(PeftModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler_type: str = "linear",
         warmup_ratio: float = 0.0,
+        micro_batch_size: int | None = 8,
     ) -> None:
-        super().__init__(backbone, peft, optimizer, lr_scheduler_type, warmup_ratio)
+        super().__init__(backbone, peft, optimizer, lr_scheduler_type, warmup_ratio, micro_batch_size)
         if problem_type == "regression":
             labels = None
         elif not labels:
@@ -129,21 +130,25 @@ class SequenceClassifier(PeftModule):
             metrics.update(logits.float(), labels)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
-        """One record per example: ``label`` (or ``labels`` / ``score``) and per-label ``probabilities``."""
+        """One record per example: its ``text`` (and ``text_pair``), then ``label`` (or ``labels`` / ``score``)
+        and per-label ``probabilities``."""
         logits = self(batch).float()
+        inputs = [
+            {k: batch[k][i] for k in ("text", "text_pair") if k in batch} for i in range(self.batch_size_of(batch))
+        ]
         if self.problem_type == "regression":
-            return [{"score": value} for value in logits.squeeze(-1).tolist()]
-        if self.problem_type == "multi_label_classification":
-            rows = torch.sigmoid(logits).tolist()
-            return [
+            outputs = [{"score": value} for value in logits.squeeze(-1).tolist()]
+        elif self.problem_type == "multi_label_classification":
+            outputs = [
                 {
                     "labels": [name for name, p in zip(self.labels, row, strict=True) if p >= self.threshold],
                     "probabilities": dict(zip(self.labels, row, strict=True)),
                 }
-                for row in rows
+                for row in torch.sigmoid(logits).tolist()
             ]
-        rows = torch.softmax(logits, dim=-1).tolist()
-        return [
-            {"label": self.labels[row.index(max(row))], "probabilities": dict(zip(self.labels, row, strict=True))}
-            for row in rows
-        ]
+        else:
+            outputs = [
+                {"label": self.labels[row.index(max(row))], "probabilities": dict(zip(self.labels, row, strict=True))}
+                for row in torch.softmax(logits, dim=-1).tolist()
+            ]
+        return [{**given, **output} for given, output in zip(inputs, outputs, strict=True)]

@@ -45,6 +45,7 @@ class TokenClassifier(PeftModule):
 
     auto_model_class = AutoModelForTokenClassification
     peft_task_type = TaskType.TOKEN_CLS
+    sequence_keys = (*PeftModule.sequence_keys, "labels")
 
     def __init__(
         self,
@@ -54,8 +55,9 @@ class TokenClassifier(PeftModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler_type: str = "linear",
         warmup_ratio: float = 0.0,
+        micro_batch_size: int | None = 8,
     ) -> None:
-        super().__init__(backbone, peft, optimizer, lr_scheduler_type, warmup_ratio)
+        super().__init__(backbone, peft, optimizer, lr_scheduler_type, warmup_ratio, micro_batch_size)
         if not labels:
             raise LightningPeftError("model.labels: a tagger needs its tag set (the CLI links it from the datamodule)")
         self.labels = list(labels)
@@ -77,6 +79,9 @@ class TokenClassifier(PeftModule):
 
     def compute_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+
+    def loss_weight(self, batch: Batch) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
 
     def decode(self, logits: torch.Tensor, batch: Batch) -> list[list[int]]:
         """One tag id per sub-token position."""
@@ -108,12 +113,13 @@ class TokenClassifier(PeftModule):
         metrics.update(self.word_tags(logits, batch), gold)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
-        """Per sentence: ``tags`` (one per word) and ``entities`` (type, start/end word index inclusive, text)."""
+        """Per sentence: its ``words``, ``tags`` (one per word) and ``entities`` (type, first and last word index,
+        text)."""
         records = []
         for words, tags in zip(batch["words"], self.word_tags(self(batch), batch), strict=True):
             entities = [
                 {"type": e.type, "start": e.start, "end": e.end, "text": " ".join(words[e.start : e.end + 1])}
                 for e in extract_entities(tags)
             ]
-            records.append({"tags": tags, "entities": entities})
+            records.append({"words": words, "tags": tags, "entities": entities})
         return records
