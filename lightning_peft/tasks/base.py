@@ -90,7 +90,7 @@ class PeftModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler_type: str = "linear",
         warmup_ratio: float = 0.0,
-        micro_batch_size: int | None = 8,
+        micro_batch_size: int | None = 16,
     ) -> None:
         super().__init__()
         backbone, peft = as_backbone_config(backbone), as_peft_config(peft)

@@ -60,7 +60,7 @@ class SequenceClassifier(PeftModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler_type: str = "linear",
         warmup_ratio: float = 0.0,
-        micro_batch_size: int | None = 8,
+        micro_batch_size: int | None = 16,
     ) -> None:
         super().__init__(backbone, peft, optimizer, lr_scheduler_type, warmup_ratio, micro_batch_size)
         if problem_type == "regression":

@@ -13,10 +13,12 @@ def padded_tokens(order: list[int], lengths: list[int], batch_size: int) -> int:
 def test_grouping_cuts_padding_and_visits_every_index():
     rng = random.Random(0)
     lengths = [rng.randint(1, 60) for _ in range(2000)]
-    grouped = list(EpochSeededSampler(lengths, 32, group_by_length=True, seed=1))
+    grouped = list(EpochSeededSampler(lengths, 32, group_by_length=True, window=None, seed=1))
+    windowed = list(EpochSeededSampler(lengths, 32, group_by_length=True, window=2, seed=1))
     shuffled = list(EpochSeededSampler(lengths, 32, group_by_length=False, seed=1))
-    assert sorted(grouped) == list(range(2000)) and sorted(shuffled) == list(range(2000))
-    assert padded_tokens(grouped, lengths, 32) < 0.7 * padded_tokens(shuffled, lengths, 32)
+    assert sorted(grouped) == sorted(windowed) == sorted(shuffled) == list(range(2000))
+    full, half, none = (padded_tokens(order, lengths, 32) for order in (grouped, windowed, shuffled))
+    assert full < half < 0.8 * none
 
 
 def test_order_depends_only_on_seed_and_epoch():
@@ -32,7 +34,7 @@ def test_order_depends_only_on_seed_and_epoch():
 def test_grouped_batches_align_with_the_loader_and_have_no_length_curriculum():
     rng = random.Random(0)
     lengths = [rng.randint(1, 60) for _ in range(1000)]
-    order = list(EpochSeededSampler(lengths, 32, group_by_length=True, seed=5))
+    order = list(EpochSeededSampler(lengths, 32, group_by_length=True, window=None, seed=5))
     batches = [order[i : i + 32] for i in range(0, len(order), 32)]
     assert len(batches[-1]) == 1000 % 32
     spans = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
@@ -42,6 +44,15 @@ def test_grouped_batches_align_with_the_loader_and_have_no_length_curriculum():
     later = maxima[1:]
     descents = sum(a > b for a, b in zip(later, later[1:], strict=False))
     assert 0.3 < descents / len(later) < 0.7, "batch order is shuffled, not swept long to short"
+
+
+def test_windowed_batches_come_from_pairs_of_random_batches():
+    lengths = list(range(1, 257))
+    order = list(EpochSeededSampler(lengths, 8, window=2, seed=0))
+    assert sorted(order) == list(range(256))
+    batches = [order[i : i + 8] for i in range(0, 256, 8)]
+    assert all(sorted(b, key=lengths.__getitem__, reverse=True) == b for b in batches), "sorted inside a batch"
+    assert max(lengths[b[0]] for b in batches) == lengths[batches[0][0]] == 256
 
 
 def test_empty_sampler():
