@@ -36,7 +36,7 @@ from common import (  # noqa: E402
     dir_bytes,
     print_table,
     report,
-    run_worker,
+    run_all,
     summarise,
     write_json,
 )
@@ -182,7 +182,6 @@ def main() -> None:
     settings = {
         k: getattr(args, k) for k in ("train_rows", "batch_size", "max_length", "epochs", "lr", "seeds", "data_seed")
     }
-    per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name in args.runs}
     with tempfile.TemporaryDirectory() as tmp:
         train_file = Path(tmp) / "train.tsv"
         sample_train_rows(args.data_dir, args.train_rows, args.data_seed, train_file)
@@ -191,10 +190,7 @@ def main() -> None:
             "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
             "--epochs", str(args.epochs), "--lr", str(args.lr),
         ]
-        for seed in args.seeds:
-            for name in args.runs:
-                print(f"running {name} (seed {seed}) …", flush=True)
-                per_seed[name].append(run_worker(__file__, name, seed, worker_args))
+        per_seed = run_all(__file__, args.runs, args.seeds, worker_args)
     results = {name: summarise(records, "dev_accuracy") for name, records in per_seed.items()}
     print_table(
         results,

@@ -62,6 +62,16 @@ def run_worker(script: str, name: str, seed: int, args: Sequence[str]) -> dict[s
     return {"seed": seed, **json.loads(lines[-1][len(RESULT_PREFIX) :])}
 
 
+def run_all(script: str, runs: Sequence[str], seeds: Sequence[int], args: Sequence[str]) -> dict[str, list]:
+    """Every run for every seed, back to back, each in its own process: run → per-seed records."""
+    per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
+    for seed in seeds:
+        for name in runs:
+            print(f"running {name} (seed {seed}) …", flush=True)
+            per_seed[name].append(run_worker(script, name, seed, args))
+    return per_seed
+
+
 def summarise(per_seed: list[dict[str, Any]], quality: str) -> dict[str, Any]:
     """Means over seeds (``quality`` also with sd/min/max), the largest peak RSS, and the per-seed records."""
     values = [r[quality] for r in per_seed]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, default_model, print_table, report, run_worker, summarise, write_json  # noqa: E402
+from common import base_parser, default_model, print_table, report, run_all, summarise, write_json  # noqa: E402
 
 RUNS = ("lightning_peft", "lightning_peft_shuffled", "hf_trainer", "hf_trainer_grouped")
 GROUPED = {"lightning_peft": True, "lightning_peft_shuffled": False, "hf_trainer": False, "hf_trainer_grouped": True}
@@ -169,7 +169,6 @@ def main() -> None:
         sys.exit(f"error: --data-dir {args.data_dir}: no train.txt there (expected the CoNLL-2003 layout)")
     model = args.model or default_model()
     settings = {k: getattr(args, k) for k in ("train_sentences", "batch_size", "max_length", "epochs", "lr", "seeds")}
-    per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name in args.runs}
     with tempfile.TemporaryDirectory() as tmp:
         train_file = Path(tmp) / "train.txt"
         first_sentences(args.data_dir, args.train_sentences, train_file)
@@ -178,10 +177,7 @@ def main() -> None:
             "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
             "--epochs", str(args.epochs), "--lr", str(args.lr),
         ]
-        for seed in args.seeds:
-            for name in args.runs:
-                print(f"running {name} (seed {seed}) …", flush=True)
-                per_seed[name].append(run_worker(__file__, name, seed, worker_args))
+        per_seed = run_all(__file__, args.runs, args.seeds, worker_args)
     results = {name: summarise(records, "test_f1") for name, records in per_seed.items()}
     print_table(
         results,

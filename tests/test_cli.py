@@ -84,6 +84,13 @@ def test_labels_and_tokenizer_are_linked_and_keys_overridable(tmp_path, tiny_ber
     assert cli.datamodule.max_length == 9
 
 
+def test_problem_type_follows_the_datamodule(tmp_path, tiny_bert_dir, toy_data):
+    config = str(write_config(tmp_path, tiny_bert_dir, toy_data, problem_type="multi_label_classification"))
+    cli = LightningPeftCLI(args=["--config", config], run=False)
+    assert cli.model.problem_type == "multi_label_classification"
+    assert cli.model.labels == ["neg", "pos"]
+
+
 def test_print_config_reruns_as_is(tmp_path, tiny_bert_dir, toy_data, capsys):
     config = str(write_config(tmp_path, tiny_bert_dir, toy_data))
     with pytest.raises(SystemExit) as exit_info:

@@ -40,10 +40,9 @@ def test_grouped_batches_align_with_the_loader_and_have_no_length_curriculum():
     spans = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
     assert max(spans) <= 3, "each batch holds examples of (nearly) one length"
     maxima = [max(lengths[i] for i in b) for b in batches[:-1]]
-    assert maxima[0] == max(lengths), "the longest batch comes first"
-    later = maxima[1:]
-    descents = sum(a > b for a, b in zip(later, later[1:], strict=False))
-    assert 0.3 < descents / len(later) < 0.7, "batch order is shuffled, not swept long to short"
+    assert maxima[0] != max(maxima), "no longest-first batch (it damps Adam for the whole run)"
+    descents = sum(a > b for a, b in zip(maxima, maxima[1:], strict=False))
+    assert 0.3 < descents / len(maxima) < 0.7, "batch order is shuffled, not swept long to short"
 
 
 def test_windowed_batches_come_from_pairs_of_random_batches():
@@ -52,7 +51,6 @@ def test_windowed_batches_come_from_pairs_of_random_batches():
     assert sorted(order) == list(range(256))
     batches = [order[i : i + 8] for i in range(0, 256, 8)]
     assert all(sorted(b, key=lengths.__getitem__, reverse=True) == b for b in batches), "sorted inside a batch"
-    assert max(lengths[b[0]] for b in batches) == lengths[batches[0][0]] == 256
 
 
 def test_empty_sampler():
