@@ -78,6 +78,18 @@ class PeftModule(LightningModule):
         micro_batch_size: compute each training batch in length-sorted micro-batches of this many rows, each
             trimmed to its own padding (same examples and loss per optimizer step, less padding computed);
             ``null`` runs the batch in one piece.
+
+    Example::
+
+        class Scorer(PeftModule):
+            auto_model_class = AutoModelForSequenceClassification
+            peft_task_type = TaskType.SEQ_CLS
+
+            def __init__(self, backbone: BackboneConfig, peft: PeftConfig | None = None) -> None:
+                super().__init__(backbone, peft)
+                self.build_backbone(num_labels=1)
+
+            # forward, compute_loss, build_metrics, update_metrics: see SequenceClassifier
     """
 
     auto_model_class: ClassVar[type] = AutoModel
