@@ -6,7 +6,8 @@ Setting: the packaged MiniLM-L6 encoder with LoRA r=8 (alpha 16, dropout 0.1) on
 classification head, the first 4,000 training sentences, 2 epochs, batch 32, max_length 128, AdamW lr 5e-4
 (weight decay 0.01), linear decay, seed 42; entity F1 on the full test split. Each run is a fresh subprocess.
 
-Runs: ``lightning_peft`` (default length-grouped batches), ``lightning_peft_shuffled`` (HF's default batching),
+Runs: ``lightning_peft`` (our defaults: window-2 length grouping, micro-batches of 16),
+``lightning_peft_shuffled`` (HF's default shuffled batches; each still computed in micro-batches),
 ``hf_trainer`` (the transformers example recipe: first sub-token labelling, seqeval on those positions) and
 ``hf_trainer_grouped`` (``train_sampling_strategy="group_by_length"``). Train samples/s = sentences × epochs /
 wall time of ``fit`` / ``train`` (tokenisation before, no evaluation inside). Our F1 counts every word (words
