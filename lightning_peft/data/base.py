@@ -247,7 +247,11 @@ class TextDataModule(LightningDataModule):
 
     def _fingerprint(self, raw: Dataset, split: str) -> str:
         """Cache key of a tokenised split: the raw data, this datamodule's class and arguments, the split."""
-        settings = sorted((k, repr(v)) for k, v in vars(self).items() if isinstance(v, (str, int, float, list, dict)))
+        settings = sorted(
+            (k, repr(v))
+            for k, v in vars(self).items()
+            if not k.startswith("_") and k != "datasets" and isinstance(v, (str, int, float, list, dict))
+        )
         return Hasher.hash((raw._fingerprint, type(self).__qualname__, settings, split))
 
     @cached_property
