@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cached_property
 from typing import Any
 
-from datasets import ClassLabel, Dataset, Sequence, Value
+from datasets import Dataset
 from transformers import DataCollatorWithPadding
 
 from lightning_peft.data.base import TextDataModule
@@ -58,7 +57,6 @@ class ClassificationDataModule(TextDataModule):
         self.explicit_labels = list(labels) if labels else None
         self.problem_type = problem_type
         self.label_separator = label_separator
-        self._class_label_names: list[str] | None = None
 
     # -- labels -----------------------------------------------------------------------------------------
     def _row_labels(self, value: Any) -> list[str]:
@@ -68,48 +66,17 @@ class ClassificationDataModule(TextDataModule):
             return [part.strip() for part in value.split(self.label_separator) if part.strip()]
         return [str(v) for v in value]
 
-    @cached_property
-    def labels(self) -> list[str] | None:
-        """Label names in id order (``None`` for regression)."""
-        if self.problem_type == "regression":
-            return None
-        if self.explicit_labels:
-            return self.explicit_labels
-        train = self.raw_split("train")
-        if train is None:
-            raise LightningPeftError(
-                "data.labels: cannot discover the label names without a train split; "
-                "set data.init_args.labels or train_file"
-            )
-        if self._class_label_names is not None:
-            return self._class_label_names
+    @property
+    def uses_label_names(self) -> bool:
+        return self.problem_type != "regression"
+
+    def discover_labels(self, train: Dataset) -> list[str]:
         return sorted({label for value in train[self.label_column] for label in self._row_labels(value)})
 
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.labels or [])}
-
     # -- TextDataModule hooks ---------------------------------------------------------------------------
-    def has_labels(self, split: str) -> bool:
-        return split != "predict"
-
     def required_columns(self, split: str) -> list[str]:
         columns = [self.text_column] + ([self.text_pair_column] if self.text_pair_column else [])
         return columns + ([self.label_column] if self.has_labels(split) else [])
-
-    def _decode_class_labels(self, dataset: Dataset, split: str) -> Dataset:
-        """Replace a ``ClassLabel`` column (ints) by label names, remembering the train split's name order."""
-        feature = dataset.features[self.label_column]
-        inner = feature.feature if isinstance(feature, Sequence) else feature
-        if not isinstance(inner, ClassLabel):
-            return dataset
-        if split == "train":
-            self._class_label_names = list(inner.names)
-        column = self.label_column
-        as_ints = Sequence(Value("int64")) if isinstance(feature, Sequence) else Value("int64")
-        return dataset.cast_column(column, as_ints).map(  # plain ints first, or map re-encodes the names
-            lambda batch: {column: [inner.int2str(v) for v in batch[column]]}, batched=True, desc="Decoding labels"
-        )
 
     def prepare_split(self, dataset: Dataset, split: str) -> Dataset:
         if not self.has_labels(split):
@@ -123,7 +90,7 @@ class ClassificationDataModule(TextDataModule):
                         f"{self.describe(split)} row {row}: label {value!r} is not a number (problem_type: regression)"
                     ) from None
             return dataset
-        dataset = self._decode_class_labels(dataset, split)
+        dataset = self.decode_class_labels(dataset, self.label_column, split)
         if split == "train" and not self.explicit_labels:
             return dataset  # the labels are discovered from this split
         known = self.label2id

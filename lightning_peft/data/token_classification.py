@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from datasets import ClassLabel, Dataset, Sequence, Value
+from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import DataCollatorForTokenClassification
 
@@ -105,7 +104,6 @@ class TokenClassificationDataModule(TextDataModule):
         self.tag_scheme = tag_scheme
         self.explicit_labels = list(labels) if labels else None
         self.label_all_tokens = label_all_tokens
-        self._class_label_names: list[str] | None = None
 
     # -- reading ----------------------------------------------------------------------------------------
     def read_file(self, path: Path, field: str) -> Dataset:
@@ -119,29 +117,10 @@ class TokenClassificationDataModule(TextDataModule):
         )
 
     # -- labels -----------------------------------------------------------------------------------------
-    @cached_property
-    def labels(self) -> list[str]:
-        """Tag names in id order."""
-        if self.explicit_labels:
-            return self.explicit_labels
-        train = self.raw_split("train")
-        if train is None:
-            raise LightningPeftError(
-                "data.labels: cannot discover the tag set without a train split; "
-                "set data.init_args.labels or train_file"
-            )
-        if self._class_label_names is not None:
-            return self._class_label_names
+    def discover_labels(self, train: Dataset) -> list[str]:
         return sort_tags({OUTSIDE} | {tag for row in train[self.tags_column] for tag in row})
 
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.labels)}
-
     # -- TextDataModule hooks ---------------------------------------------------------------------------
-    def has_labels(self, split: str) -> bool:
-        return split != "predict"
-
     def required_columns(self, split: str) -> list[str]:
         return [self.tokens_column] + ([self.tags_column] if self.has_labels(split) else [])
 
@@ -152,17 +131,7 @@ class TokenClassificationDataModule(TextDataModule):
 
     def _normalise_tags(self, dataset: Dataset, split: str) -> Dataset:
         """ClassLabel ids → names; IOB1 → IOB2."""
-        feature = dataset.features[self.tags_column]
-        inner = feature.feature if isinstance(feature, Sequence) else None
-        if isinstance(inner, ClassLabel):
-            if split == "train":
-                self._class_label_names = list(inner.names)
-            dataset = dataset.cast_column(self.tags_column, Sequence(Value("int64")))
-            column = self.tags_column
-            dataset = dataset.map(
-                lambda batch: {column: [[inner.int2str(t) for t in row] for row in batch[column]]},
-                batched=True, desc="Decoding tags",
-            )
+        dataset = self.decode_class_labels(dataset, self.tags_column, split)
         if self.tag_scheme == "IOB1":
             column = self.tags_column
             dataset = dataset.map(

@@ -24,6 +24,15 @@ Batch = dict[str, Any]
 LABELS_FILE = "labels.json"
 
 
+def label_config(labels: list[str]) -> dict[str, Any]:
+    """The HF config keys for a head over ``labels``: ``num_labels``, ``id2label``, ``label2id``."""
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
+
+
 def as_backbone_config(value: BackboneConfig | dict[str, Any]) -> BackboneConfig:
     return BackboneConfig(**value) if isinstance(value, dict) else value
 

@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification
 
 from lightning_peft.backbone import BackboneConfig
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.tasks.base import Batch, PeftModule
+from lightning_peft.tasks.base import Batch, PeftModule, label_config
 
 ProblemType = Literal["single_label_classification", "multi_label_classification", "regression"]
 
@@ -77,12 +77,7 @@ class SequenceClassifier(PeftModule):
     def model_config_kwargs(self) -> dict[str, Any]:
         if not self.labels:
             return {"num_labels": 1, "problem_type": self.problem_type}
-        return {
-            "num_labels": len(self.labels),
-            "id2label": dict(enumerate(self.labels)),
-            "label2id": {name: i for i, name in enumerate(self.labels)},
-            "problem_type": self.problem_type,
-        }
+        return {**label_config(self.labels), "problem_type": self.problem_type}
 
     @property
     def num_outputs(self) -> int:

@@ -15,7 +15,7 @@ from lightning_peft.backbone import BackboneConfig
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.metrics.entities import OUTSIDE, extract_entities
 from lightning_peft.metrics.entity_f1 import EntityF1
-from lightning_peft.tasks.base import Batch, PeftModule
+from lightning_peft.tasks.base import Batch, PeftModule, label_config
 
 IGNORE_INDEX = -100
 
@@ -64,11 +64,7 @@ class TokenClassifier(PeftModule):
         self.build_backbone(**self.model_config_kwargs())
 
     def model_config_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_labels": len(self.labels),
-            "id2label": dict(enumerate(self.labels)),
-            "label2id": {name: i for i, name in enumerate(self.labels)},
-        }
+        return label_config(self.labels)
 
     def build_metrics(self) -> MetricCollection:
         return MetricCollection({"entities": EntityF1(self.labels, per_type=True)})
