@@ -5,12 +5,13 @@ from lightning_peft.callbacks import JsonlPredictionWriter
 from lightning_peft.data import (
     ClassificationDataModule,
     EpochSeededSampler,
+    Seq2SeqDataModule,
     TextDataModule,
     TokenClassificationDataModule,
 )
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.metrics import EntityF1
-from lightning_peft.tasks import PeftModule, SequenceClassifier, TokenClassifier
+from lightning_peft.tasks import PeftModule, Seq2SeqGenerator, SequenceClassifier, TokenClassifier
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,8 @@ __all__ = [
     "JsonlPredictionWriter",
     "LightningPeftError",
     "PeftModule",
+    "Seq2SeqDataModule",
+    "Seq2SeqGenerator",
     "SequenceClassifier",
     "TextDataModule",
     "TokenClassificationDataModule",

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 from peft import PeftConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_peft.encoder_decoder import train_new_modules, warm_start_encoder_decoder
 from lightning_peft.errors import LightningPeftError
 
 
@@ -27,6 +28,9 @@ class BackboneConfig:
         dtype: weight dtype to load (``float32``, ``bfloat16``, ``float16`` or ``auto``); ``None`` keeps float32.
         revision: hub revision (branch, tag or commit).
         trust_remote_code: allow custom modelling code from the hub.
+        decoder_pretrained_model_name_or_path: seq2seq only: warm-start a ``transformers.EncoderDecoderModel``
+            whose encoder is ``pretrained_model_name_or_path`` and whose decoder is loaded from this path (an encoder
+            checkpoint such as BERT, given causal self-attention and new, randomly initialised cross-attention).
 
     Example::
 
@@ -40,6 +44,7 @@ class BackboneConfig:
     dtype: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    decoder_pretrained_model_name_or_path: str | None = None
 
     @property
     def is_pretrained(self) -> bool:
@@ -60,6 +65,46 @@ def _torch_dtype(name: str | None) -> torch.dtype | str | None:
             f"backbone.dtype: unknown dtype {name!r}; use float32, bfloat16, float16 or auto"
         )
     return dtype
+
+
+def _load_error(spec: BackboneConfig, what: str, err: Exception) -> LightningPeftError:
+    cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return LightningPeftError(
+        f"backbone.pretrained_model_name_or_path: cannot load {spec.pretrained_model_name_or_path!r} as "
+        f"{what} ({cause}). Give a local directory with config.json and weights, or a hub id "
+        "reachable from this machine."
+    )
+
+
+def load_tokenizer(name_or_path: str | None, field: str = "data.tokenizer") -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` with a clear error naming the config ``field``."""
+    if not name_or_path:
+        raise LightningPeftError(
+            f"{field}: not set; set model.backbone.pretrained_model_name_or_path or backbone.tokenizer"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise LightningPeftError(
+            f"{field}: cannot load a tokenizer from {name_or_path!r} "
+            f"({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        ) from err
+
+
+def _warm_start(spec: BackboneConfig, overrides: dict[str, Any]) -> tuple[PreTrainedModel, list[str]]:
+    tokenizer = load_tokenizer(spec.tokenizer_name_or_path, "model.backbone.tokenizer")
+    try:
+        return warm_start_encoder_decoder(
+            spec.pretrained_model_name_or_path,
+            spec.decoder_pretrained_model_name_or_path,
+            tokenizer,
+            revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code,
+            dtype=_torch_dtype(spec.dtype),
+            **overrides,
+        )
+    except (OSError, ValueError) as err:
+        raise _load_error(spec, "a warm-started EncoderDecoderModel", err) from err
 
 
 def _load_transformer(spec: BackboneConfig, auto_class: type, model_kwargs: dict[str, Any]) -> PreTrainedModel:
@@ -83,12 +128,7 @@ def _load_transformer(spec: BackboneConfig, auto_class: type, model_kwargs: dict
             **overrides,
         )
     except (OSError, ValueError) as err:
-        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LightningPeftError(
-            f"backbone.pretrained_model_name_or_path: cannot load {spec.pretrained_model_name_or_path!r} as "
-            f"{auto_class.__name__} ({cause}). Give a local directory with config.json and weights, or a hub id "
-            "reachable from this machine."
-        ) from err
+        raise _load_error(spec, auto_class.__name__, err) from err
 
 
 def linear_layer_names(model: torch.nn.Module) -> list[str]:
@@ -153,7 +193,16 @@ def load_backbone(
             LoraConfig(r=8, target_modules=["query", "value"]), num_labels=3,
         )
     """
-    model = _load_transformer(spec, auto_class, model_kwargs)
+    if spec.decoder_pretrained_model_name_or_path:
+        if not spec.is_pretrained:
+            raise LightningPeftError(
+                "backbone.decoder_pretrained_model_name_or_path: also set pretrained_model_name_or_path (the encoder)"
+            )
+        model, new_modules = _warm_start(spec, {**spec.model_config, **model_kwargs})
+        if peft_config is not None:
+            peft_config = train_new_modules(peft_config, model, new_modules)
+    else:
+        model = _load_transformer(spec, auto_class, model_kwargs)
     if spec.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise LightningPeftError(

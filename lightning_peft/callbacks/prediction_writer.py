@@ -16,7 +16,8 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
     Records go to ``<output_path>.tmp`` while predicting and are renamed to ``output_path`` when prediction
     ends, so an interrupted run never leaves a truncated file under the final name. Under DDP each rank
-    writes ``<stem>.rank<N><suffix>``.
+    writes ``<stem>.rank<N><suffix>``. When the datamodule served the predict split sorted by length (its
+    ``predict_order``), records are held until the end and written in the input file's order.
 
     Example::
 
@@ -29,6 +30,8 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self.output_path = Path(output_path)
         self._file: Any = None
         self._path: Path | None = None
+        self._order: list[int] | None = None
+        self._held: list[tuple[int, dict[str, Any]]] = []
 
     def _rank_path(self, trainer: Trainer) -> Path:
         if trainer.world_size == 1:
@@ -40,6 +43,8 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self._path = self._rank_path(trainer)
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(f"{self._path}.tmp", "w", encoding="utf-8")  # noqa: SIM115 - closed in on_predict_end
+        self._order = getattr(trainer.datamodule, "predict_order", None)
+        self._held = []
 
     def write_on_batch_end(
         self,
@@ -51,10 +56,18 @@ class JsonlPredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        for record in prediction:
+        if self._order is None:
+            self._write(prediction)
+        else:  # one record per example: batch_indices are their rows in the sorted split
+            self._held.extend((self._order[i], record) for i, record in zip(batch_indices, prediction, strict=True))
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
             self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write([record for _, record in sorted(self._held, key=lambda item: item[0])])
+        self._held = []
         self._file.close()
         os.replace(f"{self._path}.tmp", self._path)
         print(f"predictions written to {self._path}")

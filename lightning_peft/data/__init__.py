@@ -3,6 +3,13 @@
 from lightning_peft.data.base import TextDataModule
 from lightning_peft.data.classification import ClassificationDataModule
 from lightning_peft.data.sampling import EpochSeededSampler
+from lightning_peft.data.seq2seq import Seq2SeqDataModule
 from lightning_peft.data.token_classification import TokenClassificationDataModule
 
-__all__ = ["ClassificationDataModule", "EpochSeededSampler", "TextDataModule", "TokenClassificationDataModule"]
+__all__ = [
+    "ClassificationDataModule",
+    "EpochSeededSampler",
+    "Seq2SeqDataModule",
+    "TextDataModule",
+    "TokenClassificationDataModule",
+]

@@ -13,8 +13,9 @@ from datasets import ClassLabel, Dataset, DatasetDict, Sequence, Value, load_dat
 from datasets.fingerprint import Hasher
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from lightning_peft.backbone import load_tokenizer
 from lightning_peft.data.sampling import EpochSeededSampler
 from lightning_peft.errors import LightningPeftError
 
@@ -128,6 +129,15 @@ class TextDataModule(LightningDataModule):
 
     #: raw columns kept next to the model inputs in predict batches (for writing predictions)
     passthrough_columns: tuple[str, ...] = ()
+    #: splits served longest first, to waste little padding in evaluation; a sorted predict split records its
+    #: ``predict_order`` (original row of each served row), by which the prediction writer restores input order
+    length_sorted_splits: tuple[str, ...] = ("validation", "test")
+    predict_order: list[int] | None = None
+    #: per-row counts that :meth:`preprocess` emits (e.g. truncated words), handed to :meth:`report_counts`
+    count_columns: tuple[str, ...] = ()
+
+    def report_counts(self, split: str, counts: dict[str, list[int]]) -> None:
+        """Warn about what preprocessing had to change in ``split`` (e.g. truncation); the columns are then dropped."""
 
     # -- label names (for datamodules whose rows carry labels) ------------------------------------------
     #: label names given in the config; they win over discovery
@@ -260,17 +270,7 @@ class TextDataModule(LightningDataModule):
         return self.load_tokenizer()
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
-        if not self.tokenizer_name_or_path:
-            raise LightningPeftError(
-                "data.tokenizer: not set; set model.backbone.pretrained_model_name_or_path or backbone.tokenizer"
-            )
-        try:
-            return AutoTokenizer.from_pretrained(self.tokenizer_name_or_path)
-        except (OSError, ValueError) as err:
-            raise LightningPeftError(
-                f"data.tokenizer: cannot load a tokenizer from {self.tokenizer_name_or_path!r} "
-                f"({str(err).splitlines()[0] if str(err) else type(err).__name__})"
-            ) from err
+        return load_tokenizer(self.tokenizer_name_or_path, "data.tokenizer")
 
     def setup(self, stage: str) -> None:
         for split in STAGE_SPLITS[stage]:
@@ -293,9 +293,16 @@ class TextDataModule(LightningDataModule):
                 new_fingerprint=self._fingerprint(raw, split),
                 desc=f"Tokenising {split}",
             )
-            if split in ("validation", "test"):
+            counts = [c for c in self.count_columns if c in processed.column_names]
+            if counts:
+                self.report_counts(split, {c: processed[c] for c in counts})
+                processed = processed.remove_columns(counts)
+            if split in self.length_sorted_splits:
                 lengths = np.fromiter((len(ids) for ids in processed["input_ids"]), dtype=np.int64)
-                processed = processed.select(np.argsort(-lengths, kind="stable"))
+                order = np.argsort(-lengths, kind="stable")
+                processed = processed.select(order)
+                if split == "predict":
+                    self.predict_order = order.tolist()
             self.datasets[split] = processed
 
     def _fingerprint(self, raw: Dataset, split: str) -> str:

@@ -85,6 +85,7 @@ class TokenClassificationDataModule(TextDataModule):
     """
 
     passthrough_columns = ("words", "word_ids", "word_tags")
+    count_columns = ("truncated_words",)
 
     def __init__(
         self,
@@ -205,18 +206,13 @@ class TokenClassificationDataModule(TextDataModule):
             encoded["word_tags"] = tag_ids
         return encoded
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        for split, dataset in self.datasets.items():
-            if "truncated_words" not in dataset.column_names:
-                continue
-            cut = [n for n in dataset["truncated_words"] if n > 0]
-            if cut:
-                rank_zero_warn(
-                    f"{split}: {sum(cut)} words in {len(cut)} sentences lie beyond max_length={self.max_length} "
-                    "sub-tokens; they are predicted as O and still count in the metrics (raise data.max_length)"
-                )
-            self.datasets[split] = dataset.remove_columns("truncated_words")
+    def report_counts(self, split: str, counts: dict[str, list[int]]) -> None:
+        cut = [n for n in counts["truncated_words"] if n > 0]
+        if cut:
+            rank_zero_warn(
+                f"{split}: {sum(cut)} words in {len(cut)} sentences lie beyond max_length={self.max_length} "
+                "sub-tokens; they are predicted as O and still count in the metrics (raise data.max_length)"
+            )
 
     def build_collator(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         return DataCollatorForTokenClassification(self.tokenizer, label_pad_token_id=IGNORE_INDEX)

@@ -2,5 +2,6 @@
 
 from lightning_peft.metrics.entities import Entity, extract_entities, iob1_to_iob2
 from lightning_peft.metrics.entity_f1 import EntityF1
+from lightning_peft.metrics.generation import BLEU, ChrF, Rouge, generation_metrics
 
-__all__ = ["Entity", "EntityF1", "extract_entities", "iob1_to_iob2"]
+__all__ = ["BLEU", "ChrF", "Entity", "EntityF1", "Rouge", "extract_entities", "generation_metrics", "iob1_to_iob2"]

@@ -2,6 +2,7 @@
 
 from lightning_peft.tasks.base import PeftModule
 from lightning_peft.tasks.classification import SequenceClassifier
+from lightning_peft.tasks.seq2seq import Seq2SeqGenerator
 from lightning_peft.tasks.token_classification import TokenClassifier
 
-__all__ = ["PeftModule", "SequenceClassifier", "TokenClassifier"]
+__all__ = ["PeftModule", "Seq2SeqGenerator", "SequenceClassifier", "TokenClassifier"]

@@ -178,25 +178,30 @@ class PeftModule(LightningModule):
             return self.compute_loss(self(batch), batch)
         total = 0.0
         for rows in lengths.argsort(descending=True).split(self.micro_batch_size):
-            width = int(lengths[rows].max())
-            chunk = {
-                key: value[rows, :width] if key in self.sequence_keys else value[rows]
-                for key, value in batch.items()
-                if isinstance(value, torch.Tensor)
-            }
+            chunk = self.micro_batch(batch, rows, width=int(lengths[rows].max()))
             total = total + self.compute_loss(self(chunk), chunk) * self.loss_weight(chunk)
         return total / max(self.loss_weight(batch), 1)
+
+    def micro_batch(self, batch: Batch, rows: torch.Tensor, width: int) -> Batch:
+        """The tensors of ``batch`` at ``rows``, with the :attr:`sequence_keys` cut to ``width`` positions."""
+        return {
+            key: value[rows, :width] if key in self.sequence_keys else value[rows]
+            for key, value in batch.items()
+            if isinstance(value, torch.Tensor)
+        }
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.length_grouped_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size_of(batch))
         return loss
 
-    def _evaluation_step(self, batch: Batch, stage: str, metrics: MetricCollection) -> None:
+    def _evaluation_step(self, batch: Batch, stage: str, metrics: MetricCollection | None) -> None:
+        """Log the batch's loss as ``<stage>/loss`` and, unless ``metrics`` is ``None``, update the metrics."""
         logits = self(batch)
         loss = self.compute_loss(logits, batch)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=self.batch_size_of(batch), sync_dist=True)
-        self.update_metrics(metrics, logits, batch)
+        if metrics is not None:
+            self.update_metrics(metrics, logits, batch)
 
     def _log_epoch_metrics(self, metrics: MetricCollection, prog_bar: bool) -> None:
         # compute() syncs the metric states across processes; metrics may return dicts (e.g. per-type F1)
