@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import PEFT_TYPE_TO_TUNER_MAPPING, PeftConfig
+from peft.utils import constants as peft_constants
 from transformers import AutoModel, AutoModelForCausalLM, EncoderDecoderModel, PreTrainedTokenizerBase
 
 from lightning_peft.errors import LightningPeftError
@@ -88,6 +89,30 @@ def warm_start_encoder_decoder(
     return model, [f"decoder.{name}" for name in new_modules]
 
 
+def _default_mapping(peft_config: PeftConfig, kind: str = "TARGET") -> dict[str, list[str]]:
+    """peft's per-architecture defaults: the tuner's ``target_module_mapping`` or peft's constants table."""
+    tuner = PEFT_TYPE_TO_TUNER_MAPPING[peft_config.peft_type]
+    table = f"TRANSFORMERS_MODELS_TO_{peft_config.peft_type.value}_{kind}_MODULES_MAPPING"
+    return (getattr(tuner, "target_module_mapping", None) if kind == "TARGET" else None) or getattr(
+        peft_constants, table, {}
+    )
+
+
+def _fill_default_targets(peft_config: PeftConfig, model_type: str) -> None:
+    """Set ``target_modules`` (and IA3's ``feedforward_modules``) to peft's defaults for ``model_type`` encoders:
+    peft looks defaults up by the model's type, which for ``encoder-decoder`` has none."""
+    defaults = _default_mapping(peft_config).get(model_type)
+    if defaults is None:
+        raise LightningPeftError(
+            f"peft.target_modules: peft has no default for {model_type!r} encoders with "
+            f"{type(peft_config).__name__}; set target_modules"
+        )
+    peft_config.target_modules = set(defaults)
+    if hasattr(peft_config, "feedforward_modules") and peft_config.feedforward_modules is None:
+        peft_config.feedforward_modules = set(_default_mapping(peft_config, "FEEDFORWARD").get(model_type, []))
+    rank_zero_info(f"peft.target_modules not set: peft's default for {model_type}: {sorted(defaults)}")
+
+
 def train_new_modules(peft_config: PeftConfig, model: torch.nn.Module, new_modules: list[str]) -> PeftConfig:
     """A copy of ``peft_config`` that trains (and saves) ``new_modules`` in full through ``modules_to_save``,
     keeps the adapter off them (``exclude_modules``), and fills ``target_modules`` left unset with peft's
@@ -102,14 +127,7 @@ def train_new_modules(peft_config: PeftConfig, model: torch.nn.Module, new_modul
         )
     peft_config = copy.deepcopy(peft_config)
     if getattr(peft_config, "target_modules", "unset") is None:
-        model_type = model.config.encoder.model_type
-        defaults = getattr(PEFT_TYPE_TO_TUNER_MAPPING[peft_config.peft_type], "target_module_mapping", {})
-        if model_type not in defaults:
-            raise LightningPeftError(
-                f"peft.target_modules: peft has no default for {model_type!r} encoders with {name}; set target_modules"
-            )
-        peft_config.target_modules = set(defaults[model_type])
-        rank_zero_info(f"peft.target_modules not set: peft's default for {model_type}: {sorted(defaults[model_type])}")
+        _fill_default_targets(peft_config, model.config.encoder.model_type)
     peft_config.modules_to_save = sorted({*(peft_config.modules_to_save or []), *new_modules})
     if hasattr(peft_config, "exclude_modules"):
         inside = [n for n, _ in model.named_modules() if any(n == m or n.startswith(m + ".") for m in new_modules)]

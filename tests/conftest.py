@@ -139,3 +139,58 @@ def toy_ner(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files["predict"] = directory / "predict.jsonl"
     files["predict"].write_text("\n".join(json.dumps({"tokens": words}) for words in predict) + "\n")
     return files
+
+
+# -- seq2seq ------------------------------------------------------------------------------------------------
+#: a toy "translation": each word maps to another toy word, so a tiny model can learn it in a few dozen steps
+TOY_DICTIONARY = dict(zip(POSITIVE + NEGATIVE + FILLER, NEGATIVE + POSITIVE + FILLER[::-1], strict=True))
+
+
+def toy_pair(rng: random.Random) -> dict[str, str]:
+    words = [rng.choice(sorted(TOY_DICTIONARY)) for _ in range(rng.randint(2, 7))]
+    return {"source": " ".join(words), "target": " ".join(TOY_DICTIONARY[w] for w in words) + "."}
+
+
+def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """jsonl ``source``/``target`` pairs of the toy translation: train/validation/test, and predict sources."""
+    directory = tmp_path_factory.mktemp("toy-pairs")
+    rng = random.Random(0)
+    files = {
+        split: write_jsonl(directory / f"{split}.jsonl", [toy_pair(rng) for _ in range(n)])
+        for split, n in (("train", 192), ("validation", 32), ("test", 32))
+    }
+    sources = ["good", "the food was really very bad", "nice"]
+    files["predict"] = write_jsonl(directory / "predict.jsonl", [{"source": s} for s in sources])
+    return files
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
+    """A T5-style tokenizer (``</s>`` ends every text, ``<pad>`` starts decoding) over the toy words, saved as a
+    local directory; the tiny T5 model itself is built from ``T5Config`` by the tests (``backbone.model_config``)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("tiny-t5")
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = ["<pad>", "</s>", "<unk>"] + sorted(TOY_DICTIONARY) + letters + [".", ",", ":"]
+    tokenizer = Tokenizer(models.WordLevel({token: i for i, token in enumerate(vocab)}, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(directory)
+    return directory
+
+
+def tiny_t5_config(vocab_size: int) -> dict[str, object]:
+    return {
+        "model_type": "t5", "vocab_size": vocab_size, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
+        "num_heads": 4, "dropout_rate": 0.0, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1,
+    }

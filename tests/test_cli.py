@@ -156,6 +156,72 @@ def test_data_errors_exit_with_status_2(tmp_path, tiny_bert_dir, toy_data, capsy
     assert message in capsys.readouterr().err
 
 
+def write_seq2seq_config(tmp_path: Path, tiny_bert_dir: Path, toy_pairs: dict[str, Path]) -> Path:
+    config = {
+        "seed_everything": 7,
+        "trainer": {
+            "accelerator": "cpu", "max_epochs": 2, "enable_progress_bar": False, "enable_model_summary": False,
+            "default_root_dir": str(tmp_path / "run"),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
+        },
+        "checkpoint": {"dirpath": str(tmp_path / "ckpt"), "monitor": "val/chrf", "mode": "max"},
+        "model": {
+            "class_path": "lightning_peft.Seq2SeqGenerator",
+            "init_args": {
+                "backbone": {
+                    "pretrained_model_name_or_path": str(tiny_bert_dir),
+                    "decoder_pretrained_model_name_or_path": str(tiny_bert_dir),
+                },
+                "peft": {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "target_modules": ["query", "value"]}},
+                "generation": {"max_new_tokens": 10},
+                "val_generation_batches": 1,
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}},
+            },
+        },
+        "data": {
+            "class_path": "lightning_peft.Seq2SeqDataModule",
+            "init_args": {**{f"{k}_file": str(v) for k, v in toy_pairs.items()}, "batch_size": 16},
+        },
+    }
+    path = tmp_path / "seq2seq.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_seq2seq_fit_test_predict_export(tmp_path, tiny_bert_dir, toy_pairs, capsys):
+    config = str(write_seq2seq_config(tmp_path, tiny_bert_dir, toy_pairs))
+    main(["fit", "--config", config])
+    best = tmp_path / "ckpt" / "best.ckpt"
+    assert best.is_file()
+    main(["test", "--config", config, "--ckpt_path", str(best)])
+    out = capsys.readouterr().out
+    assert all(f"test/{name}" in out for name in ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "loss"))
+    predictions = tmp_path / "preds.jsonl"
+    main(["predict", "--config", config, "--ckpt_path", str(best), "--predictions_path", str(predictions)])
+    records = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [r["source"] for r in records] == ["good", "the food was really very bad", "nice"]  # input order
+    assert all(set(r) == {"source", "prediction"} and isinstance(r["prediction"], str) for r in records)
+    main(["export", "--config", config, "--ckpt_path", str(best), "--export_dir", str(tmp_path / "export")])
+    adapter = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
+    assert "decoder.bert.encoder.layer.0.crossattention" in adapter["modules_to_save"]
+
+
+def test_seq2seq_bad_input_exits_with_one_error_line(tmp_path, tiny_bert_dir, toy_pairs):
+    from tests.conftest import write_jsonl
+
+    rows = [{"source": "good", "target": "bad"}, {"source": "x", "target": ""}]
+    empty_target = write_jsonl(tmp_path / "bad.jsonl", rows)
+    config = write_seq2seq_config(tmp_path, tiny_bert_dir, {**toy_pairs, "validation": empty_target})
+    result = run_cli("fit", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: validation_file {str(empty_target)!r} row 1: empty target text" in result.stderr
+    result = run_cli(
+        "fit", "--config", str(config), "--model.init_args.backbone.decoder_pretrained_model_name_or_path", "null",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2 and "without a generation head" in result.stderr
+
+
 SHIPPED_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml"))
 
 

@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+from functools import partial
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_peft import BackboneConfig, LightningPeftError, Seq2SeqDataModule, Seq2SeqGenerator
+from tests.conftest import tiny_t5_config
+
+QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+@pytest.fixture
+def bert2bert(tiny_bert_dir):
+    return BackboneConfig(str(tiny_bert_dir), decoder_pretrained_model_name_or_path=str(tiny_bert_dir))
+
+
+@pytest.fixture
+def tiny_t5(tiny_t5_dir):
+    from transformers import AutoTokenizer
+
+    vocab_size = len(AutoTokenizer.from_pretrained(tiny_t5_dir))
+    return BackboneConfig(model_config=tiny_t5_config(vocab_size), tokenizer=str(tiny_t5_dir))
+
+
+def pairs(backbone: BackboneConfig, files, **kwargs) -> Seq2SeqDataModule:
+    return Seq2SeqDataModule(
+        tokenizer=backbone.tokenizer_name_or_path, train_file=str(files["train"]),
+        validation_file=str(files["validation"]), test_file=str(files["test"]), predict_file=str(files["predict"]),
+        batch_size=16, seed=0, **kwargs,
+    )
+
+
+def test_loading_info_sets_bert2bert_ids_and_labels_lose_the_leading_cls(bert2bert, lora, toy_pairs):
+    model = Seq2SeqGenerator(bert2bert, lora)
+    tokenizer = model.tokenizer
+    assert model.generation_config.decoder_start_token_id == tokenizer.cls_token_id
+    assert model.generation_config.eos_token_id == tokenizer.sep_token_id
+    dm = pairs(bert2bert, toy_pairs)
+    dm.setup("fit")
+    raw = next(iter(dm.train_dataloader()))
+    assert (raw["labels"][:, 0] == tokenizer.cls_token_id).all()  # what the BERT tokenizer makes of a target
+    batch = model.on_after_batch_transfer(dict(raw), 0)
+    assert not (batch["labels"][:, 0] == tokenizer.cls_token_id).any()
+    decoder_inputs = model.model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    assert (decoder_inputs[:, 0] == tokenizer.cls_token_id).all()  # [CLS] w1 w2 … → predicts w1 w2 … [SEP]
+    assert torch.equal(decoder_inputs[:, 1:3], batch["labels"][:, :2])
+
+
+def test_t5_labels_are_kept_whole(tiny_t5, toy_pairs):
+    model = Seq2SeqGenerator(tiny_t5, None)
+    assert model.generation_config.decoder_start_token_id == 0  # T5 starts decoding from <pad>
+    dm = pairs(tiny_t5, toy_pairs)
+    dm.setup("fit")
+    raw = next(iter(dm.train_dataloader()))
+    assert torch.equal(model.on_after_batch_transfer(dict(raw), 0)["labels"], raw["labels"])
+
+
+@pytest.mark.parametrize("which", ["tiny_t5", "bert2bert"])
+def test_training_lowers_the_loss_and_test_generates_text(which, request, toy_pairs, lora):
+    backbone = request.getfixturevalue(which)
+    pl.seed_everything(0)
+    model = Seq2SeqGenerator(
+        backbone, lora if which == "bert2bert" else None, generation={"max_new_tokens": 12},
+        optimizer=partial(torch.optim.AdamW, lr=3e-3), val_generation_batches=0,
+    )
+    dm = pairs(backbone, toy_pairs)
+    before = pl.Trainer(**QUIET).validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
+    pl.Trainer(max_epochs=4, enable_checkpointing=False, **QUIET).fit(model, datamodule=dm)
+    metrics = pl.Trainer(**QUIET).test(model, datamodule=dm, verbose=False)[0]
+    assert metrics["test/loss"] < 0.7 * before
+    assert {"test/bleu", "test/chrf", "test/rouge1", "test/rouge2", "test/rougeL"} <= set(metrics)
+    assert metrics["test/chrf"] > 0
+    batch = next(iter(dm.test_dataloader()))
+    texts = model.generate(batch)
+    assert len(texts) == len(batch["reference"]) and all(isinstance(t, str) for t in texts)
+
+
+def test_generation_stops_at_the_end_token(bert2bert, lora, toy_pairs):
+    model = Seq2SeqGenerator(bert2bert, lora, generation={"max_new_tokens": 5})
+    dm = pairs(bert2bert, toy_pairs)
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()))
+    ids = model.model.generate(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=model.generation_config
+    )
+    assert (ids[:, 0] == model.tokenizer.cls_token_id).all() and ids.shape[1] <= 6
+    for row in ids.tolist():
+        if model.tokenizer.sep_token_id in row:  # after the end token there is only padding
+            tail = row[row.index(model.tokenizer.sep_token_id) + 1 :]
+            assert set(tail) <= {model.tokenizer.pad_token_id}
+
+
+def test_micro_batches_give_the_full_batch_loss(tiny_t5, toy_pairs):
+    pl.seed_everything(0)
+    model = Seq2SeqGenerator(tiny_t5, None, micro_batch_size=3).eval()
+    dm = pairs(tiny_t5, toy_pairs)
+    dm.setup("fit")
+    batch = model.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    whole = model.compute_loss(model(batch), batch)
+    assert torch.allclose(model.length_grouped_loss(batch), whole, atol=1e-5)
+
+
+def test_validation_generates_on_batches_spread_over_the_epoch(tiny_t5, toy_pairs, monkeypatch):
+    model = Seq2SeqGenerator(tiny_t5, None, generation={"max_new_tokens": 2}, val_generation_batches=2)
+    dm = pairs(tiny_t5, toy_pairs, eval_batch_size=4)  # 32 validation rows: 8 batches
+    seen = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda batch: seen.append(len(seen)) or generate(batch))
+    metrics = pl.Trainer(**QUIET).validate(model, datamodule=dm, verbose=False)[0]
+    assert len(seen) == 2 and "val/bleu" in metrics
+    assert [model.generates_in_validation(i) for i in range(8)] == [True, False, False, False, True] + [False] * 3
+
+
+def test_adapter_only_checkpoint_restores_the_warm_started_model(tmp_path, bert2bert, lora, toy_pairs):
+    pl.seed_everything(0)
+    model = Seq2SeqGenerator(bert2bert, lora, optimizer=partial(torch.optim.AdamW, lr=1e-2))
+    dm = pairs(bert2bert, toy_pairs)
+    trainer = pl.Trainer(max_steps=3, enable_checkpointing=False, limit_val_batches=0, **QUIET)
+    trainer.fit(model, datamodule=dm)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert any("crossattention.modules_to_save" in k for k in saved)
+    assert not any("word_embeddings" in k for k in saved)  # frozen, reloaded from the checkpoint directory
+    pl.seed_everything(123)  # a different random cross-attention init underneath
+    restored = Seq2SeqGenerator.load_from_checkpoint(path)
+    dm.setup("test")
+    batch = model.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
+    model.eval(), restored.eval()
+    assert torch.allclose(model(batch), restored(batch), atol=1e-5)
+
+
+def test_encoder_only_backbone_without_decoder_is_refused(backbone, lora):
+    with pytest.raises(LightningPeftError, match="without a generation head.*decoder_pretrained_model_name_or_path"):
+        Seq2SeqGenerator(backbone, lora)
+
+
+@pytest.mark.parametrize(
+    ("generation", "message"),
+    [({"beams": 4}, "unknown option 'beams'"), ({"num_beams": 0}, "model.generation")],
+)
+def test_bad_generation_options_are_refused(tiny_t5, generation, message):
+    with pytest.raises(LightningPeftError, match=message):
+        Seq2SeqGenerator(tiny_t5, None, generation=generation)
+
+
+def test_generation_defaults_to_128_new_tokens_and_takes_overrides(tiny_t5):
+    assert Seq2SeqGenerator(tiny_t5, None).generation_config.max_new_tokens == 128
+    config = Seq2SeqGenerator(tiny_t5, None, generation={"num_beams": 3, "max_new_tokens": 7}).generation_config
+    assert (config.num_beams, config.max_new_tokens) == (3, 7)
