@@ -5,7 +5,8 @@
 Setting: an ``EncoderDecoderModel`` warm-started from the packaged MiniLM-L6 encoder on both sides; LoRA r=8
 (alpha 16, dropout 0.1) on the self-attention query/value, the randomly initialised cross-attention and LM-head
 transform trained in full (peft ``modules_to_save``); the first 4,000 training pairs, 2 epochs, batch 32, max
-length 64 (source and target), AdamW lr 1e-3 (weight decay 0.01), linear decay, seed 42. German sources, English
+length 64 (source and target), AdamW lr 1e-3 (weight decay 0.01), linear decay, gradient norm clipped at 1.0
+(the HF Trainer's default), seed 42. German sources, English
 targets (the packaged tokenizer is English and uncased). Each run is a fresh subprocess.
 
 Evaluation: greedy decoding (at most 64 new tokens) of the full test split (1,000 sentences), batch 32, decoded
@@ -76,7 +77,8 @@ def run_lightning_peft(args: argparse.Namespace, grouped: bool) -> dict[str, Any
         optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.01),
     )
     quiet = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer = pl.Trainer(max_epochs=args.epochs, enable_checkpointing=False, **quiet)
+    # gradients clipped at norm 1.0, as the HF Trainer does by default (max_grad_norm)
+    trainer = pl.Trainer(max_epochs=args.epochs, enable_checkpointing=False, gradient_clip_val=1.0, **quiet)
     dm.setup("fit")
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)

@@ -137,8 +137,9 @@ def train_new_modules(peft_config: PeftConfig, model: torch.nn.Module, new_modul
         else:
             peft_config.exclude_modules = sorted({*inside, *(given or [])})
     groups = sorted({m.rsplit(".", 1)[-1] if "layer." in m else m.removeprefix("decoder.") for m in new_modules})
+    kept_out = f" and kept out of the {name} targets" if hasattr(peft_config, "exclude_modules") else ""
     rank_zero_info(
         f"warm-started encoder-decoder: {len(new_modules)} randomly initialised modules ({', '.join(groups)}) are "
-        f"trained in full (peft modules_to_save) and kept out of the {name} targets"
+        f"trained in full (peft modules_to_save){kept_out}"
     )
     return peft_config

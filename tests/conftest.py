@@ -172,10 +172,11 @@ def toy_pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_t5_dir(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
-    """A T5-style tokenizer (``</s>`` ends every text, ``<pad>`` starts decoding) over the toy words, saved as a
-    local directory; the tiny T5 model itself is built from ``T5Config`` by the tests (``backbone.model_config``)."""
+    """A random-init T5 (2 layers, width 32) with a T5-style tokenizer over the toy words (``</s>`` ends every
+    text, ``<pad>`` starts decoding), saved like a hub model."""
+    import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
     directory = tmp_path_factory.mktemp("tiny-t5")
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
@@ -186,11 +187,10 @@ def tiny_t5_dir(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(directory)
+    config = T5Config(
+        vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(directory)
     return directory
-
-
-def tiny_t5_config(vocab_size: int) -> dict[str, object]:
-    return {
-        "model_type": "t5", "vocab_size": vocab_size, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
-        "num_heads": 4, "dropout_rate": 0.0, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1,
-    }

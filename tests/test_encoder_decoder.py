@@ -60,9 +60,18 @@ def test_unset_target_modules_take_peft_defaults_for_the_encoder_type(bert2bert)
 
 
 def test_methods_without_modules_to_save_are_refused(bert2bert):
+    from peft import AdaptionPromptConfig
+
     (model, new_modules), _ = bert2bert
-    with pytest.raises(LightningPeftError, match="PrefixTuningConfig cannot train extra modules"):
-        train_new_modules(PrefixTuningConfig(num_virtual_tokens=4, task_type=TaskType.SEQ_2_SEQ_LM), model, new_modules)
+    with pytest.raises(LightningPeftError, match="AdaptionPromptConfig cannot train extra modules"):
+        train_new_modules(AdaptionPromptConfig(adapter_len=2, adapter_layers=1), model, new_modules)
+
+
+def test_prompt_learning_also_trains_the_new_modules(bert2bert):
+    (model, new_modules), _ = bert2bert
+    prefix = PrefixTuningConfig(num_virtual_tokens=4, task_type=TaskType.SEQ_2_SEQ_LM)
+    config = train_new_modules(prefix, model, new_modules)
+    assert config.modules_to_save == new_modules
 
 
 def test_decoder_path_without_encoder_path_is_an_error(tiny_bert_dir):

@@ -24,7 +24,13 @@ class BLEU(SacreBLEUScore):
 
 
 class ChrF(CHRFScore):
-    """Corpus chrF (character 6-grams, β=2) as ``sacrebleu.corpus_chrf`` reports it, 0-100."""
+    """Corpus chrF (character 6-grams, β=2, no word n-grams) as sacreBLEU's ``CHRF`` reports it, 0-100.
+
+    torchmetrics' own default is chrF++ (word bigrams too); ``n_word_order=2`` gives that.
+    """
+
+    def __init__(self, n_word_order: int = 0, **kwargs: object) -> None:
+        super().__init__(n_word_order=n_word_order, **kwargs)
 
     def compute(self) -> torch.Tensor:
         return super().compute() * 100

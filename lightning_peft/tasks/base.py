@@ -190,13 +190,18 @@ class PeftModule(LightningModule):
             if isinstance(value, torch.Tensor)
         }
 
+    def prepare_batch(self, batch: Batch) -> Batch:
+        """Adjust a training or evaluation batch before the loss (e.g. drop a leading label token); as is here."""
+        return batch
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = self.length_grouped_loss(batch)
+        loss = self.length_grouped_loss(self.prepare_batch(batch))
         self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size_of(batch))
         return loss
 
     def _evaluation_step(self, batch: Batch, stage: str, metrics: MetricCollection | None) -> None:
         """Log the batch's loss as ``<stage>/loss`` and, unless ``metrics`` is ``None``, update the metrics."""
+        batch = self.prepare_batch(batch)
         logits = self(batch)
         loss = self.compute_loss(logits, batch)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=self.batch_size_of(batch), sync_dist=True)

@@ -139,11 +139,12 @@ class Seq2SeqGenerator(PeftModule):
     def decoder_start_token_id(self) -> int | None:
         return self.generation_config.decoder_start_token_id
 
-    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+    def prepare_batch(self, batch: Batch) -> Batch:
+        """Drop a leading decoder start token from the labels (the model prepends it to the decoder inputs)."""
         labels = batch.get("labels")
         start = self.decoder_start_token_id
         if labels is not None and labels.shape[1] > 1 and start is not None and bool((labels[:, 0] == start).all()):
-            batch["labels"] = labels[:, 1:]
+            return {**batch, "labels": labels[:, 1:]}
         return batch
 
     def forward(self, batch: Batch) -> torch.Tensor:

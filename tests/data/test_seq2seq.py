@@ -33,12 +33,12 @@ def test_nested_translation_rows_and_source_prefix(tmp_path, tiny_t5_dir):
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     dm = datamodule(
         tiny_t5_dir, train_file=str(train), test_file=str(train), source_lang="de", target_lang="en",
-        source_prefix="translate: ",
+        source_prefix="very: ",  # a prefix such as T5's "translate German to English: " (in toy words)
     )
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
     sources = dm.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
-    assert sorted(sources) == ["translate : nice food", "translate : poor"]
+    assert sorted(sources) == ["very : nice food", "very : poor"]
     assert sorted(batch["reference"]) == ["bad", "good food"]
 
 
@@ -48,7 +48,7 @@ def test_predict_is_served_longest_first_and_remembers_the_input_order(tiny_t5_d
     batch = next(iter(dm.predict_dataloader()))
     assert batch["source"] == ["the food was really very bad", "good", "nice"]
     assert dm.predict_order == [1, 0, 2]
-    assert "labels" not in batch
+    assert batch.get("labels") is None
 
 
 @pytest.mark.parametrize(

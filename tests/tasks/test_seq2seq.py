@@ -5,9 +5,9 @@ from functools import partial
 import lightning.pytorch as pl
 import pytest
 import torch
+from peft import LoraConfig
 
 from lightning_peft import BackboneConfig, LightningPeftError, Seq2SeqDataModule, Seq2SeqGenerator
-from tests.conftest import tiny_t5_config
 
 QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
 
@@ -19,10 +19,7 @@ def bert2bert(tiny_bert_dir):
 
 @pytest.fixture
 def tiny_t5(tiny_t5_dir):
-    from transformers import AutoTokenizer
-
-    vocab_size = len(AutoTokenizer.from_pretrained(tiny_t5_dir))
-    return BackboneConfig(model_config=tiny_t5_config(vocab_size), tokenizer=str(tiny_t5_dir))
+    return BackboneConfig(str(tiny_t5_dir))
 
 
 def pairs(backbone: BackboneConfig, files, **kwargs) -> Seq2SeqDataModule:
@@ -42,7 +39,7 @@ def test_loading_info_sets_bert2bert_ids_and_labels_lose_the_leading_cls(bert2be
     dm.setup("fit")
     raw = next(iter(dm.train_dataloader()))
     assert (raw["labels"][:, 0] == tokenizer.cls_token_id).all()  # what the BERT tokenizer makes of a target
-    batch = model.on_after_batch_transfer(dict(raw), 0)
+    batch = model.prepare_batch(dict(raw))
     assert not (batch["labels"][:, 0] == tokenizer.cls_token_id).any()
     decoder_inputs = model.model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
     assert (decoder_inputs[:, 0] == tokenizer.cls_token_id).all()  # [CLS] w1 w2 … → predicts w1 w2 … [SEP]
@@ -55,15 +52,16 @@ def test_t5_labels_are_kept_whole(tiny_t5, toy_pairs):
     dm = pairs(tiny_t5, toy_pairs)
     dm.setup("fit")
     raw = next(iter(dm.train_dataloader()))
-    assert torch.equal(model.on_after_batch_transfer(dict(raw), 0)["labels"], raw["labels"])
+    assert torch.equal(model.prepare_batch(dict(raw))["labels"], raw["labels"])
 
 
 @pytest.mark.parametrize("which", ["tiny_t5", "bert2bert"])
 def test_training_lowers_the_loss_and_test_generates_text(which, request, toy_pairs, lora):
     backbone = request.getfixturevalue(which)
     pl.seed_everything(0)
+    peft = lora if which == "bert2bert" else LoraConfig(r=4, lora_alpha=8)  # T5: peft's default targets (q, v)
     model = Seq2SeqGenerator(
-        backbone, lora if which == "bert2bert" else None, generation={"max_new_tokens": 12},
+        backbone, peft, generation={"max_new_tokens": 12},
         optimizer=partial(torch.optim.AdamW, lr=3e-3), val_generation_batches=0,
     )
     dm = pairs(backbone, toy_pairs)
@@ -98,7 +96,7 @@ def test_micro_batches_give_the_full_batch_loss(tiny_t5, toy_pairs):
     model = Seq2SeqGenerator(tiny_t5, None, micro_batch_size=3).eval()
     dm = pairs(tiny_t5, toy_pairs)
     dm.setup("fit")
-    batch = model.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    batch = model.prepare_batch(next(iter(dm.train_dataloader())))
     whole = model.compute_loss(model(batch), batch)
     assert torch.allclose(model.length_grouped_loss(batch), whole, atol=1e-5)
 
@@ -128,7 +126,7 @@ def test_adapter_only_checkpoint_restores_the_warm_started_model(tmp_path, bert2
     pl.seed_everything(123)  # a different random cross-attention init underneath
     restored = Seq2SeqGenerator.load_from_checkpoint(path)
     dm.setup("test")
-    batch = model.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
+    batch = model.prepare_batch(next(iter(dm.test_dataloader())))
     model.eval(), restored.eval()
     assert torch.allclose(model(batch), restored(batch), atol=1e-5)
 
