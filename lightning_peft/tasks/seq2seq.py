@@ -56,9 +56,16 @@ def build_generation_config(base: GenerationConfig, overrides: dict[str, Any]) -
             "max_new_tokens, length_penalty, no_repeat_ngram_size, do_sample"
         )
     config = copy.deepcopy(base)
-    config.update(**overrides)
+    try:
+        config.update(**overrides)
+    except ValueError as err:
+        raise LightningPeftError(f"model.generation: {str(err).strip().splitlines()[0]}") from err
     if "max_length" not in overrides and "max_new_tokens" not in overrides and config.max_new_tokens is None:
         config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    if config.num_return_sequences not in (None, 1):
+        raise LightningPeftError(
+            "model.generation.num_return_sequences: one output per source is written and scored; set it to 1"
+        )
     try:
         config.validate(strict=True)
     except ValueError as err:

@@ -55,14 +55,16 @@ def test_t5_labels_are_kept_whole(tiny_t5, toy_pairs):
     assert torch.equal(model.prepare_batch(dict(raw))["labels"], raw["labels"])
 
 
-@pytest.mark.parametrize("which", ["tiny_t5", "bert2bert"])
-def test_training_lowers_the_loss_and_test_generates_text(which, request, toy_pairs, lora):
+@pytest.mark.parametrize(("which", "lr"), [("tiny_t5", 1e-2), ("bert2bert", 3e-3)])
+def test_training_lowers_the_loss_and_test_generates_text(which, lr, request, toy_pairs):
     backbone = request.getfixturevalue(which)
     pl.seed_everything(0)
-    peft = lora if which == "bert2bert" else LoraConfig(r=4, lora_alpha=8)  # T5: peft's default targets (q, v)
+    # T5: LoRA with peft's default targets (q, v); the tiny BERT2BERT's decoder predicts through its frozen random
+    # embeddings, too slow to learn through an adapter in a unit test, so it is fine-tuned in full
+    peft = LoraConfig(r=4, lora_alpha=8) if which == "tiny_t5" else None
     model = Seq2SeqGenerator(
         backbone, peft, generation={"max_new_tokens": 12},
-        optimizer=partial(torch.optim.AdamW, lr=3e-3), val_generation_batches=0,
+        optimizer=partial(torch.optim.AdamW, lr=lr), val_generation_batches=0,
     )
     dm = pairs(backbone, toy_pairs)
     before = pl.Trainer(**QUIET).validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
@@ -138,7 +140,11 @@ def test_encoder_only_backbone_without_decoder_is_refused(backbone, lora):
 
 @pytest.mark.parametrize(
     ("generation", "message"),
-    [({"beams": 4}, "unknown option 'beams'"), ({"num_beams": 0}, "model.generation")],
+    [
+        ({"beams": 4}, "unknown option 'beams'"),
+        ({"early_stopping": "x"}, "model.generation: `early_stopping` must be"),
+        ({"num_beams": 2, "num_return_sequences": 2}, "num_return_sequences: one output per source"),
+    ],
 )
 def test_bad_generation_options_are_refused(tiny_t5, generation, message):
     with pytest.raises(LightningPeftError, match=message):
