@@ -277,11 +277,15 @@ class PeftModule(LightningModule):
 
         With PEFT: the adapter (``save_pretrained``), loadable by ``peft.AutoPeftModelFor*`` and by
         ``transformers.AutoModelFor*.from_pretrained(directory, **labels)``; without PEFT: the full model.
-        ``labels.json`` holds :meth:`model_config_kwargs` (label maps) and the tokenizer is saved when given.
+        The tokenizer is saved when given, and :meth:`save_extras` adds the task's own files.
         """
         with atomic_directory(directory) as tmp:
             self.model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            (tmp / LABELS_FILE).write_text(json.dumps(self.model_config_kwargs(), indent=2) + "\n")
+            self.save_extras(tmp)
         return Path(directory)
+
+    def save_extras(self, directory: Path) -> None:
+        """Files :meth:`export` writes beside the model: ``labels.json`` with :meth:`model_config_kwargs`."""
+        (directory / LABELS_FILE).write_text(json.dumps(self.model_config_kwargs(), indent=2) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -172,6 +173,11 @@ class Seq2SeqGenerator(PeftModule):
         target_width = max(int((chunk["labels"] != IGNORE_INDEX).sum(1).max()), 1)
         chunk["labels"] = chunk["labels"][:, :target_width]
         return chunk
+
+    def save_extras(self, directory: Path) -> None:
+        """Also ``generation_config.json``: the decoding settings and the decoder start / end / pad ids."""
+        super().save_extras(directory)
+        self.generation_config.save_pretrained(directory)
 
     # -- generation -------------------------------------------------------------------------------------
     @torch.no_grad()

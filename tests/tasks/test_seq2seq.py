@@ -155,3 +155,25 @@ def test_generation_defaults_to_128_new_tokens_and_takes_overrides(tiny_t5):
     assert Seq2SeqGenerator(tiny_t5, None).generation_config.max_new_tokens == 128
     config = Seq2SeqGenerator(tiny_t5, None, generation={"num_beams": 3, "max_new_tokens": 7}).generation_config
     assert (config.num_beams, config.max_new_tokens) == (3, 7)
+
+
+def test_export_reloads_with_plain_peft_and_generates_the_same(tmp_path, bert2bert, lora, toy_pairs, tiny_bert_dir):
+    from peft import PeftModel
+    from transformers import AutoTokenizer, EncoderDecoderModel, GenerationConfig
+
+    pl.seed_everything(0)
+    model = Seq2SeqGenerator(bert2bert, lora, generation={"max_new_tokens": 6})
+    pl.Trainer(max_steps=3, enable_checkpointing=False, limit_val_batches=0, **QUIET).fit(
+        model, datamodule=pairs(bert2bert, toy_pairs)
+    )
+    model.export(tmp_path / "export", tokenizer=model.tokenizer)
+
+    base = EncoderDecoderModel.from_encoder_decoder_pretrained(str(tiny_bert_dir), str(tiny_bert_dir))
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "export").eval()
+    generation = GenerationConfig.from_pretrained(tmp_path / "export")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert (generation.decoder_start_token_id, generation.max_new_tokens) == (tokenizer.cls_token_id, 6)
+    inputs = tokenizer(["the food was good", "bad"], return_tensors="pt", padding=True, return_token_type_ids=False)
+    model.eval()
+    expected = model.model.generate(**inputs, generation_config=model.generation_config)
+    assert torch.equal(reloaded.generate(**inputs, generation_config=generation), expected)
