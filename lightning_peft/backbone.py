@@ -9,7 +9,13 @@ from typing import Any
 
 import torch
 from peft import PeftConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from lightning_peft.encoder_decoder import train_new_modules, warm_start_encoder_decoder
 from lightning_peft.errors import LightningPeftError
@@ -67,12 +73,11 @@ def _torch_dtype(name: str | None) -> torch.dtype | str | None:
     return dtype
 
 
-def _load_error(spec: BackboneConfig, what: str, err: Exception) -> LightningPeftError:
+def _load_error(field: str, path: str, what: str, err: Exception) -> LightningPeftError:
     cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return LightningPeftError(
-        f"backbone.pretrained_model_name_or_path: cannot load {spec.pretrained_model_name_or_path!r} as "
-        f"{what} ({cause}). Give a local directory with config.json and weights, or a hub id "
-        "reachable from this machine."
+        f"backbone.{field}: cannot load {path} as {what} ({cause}). Give a local directory with config.json and "
+        "weights, or a hub id reachable from this machine."
     )
 
 
@@ -104,7 +109,9 @@ def _warm_start(spec: BackboneConfig, overrides: dict[str, Any]) -> tuple[PreTra
             **overrides,
         )
     except (OSError, ValueError) as err:
-        raise _load_error(spec, "a warm-started EncoderDecoderModel", err) from err
+        paths = f"{spec.pretrained_model_name_or_path!r} and {spec.decoder_pretrained_model_name_or_path!r}"
+        field = "pretrained_model_name_or_path / decoder_pretrained_model_name_or_path"
+        raise _load_error(field, paths, "the encoder and decoder of an EncoderDecoderModel", err) from err
 
 
 def _load_transformer(spec: BackboneConfig, auto_class: type, model_kwargs: dict[str, Any]) -> PreTrainedModel:
@@ -128,7 +135,8 @@ def _load_transformer(spec: BackboneConfig, auto_class: type, model_kwargs: dict
             **overrides,
         )
     except (OSError, ValueError) as err:
-        raise _load_error(spec, auto_class.__name__, err) from err
+        path = repr(spec.pretrained_model_name_or_path)
+        raise _load_error("pretrained_model_name_or_path", path, auto_class.__name__, err) from err
 
 
 def linear_layer_names(model: torch.nn.Module) -> list[str]:
@@ -194,6 +202,11 @@ def load_backbone(
         )
     """
     if spec.decoder_pretrained_model_name_or_path:
+        if auto_class is not AutoModelForSeq2SeqLM:
+            raise LightningPeftError(
+                "backbone.decoder_pretrained_model_name_or_path: only seq2seq tasks (Seq2SeqGenerator) have a decoder; "
+                "remove it"
+            )
         if not spec.is_pretrained:
             raise LightningPeftError(
                 "backbone.decoder_pretrained_model_name_or_path: also set pretrained_model_name_or_path (the encoder)"

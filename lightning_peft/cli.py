@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -32,15 +32,11 @@ def _tokenizer_of(path: str | None, tokenizer: str | None) -> str | None:
     return tokenizer or path
 
 
-def _labels_of(datamodule: LightningDataModule) -> list[str] | None:
-    return getattr(datamodule, "labels", None)
-
-
 class LightningPeftCLI(LightningCLI):
     """LightningCLI for any :class:`PeftModule` and :class:`TextDataModule` subclass (``class_path`` in YAML).
 
     Links so that one YAML drives everything: the backbone's path (or ``backbone.tokenizer``) becomes the
-    datamodule's tokenizer; the datamodule's discovered ``labels`` (and ``problem_type``) become the model's.
+    datamodule's tokenizer; a labelled datamodule's discovered ``labels`` (and ``problem_type``) become the model's.
     Adds a ``checkpoint`` group (Lightning's ``ModelCheckpoint``: best on ``val/loss`` plus ``last``),
     ``--predictions_path`` for ``predict`` (JSONL), a CSV logger under ``runs/`` and a rich progress bar.
 
@@ -81,7 +77,8 @@ class LightningPeftCLI(LightningCLI):
             "data.init_args.tokenizer",
             compute_fn=_tokenizer_of,
         )
-        parser.link_arguments("data", "model.init_args.labels", compute_fn=_labels_of, apply_on="instantiate")
+        # skipped by jsonargparse when the datamodule has no ``labels`` (seq2seq data, whose model takes none)
+        parser.link_arguments("data.labels", "model.init_args.labels", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         """Share the datamodule's ``problem_type`` with the model when both take one (a conditional link:

@@ -78,3 +78,17 @@ def test_decoder_path_without_encoder_path_is_an_error(tiny_bert_dir):
     spec = BackboneConfig(decoder_pretrained_model_name_or_path=str(tiny_bert_dir))
     with pytest.raises(LightningPeftError, match="also set pretrained_model_name_or_path"):
         load_backbone(spec, AutoModelForSeq2SeqLM)
+
+
+def test_decoder_path_outside_seq2seq_is_an_error(tiny_bert_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    spec = BackboneConfig(str(tiny_bert_dir), decoder_pretrained_model_name_or_path=str(tiny_bert_dir))
+    with pytest.raises(LightningPeftError, match="only seq2seq tasks"):
+        load_backbone(spec, AutoModelForSequenceClassification)
+
+
+def test_unloadable_decoder_names_both_paths(tmp_path, tiny_bert_dir):
+    spec = BackboneConfig(str(tiny_bert_dir), decoder_pretrained_model_name_or_path=str(tmp_path / "missing"))
+    with pytest.raises(LightningPeftError, match=r"decoder_pretrained_model_name_or_path: cannot load .*missing"):
+        load_backbone(spec, AutoModelForSeq2SeqLM)

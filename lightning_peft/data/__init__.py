@@ -2,6 +2,7 @@
 
 from lightning_peft.data.base import TextDataModule
 from lightning_peft.data.classification import ClassificationDataModule
+from lightning_peft.data.labelled import LabelledDataModule
 from lightning_peft.data.sampling import EpochSeededSampler
 from lightning_peft.data.seq2seq import Seq2SeqDataModule
 from lightning_peft.data.token_classification import TokenClassificationDataModule
@@ -9,6 +10,7 @@ from lightning_peft.data.token_classification import TokenClassificationDataModu
 __all__ = [
     "ClassificationDataModule",
     "EpochSeededSampler",
+    "LabelledDataModule",
     "Seq2SeqDataModule",
     "TextDataModule",
     "TokenClassificationDataModule",

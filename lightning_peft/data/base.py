@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, Sequence, Value, load_dataset
+from datasets import Dataset, DatasetDict, load_dataset
 from datasets.fingerprint import Hasher
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
@@ -139,58 +139,9 @@ class TextDataModule(LightningDataModule):
     def report_counts(self, split: str, counts: dict[str, list[int]]) -> None:
         """Warn about what preprocessing had to change in ``split`` (e.g. truncation); the columns are then dropped."""
 
-    # -- label names (for datamodules whose rows carry labels) ------------------------------------------
-    #: label names given in the config; they win over discovery
-    explicit_labels: list[str] | None = None
-    #: names of a ``ClassLabel`` label feature, seen while decoding the train split
-    _class_label_names: list[str] | None = None
-
     def has_labels(self, split: str) -> bool:
-        """Whether rows of ``split`` carry labels (prediction inputs do not)."""
+        """Whether rows of ``split`` carry labels or targets (prediction inputs do not)."""
         return split != "predict"
-
-    @property
-    def uses_label_names(self) -> bool:
-        """Whether this data has named labels at all (regression, for example, does not)."""
-        return True
-
-    def discover_labels(self, train: Dataset) -> list[str]:
-        """Label names found in the (decoded) train split, in id order."""
-        raise NotImplementedError
-
-    @cached_property
-    def labels(self) -> list[str] | None:
-        """Label names in id order: ``explicit_labels``, else a ``ClassLabel`` feature's names, else discovered
-        from the train split; ``None`` when :attr:`uses_label_names` is false. The CLI links them to the model."""
-        if not self.uses_label_names:
-            return None
-        if self.explicit_labels:
-            return self.explicit_labels
-        train = self.raw_split("train")
-        if train is None:
-            raise LightningPeftError(
-                "data.labels: cannot discover the label names without a train split; "
-                "set data.init_args.labels or train_file"
-            )
-        return self._class_label_names or self.discover_labels(train)
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.labels or [])}
-
-    def decode_class_labels(self, dataset: Dataset, column: str, split: str) -> Dataset:
-        """Replace a ``ClassLabel`` (or sequence of ``ClassLabel``) column of ids by names, remembering the
-        train split's name order for :attr:`labels`."""
-        feature = dataset.features[column]
-        inner = feature.feature if isinstance(feature, Sequence) else feature
-        if not isinstance(inner, ClassLabel):
-            return dataset
-        if split == "train":
-            self._class_label_names = list(inner.names)
-        as_ints = Sequence(Value("int64")) if isinstance(feature, Sequence) else Value("int64")
-        return dataset.cast_column(column, as_ints).map(  # plain ints first, or map re-encodes the names
-            lambda batch: {column: [inner.int2str(v) for v in batch[column]]}, batched=True, desc="Decoding labels"
-        )
 
     # -- raw splits -------------------------------------------------------------------------------------
     def describe(self, split: str) -> str:

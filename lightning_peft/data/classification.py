@@ -8,12 +8,12 @@ from typing import Any
 from datasets import Dataset
 from transformers import DataCollatorWithPadding
 
-from lightning_peft.data.base import TextDataModule
+from lightning_peft.data.labelled import LabelledDataModule
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.tasks.classification import ProblemType
 
 
-class ClassificationDataModule(TextDataModule):
+class ClassificationDataModule(LabelledDataModule):
     """Text classification data: single-label, multi-label or regression.
 
     Label names are discovered from the training split (a ``ClassLabel`` feature's names, otherwise the

@@ -72,10 +72,6 @@ class Seq2SeqDataModule(TextDataModule):
         self.source_prefix = source_prefix
         self.max_target_length = max_target_length
 
-    @property
-    def uses_label_names(self) -> bool:
-        return False  # targets are text, not classes
-
     # -- TextDataModule hooks ---------------------------------------------------------------------------
     def required_columns(self, split: str) -> list[str]:
         if self.source_lang is not None:

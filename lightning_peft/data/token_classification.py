@@ -10,7 +10,7 @@ from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import DataCollatorForTokenClassification
 
-from lightning_peft.data.base import TextDataModule
+from lightning_peft.data.labelled import LabelledDataModule
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.metrics.entities import OUTSIDE, iob1_to_iob2, split_tag
 
@@ -59,7 +59,7 @@ def sort_tags(tags: set[str]) -> list[str]:
     return sorted(tags, key=key)
 
 
-class TokenClassificationDataModule(TextDataModule):
+class TokenClassificationDataModule(LabelledDataModule):
     """Word-level tagging data (NER, POS, chunking) aligned to a fast tokenizer's sub-tokens.
 
     Sources: an HF dataset with ``tokens`` + ``ner_tags`` columns (``ClassLabel`` names are used), local CoNLL
