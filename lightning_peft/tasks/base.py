@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -128,6 +129,8 @@ class PeftModule(LightningModule):
         self.micro_batch_size = micro_batch_size
         # Checkpoints hold only the trainable weights; the frozen base is rebuilt from the backbone config.
         self.strict_loading = False
+        #: terms added to every training loss, by name (callbacks register them, e.g. AdaLoRA's orthogonality)
+        self.loss_terms: dict[str, Callable[[], torch.Tensor]] = {}
 
     # -- construction ---------------------------------------------------------------------------------
     def build_backbone(self, **model_kwargs: Any) -> None:
@@ -195,8 +198,14 @@ class PeftModule(LightningModule):
         return batch
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """The task loss plus every registered :attr:`loss_terms` (each also logged as ``train/<name>``)."""
         loss = self.length_grouped_loss(self.prepare_batch(batch))
-        self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size_of(batch))
+        size = self.batch_size_of(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        for name, term in self.loss_terms.items():
+            value = term()
+            self.log(f"train/{name}", value, batch_size=size)
+            loss = loss + value
         return loss
 
     def _evaluation_step(self, batch: Batch, stage: str, metrics: MetricCollection | None) -> None:

@@ -1,0 +1,183 @@
+"""``AdaLoRAScheduler``: drives peft's AdaLoRA rank allocation on optimizer steps, adds its orthogonal
+regulariser to every task's loss, and reports the final per-layer ranks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from peft.tuners.adalora import AdaLoraModel
+
+from lightning_peft.errors import LightningPeftError
+
+HEATMAP_FILE = "adalora_ranks.png"
+CHECKPOINT_KEY = "adalora"
+ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
+def adalora_model(pl_module: LightningModule) -> AdaLoraModel:
+    """The peft ``AdaLoraModel`` inside a task, or a clear error when the task's PEFT method is not AdaLoRA."""
+    tuner = getattr(getattr(pl_module, "model", None), "base_model", None)
+    if not isinstance(tuner, AdaLoraModel):
+        raise LightningPeftError(
+            "AdaLoRAScheduler: the model's PEFT method is not AdaLoRA; set model.peft to peft.AdaLoraConfig "
+            "or remove the callback"
+        )
+    return tuner
+
+
+def orthogonal_regulariser(tuner: AdaLoraModel) -> torch.Tensor:
+    """Mean over AdaLoRA's ``lora_A`` / ``lora_B`` of ``‖PᵀP − I‖_F`` (``‖QQᵀ − I‖_F``): the penalty peft adds
+    inside ``AdaLoraModel.forward`` only when the HF model computes the loss itself."""
+    adapter = tuner.trainable_adapter_name
+    terms = []
+    for name, param in tuner.model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and adapter in name:
+            cov = param @ param.T if "lora_A" in name else param.T @ param
+            terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], device=cov.device, dtype=cov.dtype)))
+    return torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+def rank_table(rank_pattern: dict[str, list[bool]]) -> tuple[list[str], list[int], list[list[int | None]]]:
+    """Final ranks as (module names with the layer index as ``*``, layer indices, ranks[module][layer])."""
+    ranks: dict[tuple[str, int], int] = {}
+    for key, mask in rank_pattern.items():
+        match = re.search(r"\.(\d+)\.", key)
+        layer = int(match.group(1)) if match else 0
+        module = re.sub(r"\.(\d+)\.", ".*.", key, count=1).split(".lora_", 1)[0].split(".%s", 1)[0]
+        module = module.removeprefix("base_model.").removeprefix("model.")
+        ranks[(module, layer)] = int(sum(mask))
+    modules = sorted({m for m, _ in ranks})
+    layers = sorted({layer for _, layer in ranks})
+    return modules, layers, [[ranks.get((m, layer)) for layer in layers] for m in modules]
+
+
+class AdaLoRAScheduler(Callback):
+    """Runs AdaLoRA's budget schedule with Lightning: ``update_and_allocate`` once per optimizer step.
+
+    peft's order is backward → ``optimizer.step()`` → ``update_and_allocate(step)`` → ``zero_grad()``. Lightning
+    zeroes gradients inside the *next* step's closure, so ``on_train_batch_end`` sees the stepped weights with
+    their gradients still in place; under gradient accumulation it acts only on batches that stepped
+    (``trainer.global_step`` advanced), and passes the 0-based optimizer step, as in peft's loop. With AMP the
+    gradients are already unscaled there. ``total_step`` is set from ``trainer.estimated_stepping_batches``.
+
+    The orthogonal regulariser (``orth_reg_weight``) is added to the training loss of every task through
+    ``PeftModule.loss_terms`` (peft adds it only to a loss the HF model computes itself, which our tasks do not);
+    peft's own addition is switched off during fit so that a subclass using the model's loss is not counted twice.
+    Logged each step: ``adalora/budget`` and ``adalora/target_budget``. At fit end the final ranks per module and
+    layer are printed as a table and saved as a heatmap PNG (``heatmap: true``; needs matplotlib) next to the
+    checkpoints and sent to the logger when it takes images (W&B, TensorBoard). The final ``rank_pattern`` stays in
+    the adapter config, so exports reload with plain peft. Checkpoints carry the rank pattern and the sensitivity
+    averages, so a resumed fit continues the schedule.
+
+    Example::
+
+        trainer = Trainer(callbacks=[AdaLoRAScheduler()])  # model.peft: AdaLoraConfig(target_r=4, init_r=8, …)
+    """
+
+    def __init__(self, heatmap: bool = True) -> None:
+        self.heatmap = heatmap
+        self.last_step = -1
+        self._orth_reg_weight = 0.0
+
+    # -- fit lifecycle -----------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        tuner = adalora_model(pl_module)
+        config = tuner.peft_config[tuner.trainable_adapter_name]
+        total = int(trainer.estimated_stepping_batches)
+        if config.tinit + config.tfinal >= total:
+            raise LightningPeftError(
+                f"model.peft: AdaLoRA needs tinit + tfinal < total optimizer steps, but tinit={config.tinit} + "
+                f"tfinal={config.tfinal} >= {total} steps of this fit; lower them or train longer"
+            )
+        if config.total_step != total:  # peft requires some total_step > 0 in the config; this fit decides it
+            rank_zero_info(f"AdaLoRA total_step: {total} optimizer steps (the config said {config.total_step})")
+        tuner.rankallocator.set_total_step(total)
+        self._orth_reg_weight, config.orth_reg_weight = config.orth_reg_weight, 0.0
+        if self._orth_reg_weight > 0:
+            pl_module.loss_terms["adalora_orth_reg"] = lambda: self._orth_reg_weight * orthogonal_regulariser(tuner)
+        self.last_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.last_step:
+            return  # accumulating gradients: no optimizer step on this batch
+        self.last_step = trainer.global_step
+        tuner = adalora_model(pl_module)
+        step = trainer.global_step - 1  # the optimizer step just taken, counted from 0
+        tuner.update_and_allocate(step)
+        budget, _ = tuner.rankallocator.budget_schedule(step)
+        pl_module.log("adalora/budget", float(budget))
+        pl_module.log("adalora/target_budget", float(tuner.rankallocator.target_bgt))
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        tuner = adalora_model(pl_module)
+        config = tuner.peft_config[tuner.trainable_adapter_name]
+        config.orth_reg_weight = self._orth_reg_weight
+        pl_module.loss_terms.pop("adalora_orth_reg", None)
+        if config.rank_pattern:
+            self.report(trainer, config.rank_pattern)
+
+    # -- report ------------------------------------------------------------------------------------------
+    @rank_zero_only
+    def report(self, trainer: Trainer, rank_pattern: dict[str, list[bool]]) -> None:
+        modules, layers, ranks = rank_table(rank_pattern)
+        width = max(len(m) for m in modules)
+        lines = [f"{'module':<{width}} " + " ".join(f"{f'L{layer}':>4}" for layer in layers)]
+        for module, row in zip(modules, ranks, strict=True):
+            lines.append(f"{module:<{width}} " + " ".join(f"{'-' if r is None else r:>4}" for r in row))
+        rank_zero_info("AdaLoRA final ranks per module and layer:\n" + "\n".join(lines))
+        if self.heatmap:
+            directory = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir)
+            self._heatmap(trainer, directory / HEATMAP_FILE, modules, layers, ranks)
+
+    def _heatmap(self, trainer: Trainer, path: Path, modules: list[str], layers: list[int], ranks: list) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            rank_zero_info("AdaLoRAScheduler: matplotlib is not installed; no rank heatmap (pip install matplotlib)")
+            return
+        values = torch.tensor([[float("nan") if r is None else r for r in row] for row in ranks])
+        figure, axes = plt.subplots(figsize=(1.2 + 0.5 * len(layers), 1.0 + 0.35 * len(modules)))
+        image = axes.imshow(values.numpy(), cmap="viridis", aspect="auto")
+        axes.set_xticks(range(len(layers)), [str(layer) for layer in layers])
+        axes.set_yticks(range(len(modules)), modules, fontsize=7)
+        axes.set_xlabel("layer")
+        axes.set_title("AdaLoRA final rank")
+        figure.colorbar(image, ax=axes)
+        figure.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=120)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # W&B, Neptune, Comet
+                logger.log_image(key="adalora/ranks", images=[str(path)])
+            elif hasattr(getattr(logger, "experiment", None), "add_figure"):  # TensorBoard
+                logger.experiment.add_figure("adalora/ranks", figure, global_step=trainer.global_step)
+        plt.close(figure)
+        rank_zero_info(f"AdaLoRA rank heatmap saved to {path}")
+
+    # -- checkpoints: a resumed fit continues the schedule with the same ranks and sensitivity averages ------
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        tuner = adalora_model(pl_module)
+        allocator = tuner.rankallocator
+        checkpoint[CHECKPOINT_KEY] = {
+            "rank_pattern": tuner.peft_config[tuner.trainable_adapter_name].rank_pattern,
+            **{name: dict(getattr(allocator, name)) for name in ALLOCATOR_STATE},
+        }
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None:
+            return
+        tuner = adalora_model(pl_module)
+        tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = state["rank_pattern"]
+        for name in ALLOCATOR_STATE:
+            setattr(tuner.rankallocator, name, dict(state[name]))

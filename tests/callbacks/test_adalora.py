@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from peft import AdaLoraConfig, PeftModel
+from transformers import AutoModelForSequenceClassification
+
+from lightning_peft import ClassificationDataModule, LightningPeftError, SequenceClassifier
+from lightning_peft.callbacks import AdaLoRAScheduler
+from lightning_peft.callbacks.adalora import adalora_model, orthogonal_regulariser, rank_table
+
+QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+def adalora(**kwargs) -> AdaLoraConfig:
+    settings = dict(init_r=6, target_r=2, tinit=2, tfinal=2, deltaT=1, total_step=1000, lora_alpha=8)
+    return AdaLoraConfig(target_modules=["query", "value"], **{**settings, **kwargs})
+
+
+def toy(tiny_bert_dir, toy_data) -> ClassificationDataModule:
+    return ClassificationDataModule(
+        tokenizer=str(tiny_bert_dir), train_file=str(toy_data["train"]), validation_file=str(toy_data["validation"]),
+        batch_size=16, seed=0,
+    )
+
+
+class BudgetLog(Callback):
+    """What the scheduler logged after each optimizer step."""
+
+    def __init__(self) -> None:
+        self.budgets: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if "adalora/budget" in trainer.callback_metrics and len(self.budgets) < trainer.global_step:
+            self.budgets.append(trainer.callback_metrics["adalora/budget"].item())
+
+
+@pytest.mark.parametrize(("accumulate", "precision"), [(1, "32-true"), (2, "32-true"), (2, "bf16-mixed")])
+def test_allocates_once_per_optimizer_step_on_peft_s_cubic_schedule(
+    accumulate, precision, backbone, tiny_bert_dir, toy_data, monkeypatch
+):
+    pl.seed_everything(0)
+    dm = toy(tiny_bert_dir, toy_data)
+    model = SequenceClassifier(backbone, adalora(), labels=dm.labels, optimizer=partial(torch.optim.AdamW, lr=1e-2))
+    tuner = adalora_model(model)
+    steps = []
+    allocate = tuner.update_and_allocate
+    monkeypatch.setattr(tuner, "update_and_allocate", lambda step: steps.append(step) or allocate(step))
+    log = BudgetLog()
+    trainer = pl.Trainer(
+        max_epochs=1, limit_train_batches=16, accumulate_grad_batches=accumulate, precision=precision,
+        callbacks=[AdaLoRAScheduler(heatmap=False), log], enable_checkpointing=False, limit_val_batches=0, **QUIET,
+    )
+    trainer.fit(model, datamodule=dm)
+    total = 16 // accumulate
+    assert tuner.peft_config["default"].total_step == total  # from trainer.estimated_stepping_batches
+    assert steps == list(range(total))  # optimizer steps, 0-based as in peft's loop, never micro-batches
+    expected = [tuner.rankallocator.budget_schedule(step)[0] for step in range(total)]
+    assert log.budgets == expected
+    assert expected[0] == 4 * 6 and expected[-1] == 4 * 2  # 4 adapted matrices: init_r=6 → target_r=2
+
+
+def test_ranks_end_uneven_and_the_export_reloads_with_plain_peft(backbone, tiny_bert_dir, toy_data, tmp_path):
+    pl.seed_everything(0)
+    dm = toy(tiny_bert_dir, toy_data)
+    model = SequenceClassifier(backbone, adalora(), labels=dm.labels, optimizer=partial(torch.optim.AdamW, lr=1e-2))
+    trainer = pl.Trainer(
+        max_epochs=2, callbacks=[AdaLoRAScheduler(heatmap=True)], default_root_dir=str(tmp_path),
+        enable_checkpointing=False, limit_val_batches=0, **QUIET,
+    )
+    trainer.fit(model, datamodule=dm)
+    pattern = adalora_model(model).peft_config["default"].rank_pattern
+    modules, layers, ranks = rank_table(pattern)
+    assert layers == [0, 1] and len(modules) == 2
+    flat = [r for row in ranks for r in row]
+    assert sum(flat) == 4 * 2 and len(set(flat)) > 1  # the target budget, spread unevenly
+    assert (tmp_path / "adalora_ranks.png").is_file()
+
+    model.export(tmp_path / "export", tokenizer=dm.tokenizer)
+    config = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] and config["orth_reg_weight"] == adalora().orth_reg_weight
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "export").eval()
+    batch = next(iter(dm.val_dataloader()))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    model.eval()
+    assert torch.allclose(reloaded(**inputs).logits, model(batch), atol=1e-5)
+
+
+def test_orthogonal_regulariser_is_peft_s_and_lands_in_every_task_loss(backbone, tiny_bert_dir, toy_data):
+    pl.seed_everything(0)
+    dm = toy(tiny_bert_dir, toy_data)
+    model = SequenceClassifier(backbone, adalora(orth_reg_weight=0.5), labels=dm.labels)
+    tuner = adalora_model(model)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    with_reg = model.model(**inputs, labels=batch["labels"]).loss  # peft adds 0.5 * reg to the HF model's loss
+    plain = torch.nn.functional.cross_entropy(model.model(**inputs).logits, batch["labels"])
+    assert torch.allclose(with_reg - plain, 0.5 * orthogonal_regulariser(tuner), atol=1e-6)
+
+    trainer = pl.Trainer(
+        max_steps=6, callbacks=[AdaLoRAScheduler(heatmap=False)], enable_checkpointing=False, limit_val_batches=0,
+        **QUIET,
+    )
+    trainer.fit(model, datamodule=dm)
+    assert trainer.callback_metrics["train/adalora_orth_reg"] > 0  # added by the task, not by peft's forward
+    assert tuner.peft_config["default"].orth_reg_weight == 0.5 and not model.loss_terms  # restored after fit
+
+
+def test_schedule_longer_than_the_fit_is_an_error(backbone, tiny_bert_dir, toy_data):
+    dm = toy(tiny_bert_dir, toy_data)
+    model = SequenceClassifier(backbone, adalora(tinit=5, tfinal=5), labels=dm.labels)
+    trainer = pl.Trainer(max_steps=8, callbacks=[AdaLoRAScheduler()], enable_checkpointing=False, **QUIET)
+    with pytest.raises(LightningPeftError, match=r"tinit=5 \+ tfinal=5 >= 8 steps"):
+        trainer.fit(model, datamodule=dm)
+
+
+def test_other_peft_methods_are_refused(backbone, lora, tiny_bert_dir, toy_data):
+    dm = toy(tiny_bert_dir, toy_data)
+    model = SequenceClassifier(backbone, lora, labels=dm.labels)
+    trainer = pl.Trainer(max_steps=1, callbacks=[AdaLoRAScheduler()], enable_checkpointing=False, **QUIET)
+    with pytest.raises(LightningPeftError, match="not AdaLoRA"):
+        trainer.fit(model, datamodule=dm)
