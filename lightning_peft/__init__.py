@@ -1,7 +1,7 @@
 """lightning-peft: parameter-efficient fine-tuning of Hugging Face transformers, the Lightning way."""
 
 from lightning_peft.backbone import BackboneConfig, load_backbone
-from lightning_peft.callbacks import JsonlPredictionWriter
+from lightning_peft.callbacks import AdaLoRAScheduler, JsonlPredictionWriter
 from lightning_peft.data import (
     ClassificationDataModule,
     EpochSeededSampler,
@@ -16,6 +16,7 @@ from lightning_peft.tasks import PeftModule, Seq2SeqGenerator, SequenceClassifie
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoRAScheduler",
     "BackboneConfig",
     "ClassificationDataModule",
     "EntityF1",

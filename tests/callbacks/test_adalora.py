@@ -127,3 +127,28 @@ def test_other_peft_methods_are_refused(backbone, lora, tiny_bert_dir, toy_data)
     trainer = pl.Trainer(max_steps=1, callbacks=[AdaLoRAScheduler()], enable_checkpointing=False, **QUIET)
     with pytest.raises(LightningPeftError, match="not AdaLoRA"):
         trainer.fit(model, datamodule=dm)
+
+
+def test_usable_from_yaml(tmp_path, tiny_bert_dir, toy_data):
+    import yaml
+
+    from lightning_peft.cli import main
+    from tests.test_cli import write_config
+
+    config_path = write_config(tmp_path, tiny_bert_dir, toy_data)
+    config = yaml.safe_load(config_path.read_text())
+    config["trainer"]["log_every_n_steps"] = 1
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning_peft.callbacks.AdaLoRAScheduler", "init_args": {"heatmap": False}}
+    ]
+    config["model"]["init_args"]["peft"] = {
+        "class_path": "peft.AdaLoraConfig",
+        "init_args": {"init_r": 6, "target_r": 2, "tinit": 2, "tfinal": 2, "total_step": 5, "target_modules": ["query"]}
+        | {"lora_alpha": 8},
+    }
+    config_path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(config_path)])
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert checkpoint["adalora"]["rank_pattern"]  # a resumed fit continues with these ranks
+    metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "adalora/budget" in metrics and "adalora/target_budget" in metrics
