@@ -35,9 +35,9 @@ from common import (  # noqa: E402
     default_model,
     dir_bytes,
     print_table,
-    report,
     run_all,
     summarise,
+    work,
     write_json,
 )
 
@@ -171,9 +171,7 @@ def main() -> None:
     parser.add_argument("--dev-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        with tempfile.TemporaryDirectory() as tmp:
-            run = run_lightning_peft if args.worker in OURS else run_hf_trainer
-            report(run(args, Path(tmp)))
+        work(args, run_lightning_peft, run_hf_trainer)
         return
 
     if not (args.data_dir / "train.tsv").is_file():

@@ -9,11 +9,13 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+Runner = Callable[[argparse.Namespace, Path], dict[str, Any]]
 RESULT_PREFIX = "RESULT "
 
 
@@ -48,6 +50,14 @@ def base_parser(description: str, data_set: str, runs: Sequence[str], seeds: Seq
 def report(record: dict[str, Any]) -> None:
     """Worker side: print the run's record (with its peak RSS) for the parent to read."""
     print(RESULT_PREFIX + json.dumps({**record, "peak_rss_mb": peak_rss_mb()}), flush=True)
+
+
+def work(args: argparse.Namespace, ours: Runner, baseline: Runner) -> None:
+    """Worker side: run ``ours`` for the ``lightning_peft*`` runs, else ``baseline``, in a temporary working
+    directory, and report the record."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = ours if args.worker.startswith("lightning_peft") else baseline
+        report(run(args, Path(tmp)))
 
 
 def run_worker(script: str, name: str, seed: int, args: Sequence[str]) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, default_model, print_table, report, run_all, summarise, write_json  # noqa: E402
+from common import base_parser, default_model, print_table, run_all, summarise, work, write_json  # noqa: E402
 
 RUNS = ("lightning_peft", "lightning_peft_shuffled", "hf_trainer")
 GROUPED = {"lightning_peft": True, "lightning_peft_shuffled": False, "hf_trainer": False}
@@ -54,7 +54,7 @@ def scores(predictions: list[str], references: list[str]) -> dict[str, float]:
     }
 
 
-def run_lightning_peft(args: argparse.Namespace, grouped: bool) -> dict[str, Any]:
+def run_lightning_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from functools import partial
 
     import lightning.pytorch as pl
@@ -68,7 +68,8 @@ def run_lightning_peft(args: argparse.Namespace, grouped: bool) -> dict[str, Any
     dm = Seq2SeqDataModule(
         tokenizer=args.model, train_file=args.train_file, predict_file=test_file,
         source_column="target", target_column="source", max_length=args.max_length,
-        max_target_length=args.max_length, batch_size=args.batch_size, group_by_length=grouped, seed=args.seed,
+        max_target_length=args.max_length, batch_size=args.batch_size, group_by_length=GROUPED[args.worker],
+        seed=args.seed,
     )
     model = Seq2SeqGenerator(
         BackboneConfig(args.model, decoder_pretrained_model_name_or_path=args.model),
@@ -83,7 +84,7 @@ def run_lightning_peft(args: argparse.Namespace, grouped: bool) -> dict[str, Any
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     seconds = time.perf_counter() - start
-    output = Path(args.workdir) / "predictions.jsonl"
+    output = workdir / "predictions.jsonl"
     dm.setup("predict")
     start = time.perf_counter()
     pl.Trainer(callbacks=[JsonlPredictionWriter(str(output))], **quiet).predict(
@@ -101,7 +102,7 @@ def run_lightning_peft(args: argparse.Namespace, grouped: bool) -> dict[str, Any
     }
 
 
-def run_hf_trainer(args: argparse.Namespace, grouped: bool) -> dict[str, Any]:
+def run_hf_trainer(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from datasets import Dataset
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import (
@@ -142,10 +143,10 @@ def run_hf_trainer(args: argparse.Namespace, grouped: bool) -> dict[str, Any]:
     test_sources, references = read_pairs(Path(args.test_file))
     test_set = Dataset.from_dict({"source": test_sources}).map(encode, batched=True, remove_columns=["source"])
     training_args = Seq2SeqTrainingArguments(
-        output_dir=str(Path(args.workdir) / "hf"), per_device_train_batch_size=args.batch_size,
+        output_dir=str(workdir / "hf"), per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, num_train_epochs=args.epochs, learning_rate=args.lr,
         weight_decay=0.01, lr_scheduler_type="linear", seed=args.seed,
-        train_sampling_strategy="group_by_length" if grouped else "random",
+        train_sampling_strategy="group_by_length" if GROUPED[args.worker] else "random",
         predict_with_generate=True, generation_max_length=None, generation_num_beams=1,
         eval_strategy="no", save_strategy="no", logging_steps=50, report_to="none", disable_tqdm=True,
         use_cpu=True, dataloader_num_workers=0,
@@ -183,13 +184,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--test-sentences", type=int, default=None, help="first N test pairs (default: all)")
     parser.add_argument("--test-file", help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        with tempfile.TemporaryDirectory() as tmp:
-            args.workdir = tmp
-            run = run_lightning_peft if args.worker.startswith("lightning_peft") else run_hf_trainer
-            report(run(args, GROUPED[args.worker]))
+        work(args, run_lightning_peft, run_hf_trainer)
         return
 
     if not (args.data_dir / "train.jsonl").is_file():

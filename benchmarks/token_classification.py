@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, default_model, print_table, report, run_all, summarise, write_json  # noqa: E402
+from common import base_parser, default_model, print_table, run_all, summarise, work, write_json  # noqa: E402
 
 RUNS = ("lightning_peft", "lightning_peft_shuffled", "hf_trainer", "hf_trainer_grouped")
 GROUPED = {"lightning_peft": True, "lightning_peft_shuffled": False, "hf_trainer": False, "hf_trainer_grouped": True}
@@ -36,7 +36,7 @@ def lora_config(task_type: Any = None) -> Any:
     return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"], task_type=task_type)
 
 
-def run_lightning_peft(args: argparse.Namespace, grouped: bool) -> dict[str, Any]:
+def run_lightning_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from functools import partial
 
     import lightning.pytorch as pl
@@ -47,7 +47,7 @@ def run_lightning_peft(args: argparse.Namespace, grouped: bool) -> dict[str, Any
     pl.seed_everything(args.seed, verbose=False)
     dm = TokenClassificationDataModule(
         tokenizer=args.model, train_file=args.train_file, test_file=str(args.data_dir / "test.txt"),
-        max_length=args.max_length, batch_size=args.batch_size, group_by_length=grouped, seed=args.seed,
+        max_length=args.max_length, batch_size=args.batch_size, group_by_length=GROUPED[args.worker], seed=args.seed,
     )
     model = TokenClassifier(
         BackboneConfig(pretrained_model_name_or_path=args.model), lora_config(), labels=dm.labels,
@@ -67,7 +67,7 @@ def run_lightning_peft(args: argparse.Namespace, grouped: bool) -> dict[str, Any
     }
 
 
-def run_hf_trainer(args: argparse.Namespace, grouped: bool) -> dict[str, Any]:
+def run_hf_trainer(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     import numpy as np
     from datasets import Dataset
     from peft import TaskType, get_peft_model
@@ -109,10 +109,10 @@ def run_hf_trainer(args: argparse.Namespace, grouped: bool) -> dict[str, Any]:
     )
     model = get_peft_model(model, lora_config(TaskType.TOKEN_CLS))
     training_args = TrainingArguments(
-        output_dir=str(Path(args.workdir) / "hf"), per_device_train_batch_size=args.batch_size,
+        output_dir=str(workdir / "hf"), per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, num_train_epochs=args.epochs, learning_rate=args.lr,
         weight_decay=0.01, lr_scheduler_type="linear", seed=args.seed,
-        train_sampling_strategy="group_by_length" if grouped else "random",
+        train_sampling_strategy="group_by_length" if GROUPED[args.worker] else "random",
         eval_strategy="no", save_strategy="no", logging_steps=50, report_to="none", disable_tqdm=True,
         use_cpu=True, dataloader_num_workers=0,
     )
@@ -157,13 +157,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        with tempfile.TemporaryDirectory() as tmp:
-            args.workdir = tmp
-            run = run_lightning_peft if args.worker.startswith("lightning_peft") else run_hf_trainer
-            report(run(args, GROUPED[args.worker]))
+        work(args, run_lightning_peft, run_hf_trainer)
         return
 
     if not (args.data_dir / "train.txt").is_file():
