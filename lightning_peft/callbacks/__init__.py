@@ -1,6 +1,7 @@
 """Callbacks that work with every lightning-peft task."""
 
 from lightning_peft.callbacks.adalora import AdaLoRAScheduler
+from lightning_peft.callbacks.early_stopping import EarlyStopping
 from lightning_peft.callbacks.prediction_writer import JsonlPredictionWriter
 
-__all__ = ["AdaLoRAScheduler", "JsonlPredictionWriter"]
+__all__ = ["AdaLoRAScheduler", "EarlyStopping", "JsonlPredictionWriter"]
