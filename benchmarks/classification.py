@@ -32,12 +32,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    QUIET,
     base_parser,
     default_model,
     dir_bytes,
     print_table,
     run_all,
     summarise,
+    timed_fit,
     work,
     write_json,
 )
@@ -79,17 +81,11 @@ def run_lightning_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any
         BackboneConfig(pretrained_model_name_or_path=args.model), lora_config(), labels=dm.labels,
         optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.01), micro_batch_size=micro_batch_size,
     )
-    quiet = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     checkpoint = ModelCheckpoint(dirpath=workdir / "ckpt", save_top_k=1)
-    # gradients clipped at norm 1.0, as the HF Trainer does by default (max_grad_norm)
-    trainer = pl.Trainer(
-        max_epochs=args.epochs, limit_val_batches=0, callbacks=[checkpoint], gradient_clip_val=1.0, **quiet
+    seconds = timed_fit(
+        model, dm, args.epochs, limit_val_batches=0, callbacks=[checkpoint], enable_checkpointing=True
     )
-    dm.setup("fit")
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
-    seconds = time.perf_counter() - start
-    metrics = pl.Trainer(**quiet).validate(model, datamodule=dm, verbose=False)[0]
+    metrics = pl.Trainer(**QUIET).validate(model, datamodule=dm, verbose=False)[0]
     return {
         "train_seconds": seconds,
         "train_samples_per_s": len(dm.datasets["train"]) * args.epochs / seconds,

@@ -31,7 +31,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, default_model, print_table, run_all, summarise, work, write_json  # noqa: E402
+from common import (  # noqa: E402
+    QUIET,
+    base_parser,
+    default_model,
+    print_table,
+    run_all,
+    summarise,
+    timed_fit,
+    work,
+    write_json,
+)
 
 RUNS = ("lightning_peft", "lightning_peft_shuffled", "hf_trainer")
 GROUPED = {"lightning_peft": True, "lightning_peft_shuffled": False, "hf_trainer": False}
@@ -77,17 +87,11 @@ def run_lightning_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any
         generation={"max_new_tokens": args.max_length, "num_beams": 1},
         optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.01),
     )
-    quiet = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
-    # gradients clipped at norm 1.0, as the HF Trainer does by default (max_grad_norm)
-    trainer = pl.Trainer(max_epochs=args.epochs, enable_checkpointing=False, gradient_clip_val=1.0, **quiet)
-    dm.setup("fit")
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
-    seconds = time.perf_counter() - start
+    seconds = timed_fit(model, dm, args.epochs)
     output = workdir / "predictions.jsonl"
     dm.setup("predict")
     start = time.perf_counter()
-    pl.Trainer(callbacks=[JsonlPredictionWriter(str(output))], **quiet).predict(
+    pl.Trainer(callbacks=[JsonlPredictionWriter(str(output))], **QUIET).predict(
         model, datamodule=dm, return_predictions=False
     )
     generation_seconds = time.perf_counter() - start

@@ -25,7 +25,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, default_model, print_table, run_all, summarise, work, write_json  # noqa: E402
+from common import (  # noqa: E402
+    QUIET,
+    base_parser,
+    default_model,
+    print_table,
+    run_all,
+    summarise,
+    timed_fit,
+    work,
+    write_json,
+)
 
 RUNS = ("lightning_peft", "lightning_peft_shuffled", "hf_trainer", "hf_trainer_grouped")
 GROUPED = {"lightning_peft": True, "lightning_peft_shuffled": False, "hf_trainer": False, "hf_trainer_grouped": True}
@@ -54,14 +64,8 @@ def run_lightning_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any
         BackboneConfig(pretrained_model_name_or_path=args.model), lora_config(), labels=dm.labels,
         optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.01),
     )
-    quiet = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
-    # gradients clipped at norm 1.0, as the HF Trainer does by default (max_grad_norm)
-    trainer = pl.Trainer(max_epochs=args.epochs, enable_checkpointing=False, gradient_clip_val=1.0, **quiet)
-    dm.setup("fit")
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
-    seconds = time.perf_counter() - start
-    metrics = pl.Trainer(**quiet).test(model, datamodule=dm, verbose=False)[0]
+    seconds = timed_fit(model, dm, args.epochs)
+    metrics = pl.Trainer(**QUIET).test(model, datamodule=dm, verbose=False)[0]
     return {
         "train_seconds": seconds,
         "train_samples_per_s": len(dm.datasets["train"]) * args.epochs / seconds,
