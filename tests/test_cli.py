@@ -15,14 +15,21 @@ from lightning_peft.cli import LightningPeftCLI, main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_config(tmp_path: Path, tiny_bert_dir: Path, toy_data: dict[str, Path], **data_overrides) -> Path:
-    config = {
+def run_settings(tmp_path: Path) -> dict:
+    """Seed and trainer settings of the test configs: CPU, two epochs, quiet, CSV logs under ``tmp_path``."""
+    return {
         "seed_everything": 7,
         "trainer": {
             "accelerator": "cpu", "max_epochs": 2, "enable_progress_bar": False, "enable_model_summary": False,
             "default_root_dir": str(tmp_path / "run"),
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
         },
+    }
+
+
+def write_config(tmp_path: Path, tiny_bert_dir: Path, toy_data: dict[str, Path], **data_overrides) -> Path:
+    config = {
+        **run_settings(tmp_path),
         "checkpoint": {"dirpath": str(tmp_path / "ckpt"), "monitor": "val/accuracy", "mode": "max"},
         "model": {
             "class_path": "lightning_peft.SequenceClassifier",
@@ -158,12 +165,7 @@ def test_data_errors_exit_with_status_2(tmp_path, tiny_bert_dir, toy_data, capsy
 
 def write_seq2seq_config(tmp_path: Path, tiny_bert_dir: Path, toy_pairs: dict[str, Path]) -> Path:
     config = {
-        "seed_everything": 7,
-        "trainer": {
-            "accelerator": "cpu", "max_epochs": 2, "enable_progress_bar": False, "enable_model_summary": False,
-            "default_root_dir": str(tmp_path / "run"),
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
-        },
+        **run_settings(tmp_path),
         "checkpoint": {"dirpath": str(tmp_path / "ckpt"), "monitor": "val/chrf", "mode": "max"},
         "model": {
             "class_path": "lightning_peft.Seq2SeqGenerator",
