@@ -36,10 +36,12 @@ from common import (  # noqa: E402
     base_parser,
     default_model,
     dir_bytes,
+    hf_training_arguments,
     print_table,
     run_all,
     summarise,
     timed_fit,
+    training_worker_args,
     work,
     write_json,
 )
@@ -105,7 +107,6 @@ def run_hf_trainer(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
-        TrainingArguments,
         set_seed,
     )
 
@@ -121,14 +122,7 @@ def run_hf_trainer(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     )
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
     model = get_peft_model(model, lora_config(TaskType.SEQ_CLS))
-    training_args = TrainingArguments(
-        output_dir=str(workdir / "hf"), per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size, num_train_epochs=args.epochs, learning_rate=args.lr,
-        weight_decay=0.01, lr_scheduler_type="linear", seed=args.seed,
-        train_sampling_strategy="group_by_length" if HF_GROUPED[args.worker] else "random",
-        eval_strategy="no", save_strategy="epoch", logging_steps=50, report_to="none", disable_tqdm=True,
-        use_cpu=True, dataloader_num_workers=0,
-    )
+    training_args = hf_training_arguments(args, workdir, HF_GROUPED[args.worker], save_strategy="epoch")
 
     def accuracy(prediction: Any) -> dict[str, float]:
         return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
@@ -185,8 +179,7 @@ def main() -> None:
         sample_train_rows(args.data_dir, args.train_rows, args.data_seed, train_file)
         worker_args = [
             "--model", model, "--train-file", str(train_file), "--dev-file", str(args.data_dir / "dev.tsv"),
-            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-            "--epochs", str(args.epochs), "--lr", str(args.lr),
+            *training_worker_args(args),
         ]
         per_seed = run_all(__file__, args.runs, args.seeds, worker_args)
     results = {name: summarise(records, "dev_accuracy") for name, records in per_seed.items()}

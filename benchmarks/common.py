@@ -39,6 +39,32 @@ def timed_fit(model: Any, datamodule: Any, epochs: int, **trainer_kwargs: Any) -
     return time.perf_counter() - start
 
 
+def hf_training_arguments(
+    args: argparse.Namespace, workdir: Path, grouped: bool, arguments_class: type | None = None, **extra: Any
+) -> Any:
+    """The HF baseline's ``TrainingArguments`` (or ``arguments_class``): the batch size, epochs, lr, weight decay,
+    linear schedule and seed of our runs, CPU, no evaluation or saving unless ``extra`` says otherwise."""
+    from transformers import TrainingArguments
+
+    settings = dict(
+        output_dir=str(workdir / "hf"), per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size, num_train_epochs=args.epochs, learning_rate=args.lr,
+        weight_decay=0.01, lr_scheduler_type="linear", seed=args.seed,
+        train_sampling_strategy="group_by_length" if grouped else "random",
+        eval_strategy="no", save_strategy="no", logging_steps=50, report_to="none", disable_tqdm=True,
+        use_cpu=True, dataloader_num_workers=0,
+    )
+    return (arguments_class or TrainingArguments)(**{**settings, **extra})
+
+
+def training_worker_args(args: argparse.Namespace) -> list[str]:
+    """The training settings every worker receives on its command line."""
+    return [
+        "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+        "--epochs", str(args.epochs), "--lr", str(args.lr),
+    ]
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

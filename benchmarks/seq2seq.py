@@ -35,10 +35,12 @@ from common import (  # noqa: E402
     QUIET,
     base_parser,
     default_model,
+    hf_training_arguments,
     print_table,
     run_all,
     summarise,
     timed_fit,
+    training_worker_args,
     work,
     write_json,
 )
@@ -146,14 +148,9 @@ def run_hf_trainer(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     )
     test_sources, references = read_pairs(Path(args.test_file))
     test_set = Dataset.from_dict({"source": test_sources}).map(encode, batched=True, remove_columns=["source"])
-    training_args = Seq2SeqTrainingArguments(
-        output_dir=str(workdir / "hf"), per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size, num_train_epochs=args.epochs, learning_rate=args.lr,
-        weight_decay=0.01, lr_scheduler_type="linear", seed=args.seed,
-        train_sampling_strategy="group_by_length" if GROUPED[args.worker] else "random",
+    training_args = hf_training_arguments(
+        args, workdir, GROUPED[args.worker], Seq2SeqTrainingArguments,
         predict_with_generate=True, generation_max_length=None, generation_num_beams=1,
-        eval_strategy="no", save_strategy="no", logging_steps=50, report_to="none", disable_tqdm=True,
-        use_cpu=True, dataloader_num_workers=0,
     )
     trainer = Seq2SeqTrainer(
         model=model, args=training_args, train_dataset=train_set,
@@ -205,8 +202,7 @@ def main() -> None:
             out.write_text("\n".join(lines) + "\n", encoding="utf-8")
         worker_args = [
             "--model", model, "--train-file", str(train_file), "--test-file", str(test_file),
-            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-            "--epochs", str(args.epochs), "--lr", str(args.lr),
+            *training_worker_args(args),
         ]
         per_seed = run_all(__file__, args.runs, args.seeds, worker_args)
     results = {name: summarise(records, "test_bleu") for name, records in per_seed.items()}

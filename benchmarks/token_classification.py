@@ -29,10 +29,12 @@ from common import (  # noqa: E402
     QUIET,
     base_parser,
     default_model,
+    hf_training_arguments,
     print_table,
     run_all,
     summarise,
     timed_fit,
+    training_worker_args,
     work,
     write_json,
 )
@@ -83,7 +85,6 @@ def run_hf_trainer(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         AutoTokenizer,
         DataCollatorForTokenClassification,
         Trainer,
-        TrainingArguments,
         set_seed,
     )
 
@@ -114,14 +115,7 @@ def run_hf_trainer(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         args.model, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id
     )
     model = get_peft_model(model, lora_config(TaskType.TOKEN_CLS))
-    training_args = TrainingArguments(
-        output_dir=str(workdir / "hf"), per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size, num_train_epochs=args.epochs, learning_rate=args.lr,
-        weight_decay=0.01, lr_scheduler_type="linear", seed=args.seed,
-        train_sampling_strategy="group_by_length" if GROUPED[args.worker] else "random",
-        eval_strategy="no", save_strategy="no", logging_steps=50, report_to="none", disable_tqdm=True,
-        use_cpu=True, dataloader_num_workers=0,
-    )
+    training_args = hf_training_arguments(args, workdir, GROUPED[args.worker])
 
     def entity_f1(prediction: Any) -> dict[str, float]:
         predicted = np.argmax(prediction.predictions, -1)
@@ -177,8 +171,7 @@ def main() -> None:
         first_sentences(args.data_dir, args.train_sentences, train_file)
         worker_args = [
             "--model", model, "--train-file", str(train_file), "--data-dir", str(args.data_dir),
-            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-            "--epochs", str(args.epochs), "--lr", str(args.lr),
+            *training_worker_args(args),
         ]
         per_seed = run_all(__file__, args.runs, args.seeds, worker_args)
     results = {name: summarise(records, "test_f1") for name, records in per_seed.items()}
