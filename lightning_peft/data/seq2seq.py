@@ -107,7 +107,7 @@ class Seq2SeqDataModule(TextDataModule):
                     )
         return dataset
 
-    def _encode(self, texts: list[str], limit: int, target: bool) -> tuple[list[list[int]], list[int], list[int]]:
+    def _encode(self, texts: list[str], limit: int, target: bool) -> tuple[list[list[int]], list[list[int]], list[int]]:
         """Token ids, attention masks and a truncated flag per text."""
         key = "text_target" if target else "text"
         encoded = self.tokenizer(**{key: texts}, truncation=True, max_length=limit, return_token_type_ids=False)
