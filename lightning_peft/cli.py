@@ -3,7 +3,7 @@
     lightning-peft fit --config configs/quickstart.yaml
     lightning-peft test --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/best.ckpt
     lightning-peft predict --config configs/quickstart.yaml --ckpt_path … --predictions_path preds.jsonl
-    lightning-peft export --config configs/quickstart.yaml --ckpt_path … --export_dir runs/quickstart/adapter
+    lightning-peft export --config configs/quickstart.yaml --ckpt_path … --export_dir runs/quickstart/export [--merge]
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -21,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning_peft.callbacks.prediction_writer import JsonlPredictionWriter
 from lightning_peft.data.base import TextDataModule
 from lightning_peft.errors import LightningPeftError
+from lightning_peft.export import export_checkpoint
 from lightning_peft.tasks.base import PeftModule
 
 # jsonargparse builds every dataclass field of a peft config, including an empty LoftQConfig that peft then
@@ -117,18 +117,20 @@ class ExportCLI(LightningPeftCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint to export")
-        parser.add_argument("--export_dir", type=str, required=True, help="directory to write (replaced atomically)")
+        parser.add_argument(
+            "--export_dir", type=str, required=True,
+            help="directory to write: adapter/, merged/ with --merge, README.md (replaced atomically)",
+        )
+        parser.add_argument("--merge", type=bool, default=False, help="also write merged/, a full transformers model")
 
     def run_export(self) -> Path:
-        ckpt_path = Path(self.config["ckpt_path"])
-        if not ckpt_path.is_file():
-            raise LightningPeftError(f"--ckpt_path: {str(ckpt_path)!r} does not exist or is not a file")
-        model: PeftModule = self.model
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.on_load_checkpoint(checkpoint)
-        model.load_state_dict(checkpoint["state_dict"], strict=False)
-        tokenizer = self.datamodule.tokenizer if isinstance(self.datamodule, TextDataModule) else None
-        return model.export(self.config["export_dir"], tokenizer=tokenizer)
+        """What :class:`~lightning_peft.callbacks.AdapterExport` writes at fit end, from ``--ckpt_path``."""
+        datamodule = self.datamodule if isinstance(self.datamodule, TextDataModule) else None
+        return export_checkpoint(
+            self.model, self.config["ckpt_path"], self.config["export_dir"],
+            tokenizer=datamodule.tokenizer if datamodule else None, merge=self.config["merge"],
+            data=datamodule.card_facts() if datamodule else None,
+        )
 
 
 def _user_error(err: BaseException) -> LightningPeftError | None:
@@ -146,7 +148,7 @@ def main(args: list[str] | None = None) -> None:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
                 cli = ExportCLI(args=argv[1:], run=False, save_config_callback=None)
-            print(f"adapter exported to {cli.run_export()}")
+            print(f"exported to {cli.run_export()}")
         else:
             LightningPeftCLI(args=args)
     except Exception as err:

@@ -72,10 +72,11 @@ def test_fit_test_predict_export(tmp_path, tiny_bert_dir, toy_data, capsys):
     assert not list(tmp_path.glob("*.tmp"))
 
     main(["export", "--config", config, "--ckpt_path", str(best), "--export_dir", str(tmp_path / "export")])
-    exported = {p.name for p in (tmp_path / "export").iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "labels.json", "tokenizer.json"} <= exported
-    assert json.loads((tmp_path / "export" / "labels.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
-    assert "adapter exported to" in capsys.readouterr().out
+    adapter = tmp_path / "export" / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors", "labels.json", "tokenizer.json"} <= {
+        p.name for p in adapter.iterdir()}
+    assert json.loads((adapter / "labels.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
+    assert "exported to" in capsys.readouterr().out
 
 
 def test_labels_and_tokenizer_are_linked_and_keys_overridable(tmp_path, tiny_bert_dir, toy_data):
@@ -204,7 +205,7 @@ def test_seq2seq_fit_test_predict_export(tmp_path, tiny_bert_dir, toy_pairs, cap
     assert [r["source"] for r in records] == ["good", "the food was really very bad", "nice"]  # input order
     assert all(set(r) == {"source", "prediction"} and isinstance(r["prediction"], str) for r in records)
     main(["export", "--config", config, "--ckpt_path", str(best), "--export_dir", str(tmp_path / "export")])
-    adapter = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
+    adapter = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
     assert "decoder.bert.encoder.layer.0.crossattention" in adapter["modules_to_save"]
 
 

@@ -164,20 +164,16 @@ class AdaLoRAScheduler(Callback):
         plt.close(figure)
         rank_zero_info(f"AdaLoRA rank heatmap saved to {path}")
 
-    # -- checkpoints: a resumed fit continues the schedule with the same ranks and sensitivity averages ------
+    # -- checkpoints: a resumed fit continues the schedule with the same sensitivity averages (the ranks are saved
+    # by the task, as exports from a checkpoint need them too) -----------------------------------------------
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        tuner = adalora_model(pl_module)
-        allocator = tuner.rankallocator
-        checkpoint[CHECKPOINT_KEY] = {
-            "rank_pattern": tuner.peft_config[tuner.trainable_adapter_name].rank_pattern,
-            **{name: dict(getattr(allocator, name)) for name in ALLOCATOR_STATE},
-        }
+        allocator = adalora_model(pl_module).rankallocator
+        checkpoint[CHECKPOINT_KEY] = {name: dict(getattr(allocator, name)) for name in ALLOCATOR_STATE}
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is None:
             return
-        tuner = adalora_model(pl_module)
-        tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = state["rank_pattern"]
+        allocator = adalora_model(pl_module).rankallocator
         for name in ALLOCATOR_STATE:
-            setattr(tuner.rankallocator, name, dict(state[name]))
+            setattr(allocator, name, dict(state[name]))

@@ -151,6 +151,18 @@ class TextDataModule(LightningDataModule):
         hub_split = self.predict_split if split == "predict" else split
         return f"dataset_name {self.dataset_name!r} split {hub_split!r}"
 
+    def card_facts(self) -> dict[str, Any]:
+        """What a model card says about the data: its source per split, sizes once set up, and batching."""
+        facts: dict[str, Any] = {}
+        if self.dataset_name:
+            facts["dataset"] = " / ".join(filter(None, (self.dataset_name, self.dataset_config_name)))
+        for split in ("train", "validation", "test"):
+            if self.files[split]:
+                facts[f"{split} file"] = self.files[split]
+            if split in self.datasets:
+                facts[f"{split} rows"] = len(self.datasets[split])
+        return {**facts, "max_length": self.max_length, "batch_size": self.batch_size}
+
     @cached_property
     def _hub_dataset(self) -> DatasetDict:
         try:

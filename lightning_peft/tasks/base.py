@@ -12,17 +12,20 @@ from typing import Any, ClassVar
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
-from peft import PeftConfig, TaskType, get_peft_config
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from peft import PeftConfig, PeftModel, TaskType, get_peft_config
 from torchmetrics import MetricCollection
 from transformers import AutoModel, get_scheduler
 
 from lightning_peft.backbone import BackboneConfig, count_parameters, load_backbone
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.export import atomic_directory
+from lightning_peft.export import ADAPTER_DIR, CARD_FILE, MERGED_DIR, CannotMerge, atomic_directory, merged_model
+from lightning_peft.model_card import ModelCard, peft_hyperparameters
 
 Batch = dict[str, Any]
 LABELS_FILE = "labels.json"
+METRICS_KEY = "metrics"  # checkpoint entry: the val/ metrics logged when it was written
+RANK_PATTERN_KEY = "rank_pattern"  # checkpoint entry: AdaLoRA's learnt ranks
 
 
 def label_config(labels: list[str]) -> dict[str, Any]:
@@ -261,8 +264,27 @@ class PeftModule(LightningModule):
     def trainable_state_keys(self) -> set[str]:
         return {name for name, param in self.named_parameters() if param.requires_grad}
 
+    @property
+    def rank_pattern(self) -> dict[str, Any] | None:
+        """The active adapter's ``rank_pattern`` (AdaLoRA's learnt ranks), ``None`` without one."""
+        config = self.model.active_peft_config if isinstance(self.model, PeftModel) else None
+        return getattr(config, "rank_pattern", None)
+
+    @rank_pattern.setter
+    def rank_pattern(self, value: dict[str, Any] | None) -> None:
+        if value is not None and isinstance(self.model, PeftModel):
+            self.model.active_peft_config.rank_pattern = value
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep plain hyper-parameters, the trainable weights, the rank pattern and the latest ``val/`` metrics."""
         checkpoint["hyper_parameters"] = plain_hyperparameters(checkpoint.get("hyper_parameters", {}))
+        if self.rank_pattern:
+            checkpoint[RANK_PATTERN_KEY] = self.rank_pattern
+        if self._trainer is not None:
+            checkpoint[METRICS_KEY] = {
+                name: float(value) for name, value in self.trainer.callback_metrics.items()
+                if name.startswith("val/") and value.numel() == 1
+            }
         if not self.backbone_config.is_pretrained:
             return  # a randomly initialised base cannot be rebuilt: keep all of it
         keep = self.trainable_state_keys()
@@ -275,26 +297,102 @@ class PeftModule(LightningModule):
                 f"checkpoint lacks {len(missing)} trainable weights of this model (e.g. {missing[0]!r}): "
                 "it was written for a different model, PEFT method or label set"
             )
+        self.rank_pattern = checkpoint.get(RANK_PATTERN_KEY)
 
     # -- export ---------------------------------------------------------------------------------------
     def model_config_kwargs(self) -> dict[str, Any]:
         """Config keys a loader must pass to ``from_pretrained`` to rebuild the head (labels, problem type)."""
         return {}
 
-    def export(self, directory: str | Path, tokenizer: Any | None = None) -> Path:
-        """Write the model in Hugging Face format, atomically, and return the directory.
+    def export(
+        self,
+        directory: str | Path,
+        tokenizer: Any | None = None,
+        merge: bool = False,
+        metrics: dict[str, float] | None = None,
+        data: dict[str, Any] | None = None,
+        training: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write the model in Hugging Face formats, atomically, and return the directory.
 
-        With PEFT: the adapter (``save_pretrained``), loadable by ``peft.AutoPeftModelFor*`` and by
-        ``transformers.AutoModelFor*.from_pretrained(directory, **labels)``; without PEFT: the full model.
-        The tokenizer is saved when given, and :meth:`save_extras` adds the task's own files.
+        ``adapter/``: the adapter (``save_pretrained``), loadable by ``peft.AutoPeftModelFor*`` and by
+        ``transformers.AutoModelFor*.from_pretrained(adapter, **labels)``; ``merged/`` (with ``merge``, or always
+        without PEFT): a full model for plain ``transformers``; ``README.md``: the model card, stating ``metrics``,
+        ``data`` and ``training`` facts. The tokenizer (when given) and the :meth:`save_extras` files go in each.
         """
+        directory = Path(directory)
+        merged_note = ""
         with atomic_directory(directory) as tmp:
-            self.model.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            self.save_extras(tmp)
-        return Path(directory)
+            if isinstance(self.model, PeftModel):
+                self.model.save_pretrained(tmp / ADAPTER_DIR)
+                self._save_alongside(tmp / ADAPTER_DIR, tokenizer)
+            if merge or not isinstance(self.model, PeftModel):
+                try:
+                    full = merged_model(self.model)
+                except CannotMerge as err:
+                    merged_note = f"Not written: {err}."
+                    rank_zero_warn(f"export: no {MERGED_DIR}/ — {err}")
+                else:
+                    full.save_pretrained(tmp / MERGED_DIR)
+                    self._save_alongside(tmp / MERGED_DIR, tokenizer)
+                    merged_note = (
+                        "A full model with the adapter merged into its weights; no peft needed:\n\n"
+                        f"```python\n{self.merged_loading_snippet(directory / MERGED_DIR)}\n```"
+                    )
+            card = self.model_card(directory, metrics or {}, data or {}, training or {}, merged_note).render()
+            (tmp / CARD_FILE).write_text(card)
+            if (tmp / ADAPTER_DIR).is_dir():
+                (tmp / ADAPTER_DIR / CARD_FILE).write_text(card)  # replaces peft's blank template
+        return directory
+
+    def _save_alongside(self, directory: Path, tokenizer: Any | None) -> None:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        self.save_extras(directory)
 
     def save_extras(self, directory: Path) -> None:
         """Files :meth:`export` writes beside the model: ``labels.json`` with :meth:`model_config_kwargs`."""
         (directory / LABELS_FILE).write_text(json.dumps(self.model_config_kwargs(), indent=2) + "\n")
+
+    def loading_snippet(self, adapter_dir: Path) -> str:
+        """Two lines of Python that load the exported adapter with plain peft."""
+        auto = "AutoPeftModel" + self.auto_model_class.__name__.removeprefix("AutoModel")
+        kwargs = "".join(f", {key}={value!r}" for key, value in self.model_config_kwargs().items())
+        return f"from peft import {auto}\nmodel = {auto}.from_pretrained({str(adapter_dir)!r}{kwargs})"
+
+    def merged_loading_snippet(self, merged_dir: Path) -> str:
+        """Two lines of Python that load the exported full model with plain transformers."""
+        auto = self.auto_model_class.__name__
+        return f"from transformers import {auto}\nmodel = {auto}.from_pretrained({str(merged_dir)!r})"
+
+    def model_card(
+        self, directory: Path, metrics: dict[str, float], data: dict[str, Any], training: dict[str, Any],
+        merged_note: str,
+    ) -> ModelCard:
+        """The export's model card; subclasses may add to it."""
+        peft_config = self.model.active_peft_config if isinstance(self.model, PeftModel) else None
+        method = peft_config.peft_type.value if peft_config else "full fine-tuning"
+        trainable, total = count_parameters(self)
+        hparams = plain_hyperparameters(dict(self.hparams))
+        hparams = {k: v for k, v in hparams.items() if k not in ("backbone", "peft", "labels")}
+        optimizer = getattr(self.optimizer_factory, "keywords", None)  # a functools.partial from the CLI
+        if optimizer is not None:
+            hparams["optimizer"] = {"class": getattr(self.optimizer_factory.func, "__name__", "?"), **optimizer}
+        labels = self.model_config_kwargs().get("id2label")
+        base = self.backbone_config.pretrained_model_name_or_path
+        return ModelCard(
+            title=f"{type(self).__name__} ({method}) on {base or 'a randomly initialised model'}",
+            base_model=base,
+            task=f"{type(self).__name__} ({self.auto_model_class.__name__})",
+            peft_method=method,
+            peft_hyperparameters=peft_hyperparameters(peft_config) if peft_config else {},
+            parameters=f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)",
+            labels=list(labels.values()) if labels else None,
+            training={**training, **hparams},
+            metrics=metrics,
+            data=data,
+            loading=self.loading_snippet(directory / ADAPTER_DIR) if peft_config
+            else self.merged_loading_snippet(directory / MERGED_DIR),
+            merged=merged_note if peft_config else "",
+            tags=[method.lower(), type(self).__name__],
+        )

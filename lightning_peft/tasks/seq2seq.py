@@ -179,6 +179,18 @@ class Seq2SeqGenerator(PeftModule):
         super().save_extras(directory)
         self.generation_config.save_pretrained(directory)
 
+    def loading_snippet(self, adapter_dir: Path) -> str:
+        """For a warm-started encoder-decoder, rebuild the base from its two checkpoints, then add the adapter."""
+        decoder = self.backbone_config.decoder_pretrained_model_name_or_path
+        if decoder is None:
+            return super().loading_snippet(adapter_dir)
+        encoder = self.backbone_config.pretrained_model_name_or_path
+        return (
+            "from peft import PeftModel; from transformers import EncoderDecoderModel\n"
+            f"model = PeftModel.from_pretrained(EncoderDecoderModel.from_encoder_decoder_pretrained({encoder!r}, "
+            f"{decoder!r}), {str(adapter_dir)!r})"
+        )
+
     # -- generation -------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, batch: Batch) -> list[str]:

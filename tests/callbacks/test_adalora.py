@@ -82,10 +82,10 @@ def test_ranks_end_uneven_and_the_export_reloads_with_plain_peft(backbone, tiny_
     assert (tmp_path / "adalora_ranks.png").is_file()
 
     model.export(tmp_path / "export", tokenizer=dm.tokenizer)
-    config = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
     assert config["rank_pattern"] and config["orth_reg_weight"] == adalora().orth_reg_weight
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
-    reloaded = PeftModel.from_pretrained(base, tmp_path / "export").eval()
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "export" / "adapter").eval()
     batch = next(iter(dm.val_dataloader()))
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     model.eval()
@@ -149,6 +149,6 @@ def test_usable_from_yaml(tmp_path, tiny_bert_dir, toy_data):
     config_path.write_text(yaml.safe_dump(config))
     main(["fit", "--config", str(config_path)])
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
-    assert checkpoint["adalora"]["rank_pattern"]  # a resumed fit continues with these ranks
+    assert checkpoint["rank_pattern"] and checkpoint["adalora"]["ipt"]  # a resumed fit continues with these
     metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     assert "adalora/budget" in metrics and "adalora/target_budget" in metrics

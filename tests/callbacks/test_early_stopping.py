@@ -47,7 +47,7 @@ def test_best_checkpoint_is_what_gets_exported(tmp_path, tiny_bert_dir, toy_data
     assert best["global_step"] < cli.trainer.global_step < 30 * 20  # stopped early, some steps after the best
     main(["export", "--config", args[1], "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"),
           "--export_dir", str(tmp_path / "export")])
-    exported = load_file(tmp_path / "export" / "adapter_model.safetensors")
+    exported = load_file(tmp_path / "export" / "adapter" / "adapter_model.safetensors")
     key = next(k for k in best["state_dict"] if "lora_A" in k)  # model.base_model.….lora_A.default.weight
     weight = exported[key.removeprefix("model.").replace(".default", "")]
     assert torch.equal(weight, best["state_dict"][key])

@@ -165,7 +165,7 @@ def test_export_loads_with_plain_peft_and_transformers(backbone, lora, tiny_bert
     dm = toy_dm(tiny_bert_dir, toy_data)
     model = SequenceClassifier(backbone, lora, labels=dm.labels, optimizer=ADAM)
     make_trainer(tmp_path, max_epochs=1).fit(model, datamodule=dm)
-    export_dir = model.export(tmp_path / "export", tokenizer=dm.tokenizer)
+    export_dir = model.export(tmp_path / "export", tokenizer=dm.tokenizer) / "adapter"
     model.eval()
     text = "the food was great"
     encoded = dm.tokenizer([text], return_tensors="pt")

@@ -169,9 +169,9 @@ def test_export_reloads_with_plain_peft_and_generates_the_same(tmp_path, bert2be
     model.export(tmp_path / "export", tokenizer=model.tokenizer)
 
     base = EncoderDecoderModel.from_encoder_decoder_pretrained(str(tiny_bert_dir), str(tiny_bert_dir))
-    reloaded = PeftModel.from_pretrained(base, tmp_path / "export").eval()
-    generation = GenerationConfig.from_pretrained(tmp_path / "export")
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "export" / "adapter").eval()
+    generation = GenerationConfig.from_pretrained(tmp_path / "export" / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export" / "adapter")
     assert (generation.decoder_start_token_id, generation.max_new_tokens) == (tokenizer.cls_token_id, 6)
     inputs = tokenizer(["the food was good", "bad"], return_tensors="pt", padding=True, return_token_type_ids=False)
     model.eval()

@@ -64,5 +64,5 @@ def test_fit_test_predict_through_the_cli(tmp_path, tiny_bert_dir, toy_ner, caps
             assert entity["text"] == " ".join(record["words"][entity["start"] : entity["end"] + 1])
 
     main(["export", "--config", config, "--ckpt_path", str(best), "--export_dir", str(tmp_path / "export")])
-    labels = json.loads((tmp_path / "export" / "labels.json").read_text())
+    labels = json.loads((tmp_path / "export" / "adapter" / "labels.json").read_text())
     assert labels["id2label"]["0"] == "O" and "B-PER" in labels["label2id"]

@@ -1,0 +1,105 @@
+"""``AdapterExport``: write the best adapter (and optionally a merged model) with a model card when a fit ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_peft.data.base import TextDataModule
+from lightning_peft.errors import LightningPeftError
+from lightning_peft.export import export_checkpoint
+from lightning_peft.tasks.base import PeftModule
+
+EXPORT_DIR = "export"
+
+
+class AdapterExport(Callback):
+    """Exports the **best** checkpoint's weights at fit end: ``adapter/``, optionally ``merged/``, and ``README.md``
+    (see :meth:`PeftModule.export <lightning_peft.tasks.base.PeftModule.export>`), written atomically, so an
+    earlier export is replaced whole or not at all.
+
+    "Best" is the checkpoint callback's ``best_model_path`` (``best.ckpt`` in our configs); without one (no
+    checkpointing, or no validation) the weights the fit ended with are exported. ``on_best`` also exports each
+    time a new best checkpoint is saved, so a run stopped early or killed still leaves its best export behind.
+
+    Args:
+        dirpath: where to write; default ``<trainer.default_root_dir>/export``.
+        merge: also write ``merged/``, a full model for plain ``transformers`` (methods that cannot merge, such as
+            prompt tuning, say so in the log and the model card instead).
+        on_best: export on every new best checkpoint as well as at fit end.
+
+    Example::
+
+        trainer = Trainer(callbacks=[ModelCheckpoint(monitor="val/f1", mode="max"), AdapterExport(merge=True)])
+    """
+
+    def __init__(self, dirpath: str | None = None, merge: bool = False, on_best: bool = False) -> None:
+        self.dirpath = dirpath
+        self.merge = merge
+        self.on_best = on_best
+        self._best: tuple[Any, ...] | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, PeftModule):
+            raise LightningPeftError(
+                f"AdapterExport: the model must be a lightning_peft PeftModule, got {type(pl_module).__name__}"
+            )
+
+    def directory(self, trainer: Trainer) -> Path:
+        return Path(self.dirpath or Path(trainer.default_root_dir) / EXPORT_DIR)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A new best checkpoint is being written (Lightning updates ``best_model_*`` first): export these weights."""
+        if not self.on_best or trainer.sanity_checking:
+            return
+        best = self._best_of(trainer)
+        if best is None or best == self._best:
+            return  # no best yet, or a ``last.ckpt`` written after the best one
+        self._best = best
+        if trainer.is_global_zero:
+            directory = pl_module.export(
+                self.directory(trainer), tokenizer=_tokenizer(trainer), merge=self.merge,
+                metrics=checkpoint.get("metrics", {}), data=_data_facts(trainer),
+                training={"checkpoint": Path(best[0]).name, "epoch": trainer.current_epoch,
+                          "optimizer steps": trainer.global_step},
+            )
+            rank_zero_info(f"new best checkpoint: exported to {directory}")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        best_path = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        tokenizer, data = _tokenizer(trainer), _data_facts(trainer)
+        if best_path and Path(best_path).is_file():
+            directory = export_checkpoint(pl_module, best_path, self.directory(trainer), tokenizer, self.merge, data)
+            rank_zero_info(f"best checkpoint {best_path} exported to {directory}")
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
+        training = {"checkpoint": "none (final weights)", "epoch": trainer.current_epoch,
+                    "optimizer steps": trainer.global_step}
+        directory = pl_module.export(self.directory(trainer), tokenizer=tokenizer, merge=self.merge, metrics=metrics,
+                                     data=data, training=training)
+        rank_zero_info(f"no best checkpoint to export: final weights exported to {directory}")
+
+    @staticmethod
+    def _best_of(trainer: Trainer) -> tuple[Any, ...] | None:
+        checkpoint = trainer.checkpoint_callback
+        path = getattr(checkpoint, "best_model_path", "")
+        if not path:
+            return None
+        score = getattr(checkpoint, "best_model_score", None)
+        # the same file name (``best.ckpt``) is reused, so the score tells a new best; without a monitor, the step
+        return (path, float(score)) if score is not None else (path, trainer.global_step)
+
+
+def _tokenizer(trainer: Trainer) -> Any | None:
+    datamodule = getattr(trainer, "datamodule", None)
+    return datamodule.tokenizer if isinstance(datamodule, TextDataModule) else None
+
+
+def _data_facts(trainer: Trainer) -> dict[str, Any]:
+    datamodule = getattr(trainer, "datamodule", None)
+    return datamodule.card_facts() if isinstance(datamodule, TextDataModule) else {}

@@ -1,0 +1,98 @@
+"""The model card (``README.md``) written with every export: what was trained, how, on what, how well, how to load."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft import PeftConfig
+
+#: peft config fields that are bookkeeping, not hyper-parameters
+_PEFT_BOOKKEEPING = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
+                     "auto_mapping", "rank_pattern"}
+#: fields stated even at their default value: what a reader asks first about a method
+_PEFT_CORE = {"r", "lora_alpha", "target_modules", "init_r", "target_r", "num_virtual_tokens"}
+
+
+@dataclass
+class ModelCard:
+    """The facts a model card states; :meth:`render` turns them into Markdown with Hub metadata.
+
+    Example::
+
+        card = ModelCard(title="SST-2 sentiment (LoRA)", base_model="bert-base-uncased", task="SequenceClassifier",
+                         metrics={"val/accuracy": 0.91}, loading="from peft import …\\nmodel = …")
+        (export_dir / "README.md").write_text(card.render())
+    """
+
+    title: str
+    base_model: str | None
+    task: str
+    peft_method: str = "full fine-tuning"
+    peft_hyperparameters: dict[str, Any] = field(default_factory=dict)
+    parameters: str = ""
+    labels: list[str] | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    loading: str = ""
+    merged: str = ""
+    tags: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        library = "transformers" if self.peft_method == "full fine-tuning" else "peft"
+        front = ["---", f"library_name: {library}"]
+        if self.base_model:
+            front.append(f"base_model: {self.base_model}")
+        front += ["tags:", *(f"- {tag}" for tag in ["lightning-peft", *self.tags]), "---", ""]
+        model = {"base model": self.base_model or "randomly initialised (config only)", "task": self.task,
+                 "PEFT method": self.peft_method, "parameters": self.parameters}
+        if self.labels is not None:
+            model["labels"] = ", ".join(self.labels)
+        sections = [
+            f"# {self.title}\n\nTrained with [lightning-peft](https://github.com/lightning-peft/lightning-peft).",
+            _section("Model", model),
+            _section("PEFT hyper-parameters", self.peft_hyperparameters),
+            _section("Training", self.training),
+            _section("Metrics", {name: f"{value:.4f}" for name, value in self.metrics.items()},
+                     empty="no validation metrics were recorded for this checkpoint"),
+            _section("Data", self.data),
+            f"## Loading\n\n```python\n{self.loading}\n```",
+        ]
+        if self.merged:
+            sections.append(f"## Merged model\n\n{self.merged}")
+        return "\n".join(front) + "\n\n".join(s for s in sections if s) + "\n"
+
+
+def _section(title: str, rows: dict[str, Any], empty: str = "") -> str:
+    if not rows:
+        return f"## {title}\n\n{empty}" if empty else ""
+    table = "\n".join(f"| {key} | {_cell(value)} |" for key, value in rows.items())
+    return f"## {title}\n\n| | |\n|---|---|\n{table}"
+
+
+def _cell(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def peft_hyperparameters(config: PeftConfig) -> dict[str, Any]:
+    """The fields of ``config`` that differ from its class defaults (the ones someone chose), as plain data."""
+    chosen = {}
+    for spec in dataclasses.fields(config):
+        if spec.name in _PEFT_BOOKKEEPING:
+            continue
+        value = getattr(config, spec.name)
+        if spec.default is not dataclasses.MISSING:
+            default = spec.default
+        elif spec.default_factory is not dataclasses.MISSING:
+            default = spec.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if value != default or spec.name in _PEFT_CORE:
+            chosen[spec.name] = sorted(value) if isinstance(value, set) else value
+    if getattr(config, "rank_pattern", None):
+        chosen["rank_pattern"] = "final ranks per module, in adapter/adapter_config.json"
+    return chosen

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lightning_peft.callbacks import AdapterExport
+from lightning_peft.cli import LightningPeftCLI, main
+from lightning_peft.tasks.base import PeftModule
+from tests.test_cli import REPO, write_config
+
+
+def fit_with_export(tmp_path, tiny_bert_dir, toy_data, on_best=False, monitor="val/accuracy", **trainer):
+    config = write_config(tmp_path, tiny_bert_dir, toy_data)
+    data = yaml.safe_load(config.read_text())
+    data["checkpoint"].update(monitor=monitor, mode="min" if monitor == "val/loss" else "max")
+    data["trainer"].update(trainer)
+    data["trainer"]["callbacks"] = [{"class_path": "lightning_peft.callbacks.AdapterExport",
+                                     "init_args": {"dirpath": str(tmp_path / "export"), "on_best": on_best}}]
+    config.write_text(yaml.safe_dump(data))
+    return LightningPeftCLI(args=["fit", "--config", str(config)], save_config_callback=None)
+
+
+def lora_a(state: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
+    key = next(k for k in state if "lora_A" in k)
+    return key, state[key]
+
+
+def test_fit_end_exports_the_best_checkpoint_not_the_last_weights(tmp_path, tiny_bert_dir, toy_data):
+    cli = fit_with_export(tmp_path, tiny_bert_dir, toy_data, max_epochs=4, val_check_interval=0.25)
+    best = torch.load(tmp_path / "ckpt" / "best.ckpt", weights_only=True)
+    assert best["global_step"] < cli.trainer.global_step, "the toy run should peak before its last epoch"
+    key, weight = lora_a(best["state_dict"])
+    exported = load_file(tmp_path / "export" / "adapter" / "adapter_model.safetensors")
+    assert torch.equal(exported[key.removeprefix("model.").replace(".default", "")], weight)
+    assert not torch.equal(cli.model.state_dict()[key], weight)  # the model keeps the weights it ended with
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert f"| val/accuracy | {best['metrics']['val/accuracy']:.4f} |" in card
+    assert f"| optimizer steps | {best['global_step']} |" in card and "| checkpoint | best.ckpt |" in card
+    assert "| train rows | 320 |" in card  # toy_data's train split
+
+
+def test_on_best_exports_at_each_new_best(tmp_path, tiny_bert_dir, toy_data, monkeypatch):
+    exported_steps = []
+    original = PeftModule.export
+    monkeypatch.setattr(PeftModule, "export", lambda self, *a, **k: exported_steps.append(
+        k["training"]["optimizer steps"]) or original(self, *a, **k))
+    fit_with_export(tmp_path, tiny_bert_dir, toy_data, on_best=True, monitor="val/loss", max_epochs=2,
+                    val_check_interval=0.25)
+    rows = list(csv.DictReader((tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open()))
+    best, improved_at = float("inf"), []
+    for row in rows:
+        if row.get("val/loss") and float(row["val/loss"]) < best:
+            best = float(row["val/loss"])
+            improved_at.append(int(row["step"]) + 1)  # the CSV logs the step before the optimizer's count
+    assert len(improved_at) >= 2
+    final = torch.load(tmp_path / "ckpt" / "best.ckpt", weights_only=True)["global_step"]
+    assert exported_steps == [*improved_at, final]  # each new best as it happens, then the best at fit end
+
+
+def test_without_a_checkpoint_the_final_weights_are_exported(tmp_path, tiny_bert_dir, toy_data):
+    fit_with_export(tmp_path, tiny_bert_dir, toy_data, max_epochs=1, limit_val_batches=0)
+    assert "| checkpoint | none (final weights) |" in (tmp_path / "export" / "README.md").read_text()
+
+
+def test_cli_export_writes_the_same_layout_with_merged(tmp_path, tiny_bert_dir, toy_data, capsys):
+    config = write_config(tmp_path, tiny_bert_dir, toy_data)
+    main(["fit", "--config", str(config), "--trainer.max_epochs", "1"])
+    main(["export", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"),
+          "--export_dir", str(tmp_path / "export"), "--merge", "true"])
+    assert f"exported to {tmp_path / 'export'}" in capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "export").iterdir()} == {"adapter", "merged", "README.md"}
+    merged = json.loads((tmp_path / "export" / "merged" / "config.json").read_text())
+    assert merged["id2label"] == {"0": "neg", "1": "pos"}
+
+
+def test_shipped_preset_loads(tmp_path):
+    preset = yaml.safe_load((REPO / "configs" / "callbacks" / "adapter_export.yaml").read_text())
+    (callback,) = preset["trainer"]["callbacks"]
+    assert callback["class_path"] == "lightning_peft.callbacks.AdapterExport"
+    assert AdapterExport(**callback["init_args"]).merge
+
+
+def test_refuses_a_model_that_is_not_a_peft_module():
+    from lightning.pytorch import LightningModule
+
+    with pytest.raises(Exception, match="AdapterExport: the model must be a lightning_peft PeftModule"):
+        AdapterExport().setup(None, LightningModule(), "fit")

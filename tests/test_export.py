@@ -1,0 +1,131 @@
+"""Exports round-trip: the in-memory model, ``PeftModel.from_pretrained`` on ``adapter/`` and ``merged/`` loaded by
+plain transformers give the same logits, in a process that never imports lightning-peft."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PromptTuningConfig
+
+from lightning_peft import BackboneConfig, Seq2SeqGenerator, SequenceClassifier, TokenClassifier
+from lightning_peft.export import CannotMerge, atomic_directory, merged_model
+
+RELOAD = """
+import json, sys, torch, transformers, peft
+spec = json.load(open(sys.argv[1]))
+auto = getattr(transformers, spec["auto"])
+if spec["decoder"]:
+    base = transformers.EncoderDecoderModel.from_encoder_decoder_pretrained(spec["base"], spec["decoder"])
+else:
+    base = auto.from_pretrained(spec["base"], **spec["config"])
+adapter = peft.PeftModel.from_pretrained(base, spec["adapter"]).eval()
+merged = auto.from_pretrained(spec["merged"]).eval()
+assert "lightning_peft" not in sys.modules
+inputs = torch.load(spec["inputs"])
+with torch.no_grad():
+    torch.save({"adapter": adapter(**inputs).logits, "merged": merged(**inputs).logits}, spec["out"])
+"""
+
+
+def build(task: str, tiny_bert_dir: Path):
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])
+    if task == "classification":
+        return SequenceClassifier(BackboneConfig(str(tiny_bert_dir)), lora, labels=["neg", "pos"])
+    if task == "token_classification":
+        return TokenClassifier(BackboneConfig(str(tiny_bert_dir)), lora, labels=["O", "B-PER", "I-PER"])
+    bert2bert = BackboneConfig(str(tiny_bert_dir), decoder_pretrained_model_name_or_path=str(tiny_bert_dir))
+    return Seq2SeqGenerator(bert2bert, lora)
+
+
+@pytest.mark.parametrize("task", ["classification", "token_classification", "seq2seq"])
+def test_adapter_and_merged_model_reload_with_the_same_logits(task, tiny_bert_dir, tmp_path):
+    torch.manual_seed(0)
+    module = build(task, tiny_bert_dir).eval()
+    for param in module.parameters():
+        if param.requires_grad:  # a trained-looking adapter: LoRA's B starts at zero, which would merge trivially
+            param.data.normal_(0.0, 0.2)
+    export = module.export(tmp_path / "export", merge=True)
+    inputs = {"input_ids": torch.tensor([[2, 10, 11, 12, 3], [2, 13, 14, 3, 0]]),
+              "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])}
+    if task == "seq2seq":
+        inputs["decoder_input_ids"] = torch.tensor([[2, 15, 16], [2, 17, 3]])
+    with torch.no_grad():
+        expected = module.model(**inputs).logits
+    torch.save(inputs, tmp_path / "inputs.pt")
+    spec = {"auto": module.auto_model_class.__name__, "base": str(tiny_bert_dir),
+            "config": module.model_config_kwargs(),
+            "decoder": module.backbone_config.decoder_pretrained_model_name_or_path,
+            "adapter": str(export / "adapter"), "merged": str(export / "merged"),
+            "inputs": str(tmp_path / "inputs.pt"), "out": str(tmp_path / "out.pt")}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "spec.json")], check=True, env={
+        "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    reloaded = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(reloaded["adapter"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reloaded["merged"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_layout_and_model_card(tiny_bert_dir, tmp_path):
+    module = build("classification", tiny_bert_dir)
+    export = module.export(tmp_path / "export", metrics={"val/accuracy": 0.75}, data={"train file": "train.csv"},
+                           training={"optimizer steps": 12})
+    assert {p.name for p in export.iterdir()} == {"adapter", "README.md"}  # no merged/ unless asked
+    assert {"adapter_config.json", "adapter_model.safetensors", "labels.json"} <= {
+        p.name for p in (export / "adapter").iterdir()}
+    card = (export / "README.md").read_text()
+    assert card == (export / "adapter" / "README.md").read_text()  # peft's blank template replaced
+    for fact in (f"base_model: {tiny_bert_dir}", "library_name: peft", "| PEFT method | LORA |", "| r | 4 |",
+                 '| target_modules | ["query", "value"] |', "| val/accuracy | 0.7500 |", "| train file | train.csv |",
+                 "| optimizer steps | 12 |", "| labels | neg, pos |",
+                 f"AutoPeftModelForSequenceClassification.from_pretrained('{export / 'adapter'}', num_labels=2"):
+        assert fact in card, fact
+
+
+def test_methods_that_cannot_merge_say_why(tiny_bert_dir, tmp_path):
+    prompt = PromptTuningConfig(num_virtual_tokens=4)
+    module = SequenceClassifier(BackboneConfig(str(tiny_bert_dir)), prompt, labels=["neg", "pos"])
+    with pytest.raises(CannotMerge, match="PROMPT_TUNING adds trained virtual tokens"):
+        merged_model(module.model)
+    with pytest.warns(UserWarning, match="no merged/"):
+        export = module.export(tmp_path / "export", merge=True)
+    assert not (export / "merged").exists()
+    assert "Not written: PROMPT_TUNING adds trained virtual tokens" in (export / "README.md").read_text()
+
+
+def test_full_fine_tuning_exports_the_full_model(tiny_bert_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    module = SequenceClassifier(BackboneConfig(str(tiny_bert_dir)), None, labels=["neg", "pos"])
+    export = module.export(tmp_path / "export")
+    assert {p.name for p in export.iterdir()} == {"merged", "README.md"}
+    assert AutoModelForSequenceClassification.from_pretrained(export / "merged").config.id2label == {0: "neg", 1: "pos"}
+    assert "library_name: transformers" in (export / "README.md").read_text()
+
+
+def test_failed_export_leaves_the_previous_one_whole(tiny_bert_dir, tmp_path):
+    module = build("classification", tiny_bert_dir)
+    export = module.export(tmp_path / "export")
+    before = {p.name: p.read_bytes() for p in (export / "adapter").iterdir()}
+
+    class Broken:
+        def save_pretrained(self, directory):
+            (Path(directory) / "tokenizer.json").write_text("{")  # half-written, then the disk fills up
+            raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        module.export(tmp_path / "export", tokenizer=Broken())
+    assert {p.name: p.read_bytes() for p in (export / "adapter").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary directory left behind
+
+
+def test_atomic_directory_replaces_whole(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["new.txt"]
