@@ -1,7 +1,13 @@
 """lightning-peft: parameter-efficient fine-tuning of Hugging Face transformers, the Lightning way."""
 
 from lightning_peft.backbone import BackboneConfig, load_backbone
-from lightning_peft.callbacks import AdaLoRAScheduler, AdapterExport, EarlyStopping, JsonlPredictionWriter
+from lightning_peft.callbacks import (
+    AdaLoraConfig,
+    AdaLoRAScheduler,
+    AdapterExport,
+    EarlyStopping,
+    JsonlPredictionWriter,
+)
 from lightning_peft.data import (
     ClassificationDataModule,
     EpochSeededSampler,
@@ -17,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaLoRAScheduler",
+    "AdaLoraConfig",
     "AdapterExport",
     "BackboneConfig",
     "ClassificationDataModule",

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from peft import PeftConfig, PeftModel, TaskType, get_peft_model
+from peft import PeftConfig, PeftModel, PeftType, TaskType, get_peft_model
 from transformers import (
     AutoConfig,
     AutoModelForSeq2SeqLM,
@@ -158,6 +159,31 @@ def _unmatched_target_modules(model: torch.nn.Module, target_modules: str | list
     ]
 
 
+def _prepare_prompt_learning(model: PreTrainedModel, peft_config: PeftConfig) -> None:
+    """Refuse the prompt-learning combinations peft cannot run, before training; describe a warm-started
+    encoder-decoder's shape to peft, which reads it from top-level config keys that ``EncoderDecoderConfig`` lacks."""
+    method = peft_config.peft_type.value
+    encoder_decoder = model.config.model_type == "encoder-decoder"
+    if peft_config.peft_type == PeftType.PREFIX_TUNING:
+        if encoder_decoder:
+            raise LightningPeftError(
+                f"peft: {method} is not supported by peft on a warm-started EncoderDecoderModel (its prefixes do not "
+                "fit the decoder's self- and cross-attention caches); use prompt tuning, p-tuning or LoRA, or a "
+                "native seq2seq model such as T5 or BART"
+            )
+        if "past_key_values" not in inspect.signature(model.forward).parameters:
+            raise LightningPeftError(
+                f"peft: {method} is not supported by peft on {type(model).__name__}: it feeds prefixes through "
+                "past_key_values, which this model's forward does not take; use prompt tuning, p-tuning or LoRA"
+            )
+    if encoder_decoder:
+        encoder, decoder = model.config.encoder, model.config.decoder
+        for key, value in (("num_layers", decoder.num_hidden_layers), ("token_dim", encoder.hidden_size),
+                           ("num_attention_heads", encoder.num_attention_heads)):
+            if getattr(peft_config, key, None) is None:
+                setattr(peft_config, key, value)
+
+
 def apply_peft(model: PreTrainedModel, peft_config: PeftConfig, task_type: TaskType | None) -> PeftModel:
     """Wrap ``model`` with ``peft_config`` (any PEFT method), checking ``target_modules`` against the model first.
 
@@ -167,6 +193,8 @@ def apply_peft(model: PreTrainedModel, peft_config: PeftConfig, task_type: TaskT
     peft_config = copy.deepcopy(peft_config)
     if getattr(peft_config, "task_type", None) is None and task_type is not None:
         peft_config.task_type = task_type
+    if peft_config.is_prompt_learning:
+        _prepare_prompt_learning(model, peft_config)
     target_modules = getattr(peft_config, "target_modules", None)
     if target_modules:
         unmatched = _unmatched_target_modules(model, target_modules)

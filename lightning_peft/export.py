@@ -8,6 +8,7 @@ into its weights) and ``README.md``, the model card.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -18,6 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import PeftModel
+from peft.utils import SAFETENSORS_WEIGHTS_NAME as SAFETENSORS_FILE
+from peft.utils import ModulesToSaveWrapper
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from lightning_peft.errors import LightningPeftError
@@ -79,24 +83,89 @@ def merged_model(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
             f"{method} adds trained virtual tokens to every input instead of changing the model's weights, so it "
             "cannot be merged into the base model; load the adapter with peft instead"
         )
+    merged = copy.deepcopy(model)
+    _unwrap_modules_to_save(merged)
     try:
-        return copy.deepcopy(model).merge_and_unload()
+        return merged.merge_and_unload()
     except (AttributeError, NotImplementedError, ValueError) as err:
         raise CannotMerge(f"peft cannot merge {method} into the base weights ({err}); load the adapter") from err
 
 
+def _unwrap_modules_to_save(model: PeftModel) -> None:
+    """Put each fully trained module (``modules_to_save``) in place of its wrapper, as unloading does. peft's own
+    unloading assumes such modules are linear layers for every method but LoRA, and fails on others (e.g. the
+    cross-attention blocks of a warm-started encoder-decoder)."""
+    for name, module in list(model.base_model.model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent, _, child = name.rpartition(".")
+            trained = module.modules_to_save[module.active_adapters[0]]
+            setattr(model.base_model.model.get_submodule(parent) if parent else model.base_model.model, child, trained)
+
+
 @contextmanager
-def weights_from(module: PeftModule, checkpoint: dict[str, Any]) -> Iterator[None]:
-    """Within the block, ``module`` holds the checkpoint's trainable weights; its own are restored afterwards."""
-    own = {name: param.detach().clone() for name, param in module.named_parameters() if param.requires_grad}
-    own_rank_pattern = module.rank_pattern
-    module.on_load_checkpoint(checkpoint)
-    module.load_state_dict(checkpoint["state_dict"], strict=False)
+def swapped_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block, the entries of ``module``'s state dict named in ``state`` hold those values; its own are
+    restored afterwards."""
+    own = module.state_dict()
+    saved = {name: own[name].detach().clone() for name in state if name in own}
+    module.load_state_dict(state, strict=False)
     try:
         yield
     finally:
-        module.load_state_dict(own, strict=False)
+        module.load_state_dict(saved, strict=False)
+
+
+@contextmanager
+def weights_from(module: PeftModule, checkpoint: dict[str, Any]) -> Iterator[None]:
+    """Within the block, ``module`` holds the checkpoint's weights (and rank pattern); its own are restored after."""
+    own_rank_pattern = module.rank_pattern
+    module.on_load_checkpoint(checkpoint)
+    try:
+        with swapped_state(module, checkpoint["state_dict"]):
+            yield
+    finally:
         module.rank_pattern = own_rank_pattern
+
+
+#: LoRA initialisations that move part of each targeted weight into the adapter, changing the base weights
+BASE_CHANGING_INITS = ("pissa", "olora", "corda")
+
+
+def initial_adapter_state(model: PreTrainedModel | PeftModel) -> dict[str, torch.Tensor] | None:
+    """The adapter weights right after a PiSSA / OLoRA / CorDA initialisation (``None`` for other methods): what
+    :func:`save_adapter` needs to turn the trained adapter into a plain LoRA adapter over the original base."""
+    config = model.active_peft_config if isinstance(model, PeftModel) else None
+    if not str(getattr(config, "init_lora_weights", "")).lower().startswith(BASE_CHANGING_INITS):
+        return None
+    return {name: param.detach().clone() for name, param in model.named_parameters() if ".lora_" in name}
+
+
+def save_adapter(model: PeftModel, directory: Path, initial_state: dict[str, torch.Tensor] | None = None) -> None:
+    """``model.save_pretrained(directory)``; after a base-changing initialisation (``initial_state``), rewritten as a
+    plain LoRA adapter over the *original* base weights, so ``PeftModel.from_pretrained(base, directory)`` reproduces
+    the trained model: ``ΔW = BA − B₀A₀ = [B | −B₀]·[A ; A₀]``, rank and alpha doubled (peft's own conversion,
+    ``path_initial_model_for_weight_conversion``, drops ``modules_to_save`` such as classifier heads)."""
+    model.save_pretrained(directory)
+    if initial_state is None:
+        return
+    adapter = model.active_adapter
+    initial = {name.replace(f".{adapter}.", "."): value for name, value in initial_state.items()}
+    weights_file = directory / SAFETENSORS_FILE
+    weights = load_file(weights_file)
+    for name, value in weights.items():
+        if ".lora_A." in name:
+            weights[name] = torch.cat([value, initial[name].to(value)], dim=0)
+        elif ".lora_B." in name:
+            weights[name] = torch.cat([value, -initial[name].to(value)], dim=1)
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    config_file = directory / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["init_lora_weights"] = True
+    config["r"] *= 2
+    config["lora_alpha"] *= 2**0.5 if config.get("use_rslora") else 2  # same scaling: alpha/r or alpha/sqrt(r)
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        config[pattern] = {key: 2 * value for key, value in (config.get(pattern) or {}).items()}
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def export_checkpoint(

@@ -14,6 +14,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+MATRIX_START, MATRIX_END = "<!-- peft-matrix:start -->", "<!-- peft-matrix:end -->"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--peft-matrix", metavar="PATH", default=None,
+        help="write the PEFT method x task table from tests/test_peft_methods.py as Markdown to PATH (a file with "
+        f"{MATRIX_START} … {MATRIX_END} markers, such as README.md, gets the table between them)",
+    )
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    import sys
+
+    path, module = config.getoption("--peft-matrix"), sys.modules.get("tests.test_peft_methods")
+    if not path or module is None or not module.MATRIX:
+        return
+    table = module.render_matrix()
+    target = Path(path)
+    text = target.read_text() if target.exists() else ""
+    if MATRIX_START in text and MATRIX_END in text:
+        head, rest = text.split(MATRIX_START, 1)
+        table = f"{head}{MATRIX_START}\n{table}{MATRIX_END}{rest.split(MATRIX_END, 1)[1]}"
+    target.write_text(table)
+    terminalreporter.write_line(f"PEFT method x task table written to {target}")
+
+
 POSITIVE = ["good", "great", "lovely", "superb", "fine", "nice"]
 NEGATIVE = ["bad", "awful", "poor", "terrible", "dull", "rude"]
 FILLER = ["the", "food", "was", "service", "room", "film", "really", "very", "and", "staff", "quite", "movie"]

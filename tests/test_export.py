@@ -10,36 +10,40 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PromptTuningConfig
+from peft import LoraConfig, PeftConfig, PromptTuningConfig
 
 from lightning_peft import BackboneConfig, Seq2SeqGenerator, SequenceClassifier, TokenClassifier
 from lightning_peft.export import CannotMerge, atomic_directory, merged_model
 
-RELOAD = """
-import json, sys, torch, transformers, peft
-spec = json.load(open(sys.argv[1]))
-auto = getattr(transformers, spec["auto"])
-if spec["decoder"]:
-    base = transformers.EncoderDecoderModel.from_encoder_decoder_pretrained(spec["base"], spec["decoder"])
-else:
-    base = auto.from_pretrained(spec["base"], **spec["config"])
-adapter = peft.PeftModel.from_pretrained(base, spec["adapter"]).eval()
-merged = auto.from_pretrained(spec["merged"]).eval()
-assert "lightning_peft" not in sys.modules
-inputs = torch.load(spec["inputs"])
-with torch.no_grad():
-    torch.save({"adapter": adapter(**inputs).logits, "merged": merged(**inputs).logits}, spec["out"])
-"""
+RELOAD_SCRIPT = Path(__file__).with_name("reload_export.py")
 
 
-def build(task: str, tiny_bert_dir: Path):
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])
+def build(task: str, tiny_bert_dir: Path, peft: PeftConfig | None = None, labels: list[str] | None = None):
+    """The task's module on the tiny BERT (a BERT2BERT for seq2seq), with LoRA on query/value by default."""
+    peft = peft or LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])
     if task == "classification":
-        return SequenceClassifier(BackboneConfig(str(tiny_bert_dir)), lora, labels=["neg", "pos"])
+        return SequenceClassifier(BackboneConfig(str(tiny_bert_dir)), peft, labels=labels or ["neg", "pos"])
     if task == "token_classification":
-        return TokenClassifier(BackboneConfig(str(tiny_bert_dir)), lora, labels=["O", "B-PER", "I-PER"])
+        return TokenClassifier(BackboneConfig(str(tiny_bert_dir)), peft, labels=labels or ["O", "B-PER", "I-PER"])
     bert2bert = BackboneConfig(str(tiny_bert_dir), decoder_pretrained_model_name_or_path=str(tiny_bert_dir))
-    return Seq2SeqGenerator(bert2bert, lora)
+    return Seq2SeqGenerator(bert2bert, peft)
+
+
+def reload_spec(module, export: Path, tiny_bert_dir: Path, inputs) -> dict:
+    """What tests/reload_export.py needs to rebuild ``module``'s export with plain transformers + peft."""
+    return {"auto": module.auto_model_class.__name__, "base": str(tiny_bert_dir),
+            "config": module.model_config_kwargs(),
+            "decoder": module.backbone_config.decoder_pretrained_model_name_or_path,
+            "adapter": str(export / "adapter"),
+            "merged": str(export / "merged") if (export / "merged").is_dir() else None, "inputs": inputs}
+
+
+def sample_inputs(task: str) -> dict[str, torch.Tensor]:
+    inputs = {"input_ids": torch.tensor([[2, 10, 11, 12, 3], [2, 13, 14, 3, 0]]),
+              "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])}
+    if task == "seq2seq":
+        inputs["decoder_input_ids"] = torch.tensor([[2, 15, 16], [2, 17, 3]])
+    return inputs
 
 
 @pytest.mark.parametrize("task", ["classification", "token_classification", "seq2seq"])
@@ -50,21 +54,15 @@ def test_adapter_and_merged_model_reload_with_the_same_logits(task, tiny_bert_di
         if param.requires_grad:  # a trained-looking adapter: LoRA's B starts at zero, which would merge trivially
             param.data.normal_(0.0, 0.2)
     export = module.export(tmp_path / "export", merge=True)
-    inputs = {"input_ids": torch.tensor([[2, 10, 11, 12, 3], [2, 13, 14, 3, 0]]),
-              "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])}
-    if task == "seq2seq":
-        inputs["decoder_input_ids"] = torch.tensor([[2, 15, 16], [2, 17, 3]])
+    inputs = sample_inputs(task)
     with torch.no_grad():
         expected = module.model(**inputs).logits
     torch.save(inputs, tmp_path / "inputs.pt")
-    spec = {"auto": module.auto_model_class.__name__, "base": str(tiny_bert_dir),
-            "config": module.model_config_kwargs(),
-            "decoder": module.backbone_config.decoder_pretrained_model_name_or_path,
-            "adapter": str(export / "adapter"), "merged": str(export / "merged"),
-            "inputs": str(tmp_path / "inputs.pt"), "out": str(tmp_path / "out.pt")}
+    spec = {**reload_spec(module, export, tiny_bert_dir, str(tmp_path / "inputs.pt")), "out": str(tmp_path / "out.pt")}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "spec.json")], check=True, env={
-        "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    # a fresh process, run as a script from tests/ so that neither lightning_peft nor the repository is importable
+    subprocess.run([sys.executable, str(RELOAD_SCRIPT), str(tmp_path / "spec.json")], check=True, cwd=tmp_path,
+                   env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     reloaded = torch.load(tmp_path / "out.pt")
     torch.testing.assert_close(reloaded["adapter"], expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(reloaded["merged"], expected, rtol=1e-5, atol=1e-5)

@@ -1,8 +1,8 @@
 """Callbacks that work with every lightning-peft task."""
 
-from lightning_peft.callbacks.adalora import AdaLoRAScheduler
+from lightning_peft.callbacks.adalora import AdaLoraConfig, AdaLoRAScheduler
 from lightning_peft.callbacks.adapter_export import AdapterExport
 from lightning_peft.callbacks.early_stopping import EarlyStopping
 from lightning_peft.callbacks.prediction_writer import JsonlPredictionWriter
 
-__all__ = ["AdaLoRAScheduler", "AdapterExport", "EarlyStopping", "JsonlPredictionWriter"]
+__all__ = ["AdaLoraConfig", "AdaLoRAScheduler", "AdapterExport", "EarlyStopping", "JsonlPredictionWriter"]

@@ -3,10 +3,13 @@ regulariser to every task's loss, and reports the final per-layer ranks."""
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import peft
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
@@ -17,6 +20,36 @@ from lightning_peft.errors import LightningPeftError
 HEATMAP_FILE = "adalora_ranks.png"
 CHECKPOINT_KEY = "adalora"
 ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
+@dataclass
+class AdaLoraConfig(peft.AdaLoraConfig):
+    """peft's ``AdaLoraConfig`` whose schedule :class:`AdaLoRAScheduler` completes from the fit.
+
+    ``total_step`` may be left out (the fit's optimizer steps are used), and ``tinit`` / ``tfinal`` may be given as
+    fractions of them (below 1), so one config serves any dataset size, epoch count or sweep. The exported adapter
+    config holds the resolved integers and is plain peft's.
+
+    Example::
+
+        AdaLoraConfig(init_r=12, target_r=8, tinit=0.1, tfinal=0.3, deltaT=10)  # 10% warm-up, last 30% fixed ranks
+    """
+
+    tinit: float = field(default=0, metadata={"help": "Initial warm-up: optimizer steps, or a fraction of them."})
+    tfinal: float = field(default=0, metadata={"help": "Final phase: optimizer steps, or a fraction of them."})
+
+    def __post_init__(self) -> None:
+        self.requested_schedule = (self.tinit, self.tfinal)
+        total_step = self.total_step
+        self.tinit, self.tfinal, self.total_step = 0, 0, 1  # peft insists on a schedule now; ours is checked at fit
+        super().__post_init__()
+        self.tinit, self.tfinal = self.requested_schedule
+        self.total_step = total_step
+
+    def resolve_schedule(self, fit_steps: int) -> None:
+        """Set ``total_step`` to the fit's optimizer steps and fractional ``tinit`` / ``tfinal`` to steps of it."""
+        self.total_step = fit_steps
+        self.tinit, self.tfinal = (math.floor(v * fit_steps) if 0 < v < 1 else int(v) for v in self.requested_schedule)
 
 
 def adalora_model(pl_module: LightningModule) -> AdaLoraModel:
@@ -89,6 +122,8 @@ class AdaLoRAScheduler(Callback):
         tuner = adalora_model(pl_module)
         config = tuner.peft_config[tuner.trainable_adapter_name]
         total = int(trainer.estimated_stepping_batches)
+        if isinstance(config, AdaLoraConfig):
+            config.resolve_schedule(total)
         if config.tinit + config.tfinal >= total:
             raise LightningPeftError(
                 f"model.peft: AdaLoRA needs tinit + tfinal < total optimizer steps, but tinit={config.tinit} + "

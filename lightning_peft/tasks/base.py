@@ -19,7 +19,16 @@ from transformers import AutoModel, get_scheduler
 
 from lightning_peft.backbone import BackboneConfig, count_parameters, load_backbone
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.export import ADAPTER_DIR, CARD_FILE, MERGED_DIR, CannotMerge, atomic_directory, merged_model
+from lightning_peft.export import (
+    ADAPTER_DIR,
+    CARD_FILE,
+    MERGED_DIR,
+    CannotMerge,
+    atomic_directory,
+    initial_adapter_state,
+    merged_model,
+    save_adapter,
+)
 from lightning_peft.model_card import ModelCard, peft_hyperparameters
 
 Batch = dict[str, Any]
@@ -142,6 +151,9 @@ class PeftModule(LightningModule):
             self.backbone_config, self.auto_model_class, self.peft_config, self.peft_task_type, **model_kwargs
         )
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps the modes it finds at fit start
+        #: PiSSA / OLoRA / CorDA adapters as initialised, to export a plain LoRA adapter (not saved in checkpoints:
+        #: these initialisations are recomputed identically from the base weights when the model is rebuilt)
+        self.initial_adapter_state = initial_adapter_state(self.model)
         metrics = self.build_metrics()
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
@@ -324,7 +336,7 @@ class PeftModule(LightningModule):
         merged_note = ""
         with atomic_directory(directory) as tmp:
             if isinstance(self.model, PeftModel):
-                self.model.save_pretrained(tmp / ADAPTER_DIR)
+                save_adapter(self.model, tmp / ADAPTER_DIR, self.initial_adapter_state)
                 self._save_alongside(tmp / ADAPTER_DIR, tokenizer)
             if merge or not isinstance(self.model, PeftModel):
                 try:

@@ -71,7 +71,8 @@ class TokenClassifier(PeftModule):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        return self.model(**inputs).logits
+        logits = self.model(**inputs).logits
+        return logits[:, -inputs["input_ids"].shape[1]:]  # prompt tuning / p-tuning prepend virtual tokens
 
     def compute_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
