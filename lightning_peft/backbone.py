@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,28 +159,37 @@ def _unmatched_target_modules(model: torch.nn.Module, target_modules: str | list
 
 
 def _prepare_prompt_learning(model: PreTrainedModel, peft_config: PeftConfig) -> None:
-    """Refuse the prompt-learning combinations peft cannot run, before training; describe a warm-started
-    encoder-decoder's shape to peft, which reads it from top-level config keys that ``EncoderDecoderConfig`` lacks."""
-    method = peft_config.peft_type.value
-    encoder_decoder = model.config.model_type == "encoder-decoder"
+    """Describe a warm-started encoder-decoder's shape to peft, which reads it from top-level config keys that
+    ``EncoderDecoderConfig`` lacks; refuse prefix tuning there (peft's prefixes do not fit its decoder caches)."""
+    if model.config.model_type != "encoder-decoder":
+        return
     if peft_config.peft_type == PeftType.PREFIX_TUNING:
-        if encoder_decoder:
-            raise LightningPeftError(
-                f"peft: {method} is not supported by peft on a warm-started EncoderDecoderModel (its prefixes do not "
-                "fit the decoder's self- and cross-attention caches); use prompt tuning, p-tuning or LoRA, or a "
-                "native seq2seq model such as T5 or BART"
-            )
-        if "past_key_values" not in inspect.signature(model.forward).parameters:
-            raise LightningPeftError(
-                f"peft: {method} is not supported by peft on {type(model).__name__}: it feeds prefixes through "
-                "past_key_values, which this model's forward does not take; use prompt tuning, p-tuning or LoRA"
-            )
-    if encoder_decoder:
-        encoder, decoder = model.config.encoder, model.config.decoder
-        for key, value in (("num_layers", decoder.num_hidden_layers), ("token_dim", encoder.hidden_size),
-                           ("num_attention_heads", encoder.num_attention_heads)):
-            if getattr(peft_config, key, None) is None:
-                setattr(peft_config, key, value)
+        raise LightningPeftError(
+            "peft: PREFIX_TUNING is not supported by peft on a warm-started EncoderDecoderModel (its prefixes do not "
+            "fit the decoder's self- and cross-attention caches); use prompt tuning, p-tuning or LoRA, or a native "
+            "seq2seq model such as T5"
+        )
+    encoder, decoder = model.config.encoder, model.config.decoder
+    for key, value in (("num_layers", decoder.num_hidden_layers), ("token_dim", encoder.hidden_size),
+                       ("num_attention_heads", encoder.num_attention_heads)):
+        if getattr(peft_config, key, None) is None:
+            setattr(peft_config, key, value)
+
+
+def _check_prefix_tuning_runs(model: PeftModel) -> None:
+    """peft tells only at the first forward that a model cannot take prefixes; find out before training does."""
+    device = next(model.parameters()).device
+    inputs = {"input_ids": torch.ones(1, 2, dtype=torch.long, device=device)}
+    if model.config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = torch.ones(1, 1, dtype=torch.long, device=device)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except ValueError as err:
+        raise LightningPeftError(
+            f"peft: PREFIX_TUNING is not supported by peft on {type(model.base_model).__name__} ({err}); "
+            "use prompt tuning, p-tuning or LoRA"
+        ) from err
 
 
 def apply_peft(model: PreTrainedModel, peft_config: PeftConfig, task_type: TaskType | None) -> PeftModel:
@@ -204,11 +212,14 @@ def apply_peft(model: PreTrainedModel, peft_config: PeftConfig, task_type: TaskT
                 f"Its linear layers are: {linear_layer_names(model)}"
             )
     try:
-        return get_peft_model(model, peft_config)
+        peft_model = get_peft_model(model, peft_config)
     except ValueError as err:
         raise LightningPeftError(
             f"peft: {type(peft_config).__name__} cannot be applied to {type(model).__name__}: {err}"
         ) from err
+    if peft_config.peft_type == PeftType.PREFIX_TUNING:
+        _check_prefix_tuning_runs(peft_model)
+    return peft_model
 
 
 def load_backbone(

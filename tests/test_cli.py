@@ -228,11 +228,13 @@ def test_seq2seq_bad_input_exits_with_one_error_line(tmp_path, tiny_bert_dir, to
 
 SHIPPED_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml"))
 #: presets that complete a task config rather than stand alone: fitted on top of the quickstart
-ADD_ON_DIRECTORIES = ("callbacks",)
+ADD_ON_DIRECTORIES = ("callbacks", "peft")
+#: presets that peft cannot run on the quickstart's BERT model, and the error that says so (see tests/test_peft_methods)
+ADD_ONS_UNSUPPORTED_BY_THE_QUICKSTART = {"prefix_tuning.yaml": "error: peft: PREFIX_TUNING is not supported by peft"}
 
 
 @pytest.mark.parametrize("config", SHIPPED_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
-def test_shipped_configs_fit(config, tmp_path, monkeypatch):
+def test_shipped_configs_fit(config, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     text = config.read_text()
     if "models/all-MiniLM-L6-v2" in text and not (REPO / "models" / "all-MiniLM-L6-v2").exists():
@@ -241,7 +243,14 @@ def test_shipped_configs_fit(config, tmp_path, monkeypatch):
         pytest.skip("../shared/data (benchmark data) is not beside this checkout")
     add_on = config.parent.name in ADD_ON_DIRECTORIES
     configs = ["--config", "configs/quickstart.yaml"] * add_on + ["--config", str(config)]
-    main([
+    args = [
         "fit", *configs, "--trainer.fast_dev_run", "2", "--trainer.default_root_dir", str(tmp_path),
         "--data.init_args.limit_train_samples", "64", "--data.init_args.limit_eval_samples", "64",
-    ])
+    ]
+    if config.name in ADD_ONS_UNSUPPORTED_BY_THE_QUICKSTART:
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2
+        assert ADD_ONS_UNSUPPORTED_BY_THE_QUICKSTART[config.name] in capsys.readouterr().err
+        return
+    main(args)

@@ -18,20 +18,23 @@ from lightning_peft.export import CannotMerge, atomic_directory, merged_model
 RELOAD_SCRIPT = Path(__file__).with_name("reload_export.py")
 
 
-def build(task: str, tiny_bert_dir: Path, peft: PeftConfig | None = None, labels: list[str] | None = None):
-    """The task's module on the tiny BERT (a BERT2BERT for seq2seq), with LoRA on query/value by default."""
+def build(task: str, model_dir: Path, peft: PeftConfig | None = None, labels: list[str] | None = None):
+    """The task's module on the tiny model in ``model_dir``: ``seq2seq`` warm-starts a BERT2BERT from it,
+    ``seq2seq_t5`` loads it as is. LoRA on query/value by default."""
     peft = peft or LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])
     if task == "classification":
-        return SequenceClassifier(BackboneConfig(str(tiny_bert_dir)), peft, labels=labels or ["neg", "pos"])
+        return SequenceClassifier(BackboneConfig(str(model_dir)), peft, labels=labels or ["neg", "pos"])
     if task == "token_classification":
-        return TokenClassifier(BackboneConfig(str(tiny_bert_dir)), peft, labels=labels or ["O", "B-PER", "I-PER"])
-    bert2bert = BackboneConfig(str(tiny_bert_dir), decoder_pretrained_model_name_or_path=str(tiny_bert_dir))
+        return TokenClassifier(BackboneConfig(str(model_dir)), peft, labels=labels or ["O", "B-PER", "I-PER"])
+    if task == "seq2seq_t5":
+        return Seq2SeqGenerator(BackboneConfig(str(model_dir)), peft)
+    bert2bert = BackboneConfig(str(model_dir), decoder_pretrained_model_name_or_path=str(model_dir))
     return Seq2SeqGenerator(bert2bert, peft)
 
 
-def reload_spec(module, export: Path, tiny_bert_dir: Path, inputs) -> dict:
+def reload_spec(module, export: Path, inputs) -> dict:
     """What tests/reload_export.py needs to rebuild ``module``'s export with plain transformers + peft."""
-    return {"auto": module.auto_model_class.__name__, "base": str(tiny_bert_dir),
+    return {"auto": module.auto_model_class.__name__, "base": module.backbone_config.pretrained_model_name_or_path,
             "config": module.model_config_kwargs(),
             "decoder": module.backbone_config.decoder_pretrained_model_name_or_path,
             "adapter": str(export / "adapter"),
@@ -41,7 +44,7 @@ def reload_spec(module, export: Path, tiny_bert_dir: Path, inputs) -> dict:
 def sample_inputs(task: str) -> dict[str, torch.Tensor]:
     inputs = {"input_ids": torch.tensor([[2, 10, 11, 12, 3], [2, 13, 14, 3, 0]]),
               "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])}
-    if task == "seq2seq":
+    if task.startswith("seq2seq"):
         inputs["decoder_input_ids"] = torch.tensor([[2, 15, 16], [2, 17, 3]])
     return inputs
 
@@ -58,7 +61,7 @@ def test_adapter_and_merged_model_reload_with_the_same_logits(task, tiny_bert_di
     with torch.no_grad():
         expected = module.model(**inputs).logits
     torch.save(inputs, tmp_path / "inputs.pt")
-    spec = {**reload_spec(module, export, tiny_bert_dir, str(tmp_path / "inputs.pt")), "out": str(tmp_path / "out.pt")}
+    spec = {**reload_spec(module, export, str(tmp_path / "inputs.pt")), "out": str(tmp_path / "out.pt")}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     # a fresh process, run as a script from tests/ so that neither lightning_peft nor the repository is importable
     subprocess.run([sys.executable, str(RELOAD_SCRIPT), str(tmp_path / "spec.json")], check=True, cwd=tmp_path,

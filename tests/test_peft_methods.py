@@ -25,8 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 ORDER = ["lora", "rslora", "dora", "pissa", "olora", "adalora", "ia3", "loha", "lokr", "vera", "prefix_tuning",
          "prompt_tuning", "p_tuning"]  # the README's row order; presets not listed come last
 PRESETS = sorted((REPO / "configs" / "peft").glob("*.yaml"), key=lambda p: (ORDER + [p.stem]).index(p.stem))
-TASKS = ("classification", "token_classification", "seq2seq")
-NO_PAST_KEY_VALUES = ("past_key_values", "BERT's forward takes no past_key_values, which carry the prefixes")
+TASKS = ("classification", "token_classification", "seq2seq", "seq2seq_t5")
+HEADERS = {"classification": "classification (BERT)", "token_classification": "NER (BERT)",
+           "seq2seq": "seq2seq (BERT2BERT warm start)", "seq2seq_t5": "seq2seq (T5)"}
+NO_PAST_KEY_VALUES = ("does not support past key values", "BERT takes no past_key_values, which carry the prefixes")
 #: (preset, task) pairs that peft cannot run: (pattern our error must match, reason for the README table)
 UNSUPPORTED: dict[tuple[str, str], tuple[str, str]] = {
     ("prefix_tuning", "classification"): NO_PAST_KEY_VALUES,
@@ -45,29 +47,31 @@ def preset_peft_config(path: Path):
     return getattr(importlib.import_module(module), name)(**spec["init_args"])
 
 
-def datamodule(task: str, tiny_bert_dir: Path, files: dict[str, Path]):
+def datamodule(task: str, tokenizer: Path, files: dict[str, Path]):
     cls = {"classification": ClassificationDataModule, "token_classification": TokenClassificationDataModule,
-           "seq2seq": Seq2SeqDataModule}[task]
-    data = cls(tokenizer=str(tiny_bert_dir), train_file=str(files["train"]), batch_size=8, seed=0)
+           "seq2seq": Seq2SeqDataModule, "seq2seq_t5": Seq2SeqDataModule}[task]
+    data = cls(tokenizer=str(tokenizer), train_file=str(files["train"]), batch_size=8, seed=0)
     data.setup("fit")
     return data
 
 
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
-def test_preset_fits_exports_and_reloads(preset, task, tiny_bert_dir, toy_data, toy_ner, toy_pairs, tmp_path):
+def test_preset_fits_exports_and_reloads(preset, task, tiny_bert_dir, tiny_t5_dir, toy_data, toy_ner, toy_pairs,
+                                         tmp_path):
     key = (preset.stem, task)
     peft_config = preset_peft_config(preset)
+    model_dir = tiny_t5_dir if task == "seq2seq_t5" else tiny_bert_dir
     if key in UNSUPPORTED:
         pattern, reason = UNSUPPORTED[key]
         with pytest.raises(LightningPeftError, match=pattern):
-            build(task, tiny_bert_dir, peft_config)
+            build(task, model_dir, peft_config)
         MATRIX[key] = f"not supported by peft: {reason}"
         return
     pl.seed_everything(0)
-    files = {"classification": toy_data, "token_classification": toy_ner, "seq2seq": toy_pairs}[task]
-    data = datamodule(task, tiny_bert_dir, files)
-    module = build(task, tiny_bert_dir, peft_config, labels=getattr(data, "labels", None))
+    files = {"classification": toy_data, "token_classification": toy_ner}.get(task, toy_pairs)
+    data = datamodule(task, model_dir, files)
+    module = build(task, model_dir, peft_config, labels=getattr(data, "labels", None))
     callbacks = [AdaLoRAScheduler(heatmap=False)] if preset.stem == "adalora" else []
     pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, limit_val_batches=0, callbacks=callbacks).fit(
@@ -77,7 +81,7 @@ def test_preset_fits_exports_and_reloads(preset, task, tiny_bert_dir, toy_data, 
     module.eval()
     with torch.no_grad():
         expected = module.model(**inputs).logits
-    reloaded = reload_logits(reload_spec(module, export, tiny_bert_dir, inputs))
+    reloaded = reload_logits(reload_spec(module, export, inputs))
     for name, logits in reloaded.items():
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5, msg=f"{name} differs")
     merged = "merged" in reloaded
@@ -88,7 +92,7 @@ def test_preset_fits_exports_and_reloads(preset, task, tiny_bert_dir, toy_data, 
 def render_matrix() -> str:
     """The outcomes collected in :data:`MATRIX` as a Markdown table, one row per preset, one column per task;
     pairs that did not run (deselected, or failed before recording) show ``not run``."""
-    lines = ["| preset | " + " | ".join(TASKS) + " |", "|---" * (len(TASKS) + 1) + "|"]
+    lines = ["| preset | " + " | ".join(HEADERS[task] for task in TASKS) + " |", "|---" * (len(TASKS) + 1) + "|"]
     for preset in [p.stem for p in PRESETS if any(p.stem == name for name, _ in MATRIX)]:
         cells = [MATRIX.get((preset, task), "not run (failed)") for task in TASKS]
         lines.append(f"| `configs/peft/{preset}.yaml` | " + " | ".join(cells) + " |")

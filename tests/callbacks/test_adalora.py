@@ -121,6 +121,20 @@ def test_schedule_longer_than_the_fit_is_an_error(backbone, tiny_bert_dir, toy_d
         trainer.fit(model, datamodule=dm)
 
 
+def test_config_without_total_step_takes_the_fit_s_steps_and_fractional_phases(backbone, tiny_bert_dir, toy_data):
+    import lightning_peft
+
+    with pytest.raises(ValueError, match="total_step"):
+        AdaLoraConfig(init_r=6, target_r=2)  # plain peft insists on total_step
+    config = lightning_peft.AdaLoraConfig(init_r=6, target_r=2, tinit=0.25, tfinal=0.5, target_modules=["query"])
+    dm = toy(tiny_bert_dir, toy_data)
+    model = SequenceClassifier(backbone, config, labels=dm.labels)
+    pl.Trainer(max_epochs=1, limit_train_batches=8, callbacks=[AdaLoRAScheduler(heatmap=False)],
+               enable_checkpointing=False, limit_val_batches=0, **QUIET).fit(model, datamodule=dm)
+    resolved = adalora_model(model).peft_config["default"]
+    assert (resolved.total_step, resolved.tinit, resolved.tfinal) == (8, 2, 4)
+
+
 def test_other_peft_methods_are_refused(backbone, lora, tiny_bert_dir, toy_data):
     dm = toy(tiny_bert_dir, toy_data)
     model = SequenceClassifier(backbone, lora, labels=dm.labels)
