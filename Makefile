@@ -32,7 +32,7 @@ quickstart: install
 	$(CLI) predict --config $(QUICKSTART) --ckpt_path runs/quickstart/checkpoints/best.ckpt \
 		--predictions_path runs/quickstart/predictions.jsonl
 	$(CLI) export --config $(QUICKSTART) --ckpt_path runs/quickstart/checkpoints/best.ckpt \
-		--export_dir runs/quickstart/adapter
+		--export_dir runs/quickstart/export --merge true
 	@echo "checkpoint: $$(du -h runs/quickstart/checkpoints/best.ckpt | cut -f1) runs/quickstart/checkpoints/best.ckpt"
 
 lint: install
