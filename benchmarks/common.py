@@ -106,8 +106,9 @@ def work(args: argparse.Namespace, ours: Runner, baseline: Runner) -> None:
         report(run(args, Path(tmp)))
 
 
-def run_worker(script: str, name: str, seed: int, args: Sequence[str]) -> dict[str, Any]:
-    """Run one benchmark configuration in a fresh Python process and return its record."""
+def run_worker_records(script: str, name: str, seed: int, args: Sequence[str]) -> list[dict[str, Any]]:
+    """Run one benchmark configuration in a fresh Python process; every record it (or a process it launched, such
+    as a DDP rank) printed."""
     command = [sys.executable, script, "--worker", name, "--seed", str(seed), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
@@ -115,7 +116,12 @@ def run_worker(script: str, name: str, seed: int, args: Sequence[str]) -> dict[s
     if done.returncode != 0 or not lines:
         sys.stderr.write(done.stderr[-4000:])
         sys.exit(f"error: run {name} (seed {seed}) failed (exit {done.returncode})")
-    return {"seed": seed, **json.loads(lines[-1][len(RESULT_PREFIX) :])}
+    return [{"seed": seed, **json.loads(line[len(RESULT_PREFIX) :])} for line in lines]
+
+
+def run_worker(script: str, name: str, seed: int, args: Sequence[str]) -> dict[str, Any]:
+    """Run one benchmark configuration in a fresh Python process and return its record."""
+    return run_worker_records(script, name, seed, args)[-1]
 
 
 def run_all(script: str, runs: Sequence[str], seeds: Sequence[int], args: Sequence[str]) -> dict[str, list]:

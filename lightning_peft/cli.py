@@ -4,6 +4,7 @@
     lightning-peft test --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/best.ckpt
     lightning-peft predict --config configs/quickstart.yaml --ckpt_path … --predictions_path preds.jsonl
     lightning-peft export --config configs/quickstart.yaml --ckpt_path … --export_dir runs/quickstart/export [--merge]
+    lightning-peft sweep configs/sweeps/quickstart.yaml --trials 2
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from lightning_peft.callbacks.prediction_writer import JsonlPredictionWriter
 from lightning_peft.data.base import TextDataModule
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import export_checkpoint
+from lightning_peft.sweep import sweep_main
 from lightning_peft.tasks.base import PeftModule
 
 # jsonargparse builds every dataclass field of a peft config, including an empty LoftQConfig that peft then
@@ -30,6 +32,18 @@ warnings.filterwarnings("ignore", message=r"`loftq_config` specified but will be
 
 def _tokenizer_of(path: str | None, tokenizer: str | None) -> str | None:
     return tokenizer or path
+
+
+class LoggedConfig(SaveConfigCallback):
+    """Lightning's ``SaveConfigCallback`` (``config.yaml`` in the log directory) that also sends the full resolved
+    configuration to every logger as the hyper-parameter ``config``: W&B shows and filters runs by it, and a sweep
+    trial's values (passed as CLI arguments) are recorded with the run."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        config = self.config.clone()
+        config.pop("config", None)  # the paths of the YAML files; their content is in the rest
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": config.as_dict()})
 
 
 class LightningPeftCLI(LightningCLI):
@@ -50,6 +64,7 @@ class LightningPeftCLI(LightningCLI):
         kwargs.setdefault("datamodule_class", TextDataModule)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_callback", LoggedConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         defaults = {
@@ -149,6 +164,8 @@ def main(args: list[str] | None = None) -> None:
                 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
                 cli = ExportCLI(args=argv[1:], run=False, save_config_callback=None)
             print(f"exported to {cli.run_export()}")
+        elif argv and argv[0] == "sweep":
+            sweep_main(argv[1:])
         else:
             LightningPeftCLI(args=args)
     except Exception as err:

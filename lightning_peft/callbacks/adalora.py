@@ -12,6 +12,7 @@ from typing import Any
 import peft
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from peft.tuners.adalora import AdaLoraModel
 
@@ -120,6 +121,12 @@ class AdaLoRAScheduler(Callback):
     # -- fit lifecycle -----------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         tuner = adalora_model(pl_module)
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise LightningPeftError(
+                "AdaLoRAScheduler: AdaLoRA cannot run under FSDP: its sensitivity scores (weight x gradient) would "
+                "come from each process's shard and allocate different ranks per process; use DDP (configs/trainer/"
+                "ddp.yaml), which keeps whole gradients on every process"
+            )
         config = tuner.peft_config[tuner.trainable_adapter_name]
         total = int(trainer.estimated_stepping_batches)
         if isinstance(config, AdaLoraConfig):

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_peft.data.base import TextDataModule
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.export import export_checkpoint
+from lightning_peft.export import export_checkpoint, validation_metrics
 from lightning_peft.tasks.base import PeftModule
 
 EXPORT_DIR = "export"
@@ -30,6 +31,9 @@ class AdapterExport(Callback):
         merge: also write ``merged/``, a full model for plain ``transformers`` (methods that cannot merge, such as
             prompt tuning, say so in the log and the model card instead).
         on_best: export on every new best checkpoint as well as at fit end.
+
+    With a ``WandbLogger`` whose ``log_model`` is set, each export is also logged as a W&B artifact of type
+    ``model`` (aliases ``latest`` and ``best``).
 
     Example::
 
@@ -52,7 +56,8 @@ class AdapterExport(Callback):
         return Path(self.dirpath or Path(trainer.default_root_dir) / EXPORT_DIR)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        """A new best checkpoint is being written (Lightning updates ``best_model_*`` first): export these weights."""
+        """A new best checkpoint is being written (Lightning updates ``best_model_*`` first, and calls this hook
+        before the module's, so the metrics come from the trainer): export these weights."""
         if not self.on_best or trainer.sanity_checking:
             return
         best = self._best_of(trainer)
@@ -60,13 +65,14 @@ class AdapterExport(Callback):
             return  # no best yet, or a ``last.ckpt`` written after the best one
         self._best = best
         if trainer.is_global_zero:
+            metrics = validation_metrics(trainer.callback_metrics)
             directory = pl_module.export(
-                self.directory(trainer), tokenizer=_tokenizer(trainer), merge=self.merge,
-                metrics=checkpoint.get("metrics", {}), data=_data_facts(trainer),
-                training={"checkpoint": Path(best[0]).name, "epoch": trainer.current_epoch,
-                          "optimizer steps": trainer.global_step},
+                self.directory(trainer), tokenizer=_tokenizer(trainer), merge=self.merge, metrics=metrics,
+                data=_data_facts(trainer), training={"checkpoint": Path(best[0]).name, "epoch": trainer.current_epoch,
+                                                     "optimizer steps": trainer.global_step},
             )
             rank_zero_info(f"new best checkpoint: exported to {directory}")
+            _log_artifact(trainer, directory, metrics)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -76,13 +82,15 @@ class AdapterExport(Callback):
         if best_path and Path(best_path).is_file():
             directory = export_checkpoint(pl_module, best_path, self.directory(trainer), tokenizer, self.merge, data)
             rank_zero_info(f"best checkpoint {best_path} exported to {directory}")
+            _log_artifact(trainer, directory, {})
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
+        metrics = validation_metrics(trainer.callback_metrics)
         training = {"checkpoint": "none (final weights)", "epoch": trainer.current_epoch,
                     "optimizer steps": trainer.global_step}
         directory = pl_module.export(self.directory(trainer), tokenizer=tokenizer, merge=self.merge, metrics=metrics,
                                      data=data, training=training)
         rank_zero_info(f"no best checkpoint to export: final weights exported to {directory}")
+        _log_artifact(trainer, directory, metrics)
 
     @staticmethod
     def _best_of(trainer: Trainer) -> tuple[Any, ...] | None:
@@ -93,6 +101,17 @@ class AdapterExport(Callback):
         score = getattr(checkpoint, "best_model_score", None)
         # the same file name (``best.ckpt``) is reused, so the score tells a new best; without a monitor, the step
         return (path, float(score)) if score is not None else (path, trainer.global_step)
+
+
+def _log_artifact(trainer: Trainer, directory: Path, metrics: dict[str, float]) -> None:
+    """Log the export as a W&B model artifact when a ``WandbLogger`` has ``log_model`` set."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and getattr(logger, "_log_model", False):
+            import wandb
+
+            artifact = wandb.Artifact(f"export-{logger.experiment.id}", type="model", metadata=metrics)
+            artifact.add_dir(str(directory))
+            logger.experiment.log_artifact(artifact, aliases=["latest", "best"])
 
 
 def _tokenizer(trainer: Trainer) -> Any | None:

@@ -14,6 +14,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import PeftConfig, PeftModel, TaskType, get_peft_config
+from torch.distributed.fsdp._common_utils import clean_tensor_name
 from torchmetrics import MetricCollection
 from transformers import AutoModel, get_scheduler
 
@@ -23,17 +24,18 @@ from lightning_peft.export import (
     ADAPTER_DIR,
     CARD_FILE,
     MERGED_DIR,
+    METRICS_KEY,
     CannotMerge,
     atomic_directory,
     initial_adapter_state,
     merged_model,
     save_adapter,
+    validation_metrics,
 )
 from lightning_peft.model_card import ModelCard, peft_hyperparameters
 
 Batch = dict[str, Any]
 LABELS_FILE = "labels.json"
-METRICS_KEY = "metrics"  # checkpoint entry: the val/ metrics logged when it was written
 RANK_PATTERN_KEY = "rank_pattern"  # checkpoint entry: AdaLoRA's learnt ranks
 
 
@@ -274,7 +276,9 @@ class PeftModule(LightningModule):
 
     # -- adapter-only checkpoints ---------------------------------------------------------------------
     def trainable_state_keys(self) -> set[str]:
-        return {name for name, param in self.named_parameters() if param.requires_grad}
+        """State-dict names of the trainable weights, without FSDP / activation-checkpointing wrapper prefixes
+        (under FSDP, ``named_parameters`` sees the wrappers but checkpoints hold the original names)."""
+        return {clean_tensor_name(name) for name, param in self.named_parameters() if param.requires_grad}
 
     @property
     def rank_pattern(self) -> dict[str, Any] | None:
@@ -293,10 +297,7 @@ class PeftModule(LightningModule):
         if self.rank_pattern:
             checkpoint[RANK_PATTERN_KEY] = self.rank_pattern
         if self._trainer is not None:
-            checkpoint[METRICS_KEY] = {
-                name: float(value) for name, value in self.trainer.callback_metrics.items()
-                if name.startswith("val/") and value.numel() == 1
-            }
+            checkpoint[METRICS_KEY] = validation_metrics(self.trainer.callback_metrics)
         if not self.backbone_config.is_pretrained:
             return  # a randomly initialised base cannot be rebuilt: keep all of it
         keep = self.trainable_state_keys()

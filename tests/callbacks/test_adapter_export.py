@@ -45,21 +45,28 @@ def test_fit_end_exports_the_best_checkpoint_not_the_last_weights(tmp_path, tiny
 
 
 def test_on_best_exports_at_each_new_best(tmp_path, tiny_bert_dir, toy_data, monkeypatch):
-    exported_steps = []
+    exported_steps, exported_losses = [], []
     original = PeftModule.export
-    monkeypatch.setattr(PeftModule, "export", lambda self, *a, **k: exported_steps.append(
-        k["training"]["optimizer steps"]) or original(self, *a, **k))
+
+    def export(self, *args, **kwargs):
+        exported_steps.append(kwargs["training"]["optimizer steps"])
+        exported_losses.append(kwargs["metrics"]["val/loss"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PeftModule, "export", export)
     fit_with_export(tmp_path, tiny_bert_dir, toy_data, on_best=True, monitor="val/loss", max_epochs=2,
                     val_check_interval=0.25)
     rows = list(csv.DictReader((tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open()))
-    best, improved_at = float("inf"), []
+    best, improved_at, best_losses = float("inf"), [], []
     for row in rows:
         if row.get("val/loss") and float(row["val/loss"]) < best:
             best = float(row["val/loss"])
             improved_at.append(int(row["step"]) + 1)  # the CSV logs the step before the optimizer's count
+            best_losses.append(best)
     assert len(improved_at) >= 2
     final = torch.load(tmp_path / "ckpt" / "best.ckpt", weights_only=True)["global_step"]
     assert exported_steps == [*improved_at, final]  # each new best as it happens, then the best at fit end
+    assert exported_losses[:-1] == pytest.approx(best_losses) and exported_losses[-1] == pytest.approx(best)
 
 
 def test_without_a_checkpoint_the_final_weights_are_exported(tmp_path, tiny_bert_dir, toy_data):

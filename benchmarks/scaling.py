@@ -1,0 +1,119 @@
+"""CPU scaling on the SST-2 setting: 1 process vs 2-process DDP, fp32 vs bf16-mixed, gradient checkpointing off/on.
+
+    python benchmarks/scaling.py --json benchmarks/results/scaling.json
+
+Setting: the classification benchmark's (packaged MiniLM, LoRA r=8 on query/value, 4,000 SST-2 training rows, batch
+32 per process, max_length 64, 1 epoch, lr 5e-4, our default batching), through ``configs/trainer/ddp.yaml``'s
+strategy for 2 processes (gloo). On 2 processes each takes 16 rows per step so the global batch stays 32.
+Train samples/s = rows / wall time of ``Trainer.fit`` on rank 0; peak RSS is per process (the largest). Torch
+threads: all cores for 1 process, cores / 2 per process under DDP, so both use the whole machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from classification import lora_config, sample_train_rows  # noqa: E402
+from common import (  # noqa: E402
+    QUIET,
+    base_parser,
+    default_model,
+    report,
+    run_worker_records,
+    timed_fit,
+    training_worker_args,
+    write_json,
+)
+
+#: run → (processes, precision, gradient checkpointing)
+CONFIGURATIONS = {
+    "1proc_fp32": (1, "32-true", False),
+    "1proc_bf16": (1, "bf16-mixed", False),
+    "1proc_fp32_ckpt": (1, "32-true", True),
+    "1proc_bf16_ckpt": (1, "bf16-mixed", True),
+    "2proc_ddp_fp32": (2, "32-true", False),
+    "2proc_ddp_bf16": (2, "bf16-mixed", False),
+    "2proc_ddp_fp32_ckpt": (2, "32-true", True),
+    "2proc_ddp_bf16_ckpt": (2, "bf16-mixed", True),
+}
+
+
+def run_configuration(args: argparse.Namespace) -> None:
+    from functools import partial
+
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_peft import BackboneConfig, ClassificationDataModule, SequenceClassifier
+
+    processes, precision, checkpointing = CONFIGURATIONS[args.worker]
+    torch.set_num_threads(max((os.cpu_count() or 2) // processes, 1))
+    pl.seed_everything(args.seed, verbose=False)
+    dm = ClassificationDataModule(
+        tokenizer=args.model, train_file=args.train_file, text_column="sentence", max_length=args.max_length,
+        batch_size=args.batch_size // processes, seed=args.seed,
+    )
+    model = SequenceClassifier(
+        BackboneConfig(pretrained_model_name_or_path=args.model, gradient_checkpointing=checkpointing), lora_config(),
+        labels=dm.labels, optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.01),
+    )
+    strategy = DDPStrategy(find_unused_parameters=False) if processes > 1 else "auto"
+    quiet = {key: value for key, value in QUIET.items() if key != "devices"}
+    seconds = timed_fit(model, dm, args.epochs, devices=processes, strategy=strategy, precision=precision,
+                        limit_val_batches=0, **quiet)
+    report({  # each process tokenises the whole split; the distributed sampler gives each its share
+        "processes": processes, "precision": precision, "gradient_checkpointing": checkpointing,
+        "rank": model.trainer.global_rank, "train_seconds": seconds,
+        "train_samples_per_s": len(dm.datasets["train"]) * args.epochs / seconds,
+    })
+
+
+def combine(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rank 0's timing, the largest peak RSS of any process."""
+    (rank0,) = [r for r in records if r["rank"] == 0]
+    return {**rank0, "peak_rss_mb": max(r["peak_rss_mb"] for r in records)}
+
+
+def main() -> None:
+    parser = base_parser(__doc__, "sst2", tuple(CONFIGURATIONS), seeds=[42])
+    parser.add_argument("--train-rows", type=int, default=4000)
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch (split over the processes)")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--data-seed", type=int, default=42)
+    args = parser.parse_args()
+    if args.worker:
+        run_configuration(args)
+        return
+    if not (args.data_dir / "train.tsv").is_file():
+        sys.exit(f"error: --data-dir {args.data_dir}: no train.tsv there (expected the SST-2 layout of shared/data)")
+    model = args.model or default_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        train_file = Path(tmp) / "train.tsv"
+        sample_train_rows(args.data_dir, args.train_rows, args.data_seed, train_file)
+        worker_args = ["--model", model, "--train-file", str(train_file), *training_worker_args(args)]
+        results = {}
+        for name in args.runs:
+            print(f"running {name} …", flush=True)
+            results[name] = combine(run_worker_records(__file__, name, args.seeds[0], worker_args))
+    base = results.get("1proc_fp32", {}).get("train_samples_per_s")
+    print(f"{'configuration':<24}{'procs':>6}{'precision':>12}{'ckpt':>6}{'samples/s':>11}{'vs 1proc fp32':>15}"
+          f"{'peak RSS MB/proc':>18}")
+    for name, r in results.items():
+        ratio = f"{r['train_samples_per_s'] / base:.2f}x" if base else "-"
+        print(f"{name:<24}{r['processes']:>6}{r['precision']:>12}{'on' if r['gradient_checkpointing'] else 'off':>6}"
+              f"{r['train_samples_per_s']:>11.1f}{ratio:>15}{r['peak_rss_mb']:>18.0f}")
+    write_json(args.json, results, {"train_rows": args.train_rows, "batch_size": args.batch_size,
+                                    "max_length": args.max_length, "epochs": args.epochs, "model": model})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""``lightning-peft sweep``: run a W&B sweep spec (``configs/sweeps/*.yaml``) on this machine, no W&B server.
+
+Each trial is a real ``lightning-peft fit`` in its own process with the trial's values as CLI arguments, exactly what
+``wandb agent`` would run; trials that crash are recorded, not fatal. Methods: ``grid`` (every combination of the
+``values`` lists), ``random`` and ``bayes`` (optuna's TPE sampler, when optuna is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lightning_peft.errors import LightningPeftError
+from lightning_peft.export import METRICS_KEY
+
+
+@dataclass
+class Trial:
+    number: int
+    params: dict[str, Any]
+    status: str = "not run"
+    metric: float | None = None
+    seconds: float = 0.0
+    error: str = ""
+
+
+@dataclass
+class SweepSpec:
+    """The parts of a W&B sweep spec a local run needs."""
+
+    path: Path
+    method: str
+    metric: str
+    goal: str
+    parameters: dict[str, dict[str, Any]]
+    fit_args: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> SweepSpec:
+        try:
+            spec = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise LightningPeftError(f"sweep spec {str(path)!r}: cannot read it ({err})") from err
+        command = spec.get("command") or []
+        if command[:3] != ["${env}", "lightning-peft", "fit"] or command[-1:] != ["${args}"]:
+            raise LightningPeftError(
+                f"sweep spec {str(path)!r}: command must be [${{env}}, lightning-peft, fit, …, ${{args}}]"
+            )
+        metric = spec.get("metric") or {}
+        if "name" not in metric:
+            raise LightningPeftError(f"sweep spec {str(path)!r}: metric.name is missing")
+        return cls(path, spec.get("method", "random"), metric["name"], metric.get("goal", "maximize"),
+                   dict(spec.get("parameters") or {}), command[3:-1])
+
+
+Suggest = Callable[[str, dict[str, Any]], Any]
+
+
+def random_suggest(rng: random.Random) -> Suggest:
+    """Draw a parameter as W&B's random search does: one of ``values``, or from ``distribution`` over min–max."""
+
+    def suggest(name: str, spec: dict[str, Any]) -> Any:
+        if "value" in spec:
+            return spec["value"]
+        if "values" in spec:
+            return rng.choice(spec["values"])
+        low, high = spec["min"], spec["max"]
+        distribution = spec.get("distribution") or ("int_uniform" if isinstance(low, int) else "uniform")
+        if distribution == "int_uniform":
+            return rng.randint(low, high)
+        if distribution == "uniform":
+            return rng.uniform(low, high)
+        if distribution == "log_uniform_values":
+            return math.exp(rng.uniform(math.log(low), math.log(high)))
+        raise LightningPeftError(f"sweep parameter {name}: distribution {distribution!r} is not supported locally")
+
+    return suggest
+
+
+def optuna_suggest(trial: Any) -> Suggest:
+    """The same parameters drawn by an optuna trial (TPE: Bayesian search)."""
+
+    def suggest(name: str, spec: dict[str, Any]) -> Any:
+        if "value" in spec:
+            return spec["value"]
+        if "values" in spec:
+            return trial.suggest_categorical(name, spec["values"])
+        low, high = spec["min"], spec["max"]
+        distribution = spec.get("distribution") or ("int_uniform" if isinstance(low, int) else "uniform")
+        if distribution == "int_uniform":
+            return trial.suggest_int(name, low, high)
+        if distribution in ("uniform", "log_uniform_values"):
+            return trial.suggest_float(name, low, high, log=distribution == "log_uniform_values")
+        raise LightningPeftError(f"sweep parameter {name}: distribution {distribution!r} is not supported locally")
+
+    return suggest
+
+
+def grid(parameters: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every combination of the parameters' ``values`` (W&B's grid method)."""
+    choices = {}
+    for name, spec in parameters.items():
+        if "values" not in spec and "value" not in spec:
+            raise LightningPeftError(f"sweep parameter {name}: grid search needs a values list, not a distribution")
+        choices[name] = spec.get("values", [spec.get("value")])
+    return [dict(zip(choices, combo, strict=True)) for combo in itertools.product(*choices.values())]
+
+
+class LocalSweep:
+    """Runs a sweep spec's trials one after another and reports them.
+
+    Example::
+
+        LocalSweep(SweepSpec.load(Path("configs/sweeps/quickstart.yaml")), trials=2, out=Path("runs/sweep")).run()
+    """
+
+    def __init__(self, spec: SweepSpec, trials: int, out: Path, method: str | None = None, seed: int = 0) -> None:
+        self.spec = spec
+        self.trials = trials
+        self.out = out
+        self.method = method or spec.method
+        self.seed = seed
+        if self.method not in ("grid", "random", "bayes"):
+            raise LightningPeftError(f"--method: {self.method!r} is not one of grid, random, bayes")
+        self.parser, self.base_config = parse_fit_config(spec.fit_args)
+
+    @property
+    def maximise(self) -> bool:
+        return self.spec.goal == "maximize"
+
+    def run(self) -> list[Trial]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.method == "grid":
+            trials = [self.run_trial(k, params) for k, params in enumerate(grid(self.spec.parameters)[: self.trials])]
+        elif self.method == "random":
+            rng = random.Random(self.seed)
+            trials = []
+            for k in range(self.trials):
+                params = {name: random_suggest(rng)(name, spec) for name, spec in self.spec.parameters.items()}
+                trials.append(self.run_trial(k, params))
+        else:
+            trials = self._run_bayes()
+        self.report(trials)
+        return trials
+
+    def _run_bayes(self) -> list[Trial]:
+        try:
+            import optuna
+        except ImportError as err:
+            raise LightningPeftError("--method bayes needs optuna: pip install optuna (or use random)") from err
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(direction="maximize" if self.maximise else "minimize",
+                                    sampler=optuna.samplers.TPESampler(seed=self.seed))
+        trials = []
+        for k in range(self.trials):
+            asked = study.ask()
+            suggest = optuna_suggest(asked)
+            trial = self.run_trial(k, {name: suggest(name, spec) for name, spec in self.spec.parameters.items()})
+            state = optuna.trial.TrialState.COMPLETE if trial.metric is not None else optuna.trial.TrialState.FAIL
+            study.tell(asked, trial.metric if trial.metric is not None else None, state=state)
+            trials.append(trial)
+        return trials
+
+    # -- one trial ----------------------------------------------------------------------------------------
+    def trial_directory(self, number: int) -> Path:
+        return self.out / f"trial-{number:03d}"
+
+    def trial_command(self, number: int, params: dict[str, Any]) -> list[str]:
+        """``lightning-peft fit`` with the spec's arguments, the trial's values, and its own output directories."""
+        directory = self.trial_directory(number)
+        command = [sys.executable, "-m", "lightning_peft.cli", "fit", *self.spec.fit_args]
+        command += [f"--{name}={value}" for name, value in params.items()]
+        command += ["--trainer.default_root_dir", str(directory)]
+        command += ["--checkpoint.dirpath", str(directory / "checkpoints")]
+        logger = self.base_config.get("trainer", {}).get("logger")
+        if isinstance(logger, dict) or hasattr(logger, "init_args"):
+            command += ["--trainer.logger.init_args.save_dir", str(directory)]
+        return command
+
+    def run_trial(self, number: int, params: dict[str, Any]) -> Trial:
+        trial = Trial(number, params)
+        print(f"trial {number}: {format_params(params)}", flush=True)
+        env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+        start = time.perf_counter()
+        done = subprocess.run(self.trial_command(number, params), capture_output=True, text=True, env=env)
+        trial.seconds = time.perf_counter() - start
+        self.trial_directory(number).mkdir(parents=True, exist_ok=True)
+        (self.trial_directory(number) / "output.log").write_text(done.stdout + done.stderr)
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            trial.status, trial.error = f"failed (exit {done.returncode})", lines[-1] if lines else ""
+            print(f"  {trial.status}: {trial.error}", flush=True)
+            return trial
+        trial.metric = self.read_metric(number)
+        trial.status = "done" if trial.metric is not None else f"done, no {self.spec.metric}"
+        print(f"  {self.spec.metric} = {trial.metric}", flush=True)
+        return trial
+
+    def read_metric(self, number: int) -> float | None:
+        """The metric as logged at the end of the trial (``last.ckpt``'s validation metrics, as W&B's summary)."""
+        last = self.trial_directory(number) / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            return None
+        value = torch.load(last, map_location="cpu", weights_only=True).get(METRICS_KEY, {}).get(self.spec.metric)
+        return None if value is None else float(value)
+
+    # -- results ------------------------------------------------------------------------------------------
+    def best(self, trials: list[Trial]) -> Trial | None:
+        scored = [t for t in trials if t.metric is not None]
+        if not scored:
+            return None
+        return (max if self.maximise else min)(scored, key=lambda t: t.metric)
+
+    def report(self, trials: list[Trial]) -> None:
+        names = list(self.spec.parameters)
+        with open(self.out / "results.csv", "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["trial", *names, self.spec.metric, "status", "seconds", "error"])
+            for t in trials:
+                writer.writerow([t.number, *(t.params.get(n) for n in names), t.metric, t.status, f"{t.seconds:.1f}",
+                                 t.error])
+        print(f"\n{'trial':>5}  {self.spec.metric:>14}  {'status':<18} parameters")
+        for t in trials:
+            metric = "-" if t.metric is None else f"{t.metric:.4f}"
+            print(f"{t.number:>5}  {metric:>14}  {t.status:<18} {format_params(t.params)}")
+        best = self.best(trials)
+        if best is None:
+            print("\nno trial produced the metric; see output.log in each trial directory")
+            return
+        best_args = [*self.spec.fit_args, *(f"--{n}={v}" for n, v in best.params.items())]
+        parser, config = parse_fit_config(best_args)
+        config.pop("config", None)
+        (self.out / "best.yaml").write_text(parser.dump(config, skip_none=False))
+        best_yaml = self.out / "best.yaml"
+        print(f"\nbest: trial {best.number}, {self.spec.metric} = {best.metric:.4f}; its config: {best_yaml} "
+              f"(lightning-peft fit --config {best_yaml})")
+        self.plot(trials)
+
+    def plot(self, trials: list[Trial]) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib is not installed: no plot (pip install matplotlib)")
+            return
+        scored = [t for t in trials if t.metric is not None]
+        names = list(self.spec.parameters)
+        figure, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
+        for axis, name in zip(axes[0], names, strict=True):
+            values = [t.params[name] for t in scored]
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            positions = values if numeric else [str(v) for v in values]
+            axis.scatter(positions, [t.metric for t in scored])
+            if numeric and self.spec.parameters[name].get("distribution") == "log_uniform_values":
+                axis.set_xscale("log")
+            axis.set_xlabel(name.rsplit(".", 1)[-1])
+            axis.tick_params(axis="x", labelrotation=45 if not numeric else 0, labelsize=7)
+        axes[0][0].set_ylabel(self.spec.metric)
+        figure.tight_layout()
+        figure.savefig(self.out / "metric_vs_parameters.png", dpi=110)
+        plt.close(figure)
+        print(f"plot: {self.out / 'metric_vs_parameters.png'}")
+
+
+def format_params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{n.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{n.rsplit('.', 1)[-1]}={v}"
+                     for n, v in params.items())
+
+
+def parse_fit_config(args: list[str]) -> tuple[Any, Any]:
+    """The parser and the parsed, linked ``fit`` configuration for ``args``, without building anything."""
+    from lightning_peft.cli import LightningPeftCLI
+
+    class ParseOnly(LightningPeftCLI):
+        def instantiate_classes(self) -> None:
+            pass
+
+    cli = ParseOnly(args=args, run=False, save_config_callback=None)
+    return cli.parser, cli.config
+
+
+def sweep_main(argv: list[str]) -> None:
+    """``lightning-peft sweep SPEC --trials N [--method grid|random|bayes] [--out DIR] [--seed S]``."""
+    parser = argparse.ArgumentParser(prog="lightning-peft sweep", description=__doc__)
+    parser.add_argument("spec", type=Path, help="a W&B sweep spec, e.g. configs/sweeps/quickstart.yaml")
+    parser.add_argument("--trials", type=int, default=4, help="how many trials (grid: at most this many)")
+    parser.add_argument("--method", choices=("grid", "random", "bayes"), default=None, help="default: the spec's")
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/sweeps/<spec name>")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random / bayes search")
+    args = parser.parse_args(argv)
+    if args.trials < 1:
+        raise LightningPeftError(f"--trials: must be at least 1, got {args.trials}")
+    spec = SweepSpec.load(args.spec)
+    LocalSweep(spec, args.trials, args.out or Path("runs") / "sweeps" / args.spec.stem, args.method, args.seed).run()

@@ -1,0 +1,107 @@
+"""W&B sweep specs (configs/sweeps/) and the local runner (``lightning-peft sweep``). Every shipped spec runs
+`lightning-peft fit` with arguments the CLI accepts: each value of each parameter (both ends of a distribution) is
+parsed, so no sweep dies at its first trial."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_peft.cli import main
+from lightning_peft.errors import LightningPeftError
+from lightning_peft.sweep import grid, parse_fit_config, random_suggest
+from tests.test_cli import write_config
+
+REPO = Path(__file__).resolve().parents[1]
+SPECS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
+LOGGED_METRICS = {"val/accuracy", "val/f1", "val/loss", "val/bleu"}
+
+
+def trial_values(spec: dict) -> list:
+    if "values" in spec:
+        return spec["values"]
+    if "value" in spec:
+        return [spec["value"]]
+    return [spec["min"], spec["max"]]
+
+
+def fit_arguments(command: list[str]) -> list[str]:
+    """The spec's command between ``lightning-peft fit`` and ``${args}``."""
+    assert command[:3] == ["${env}", "lightning-peft", "fit"] and command[-1] == "${args}", command
+    return command[3:-1]
+
+
+@pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.stem)
+def test_every_sweep_value_is_accepted_by_the_cli(spec_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # specs name configs relative to the repository, as `wandb agent` runs there
+    spec = yaml.safe_load(spec_path.read_text())
+    assert spec["program"] == "lightning-peft" and spec["metric"]["name"] in LOGGED_METRICS
+    base = fit_arguments(spec["command"])
+    for name, parameter in spec["parameters"].items():
+        for value in trial_values(parameter):
+            _, config = parse_fit_config([*base, f"--{name}={value}"])
+            if name == "config":  # a preset after the task config: its PEFT method wins
+                preset = yaml.safe_load(Path(value).read_text())["model"]["init_args"]["peft"]
+                assert config.model.init_args.peft.class_path == preset["class_path"], value
+                continue
+            resolved = config
+            for key in name.split("."):
+                resolved = resolved[key]
+            assert resolved == value, f"{name}={value} parsed as {resolved}"
+
+
+def test_local_sweep_runs_trials_records_crashes_and_writes_the_best_config(tmp_path, tiny_bert_dir, toy_data):
+    config = write_config(tmp_path, tiny_bert_dir, toy_data)
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "program": "lightning-peft", "method": "grid", "metric": {"name": "val/accuracy", "goal": "maximize"},
+        "parameters": {"model.init_args.warmup_ratio": {"values": [0.0, 1.5]},  # 1.5: refused, exit 2
+                       "trainer.max_epochs": {"value": 1}},
+        "command": ["${env}", "lightning-peft", "fit", "--config", str(config), "${args}"],
+    }))
+    main(["sweep", str(spec_path), "--trials", "5", "--out", str(tmp_path / "sweep")])
+    rows = list(csv.DictReader((tmp_path / "sweep" / "results.csv").open()))
+    assert [(r["model.init_args.warmup_ratio"], r["status"]) for r in rows] == [("0.0", "done"),
+                                                                                ("1.5", "failed (exit 2)")]
+    assert "warmup_ratio: must be in [0, 1), got 1.5" in rows[1]["error"]
+    assert 0.0 <= float(rows[0]["val/accuracy"]) <= 1.0
+    assert (tmp_path / "sweep" / "trial-000" / "checkpoints" / "last.ckpt").is_file()
+    best = yaml.safe_load((tmp_path / "sweep" / "best.yaml").read_text())
+    assert best["model"]["init_args"]["warmup_ratio"] == 0.0 and best["trainer"]["max_epochs"] == 1
+    parse_fit_config(["--config", str(tmp_path / "sweep" / "best.yaml")])  # a complete, valid fit config
+    assert (tmp_path / "sweep" / "metric_vs_parameters.png").stat().st_size > 0
+
+
+def test_random_search_draws_within_each_distribution():
+    rng = random.Random(0)
+    suggest = random_suggest(rng)
+    draws = [suggest("lr", {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}) for _ in range(200)]
+    assert min(draws) >= 1e-4 and max(draws) <= 1e-2 and sum(d < 1e-3 for d in draws) > 60  # log scale: half below
+    assert {suggest("r", {"values": [4, 8]}) for _ in range(50)} == {4, 8}
+    assert all(isinstance(suggest("n", {"min": 1, "max": 3}), int) for _ in range(10))
+
+
+def test_grid_refuses_distributions():
+    with pytest.raises(LightningPeftError, match="lr: grid search needs a values list"):
+        grid({"lr": {"distribution": "uniform", "min": 0.0, "max": 1.0}})
+
+
+def test_bayes_search_runs_through_optuna(tmp_path, tiny_bert_dir, toy_data):
+    pytest.importorskip("optuna")
+    config = write_config(tmp_path, tiny_bert_dir, toy_data)
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "program": "lightning-peft", "method": "bayes", "metric": {"name": "val/loss", "goal": "minimize"},
+        "parameters": {"model.init_args.optimizer.init_args.lr": {"distribution": "log_uniform_values",
+                                                                   "min": 1e-3, "max": 3e-2}},
+        "command": ["${env}", "lightning-peft", "fit", "--config", str(config), "--trainer.limit_train_batches", "5",
+                    "--trainer.max_epochs", "1", "${args}"],
+    }))
+    main(["sweep", str(spec_path), "--trials", "2", "--out", str(tmp_path / "sweep")])
+    rows = list(csv.DictReader((tmp_path / "sweep" / "results.csv").open()))
+    assert [r["status"] for r in rows] == ["done", "done"]
+    assert all(1e-3 <= float(r["model.init_args.optimizer.init_args.lr"]) <= 3e-2 for r in rows)
