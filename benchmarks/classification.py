@@ -27,6 +27,8 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -154,8 +156,8 @@ def sample_train_rows(data_dir: Path, rows: int, seed: int, out: Path) -> None:
         writer.writerows(body[:rows])
 
 
-def main() -> None:
-    parser = base_parser(__doc__, "sst2", RUNS, seeds=[42, 43, 44])
+def add_sst2_arguments(parser: argparse.ArgumentParser) -> None:
+    """The SST-2 setting's options, shared by the scripts that run it (peft_methods.py, scaling.py)."""
     parser.add_argument("--train-rows", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
@@ -163,24 +165,36 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--data-seed", type=int, default=42, help="seed of the training-row sample")
     parser.add_argument("--dev-file", help=argparse.SUPPRESS)
+
+
+@contextmanager
+def sst2_workers(args: argparse.Namespace) -> Iterator[tuple[str, list[str]]]:
+    """Check ``--data-dir``, sample the training rows into a temporary file, and yield the model and the arguments
+    every worker gets."""
+    if not (args.data_dir / "train.tsv").is_file():
+        sys.exit(f"error: --data-dir {args.data_dir}: no train.tsv there (expected the SST-2 layout of shared/data)")
+    model = args.model or default_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        train_file = Path(tmp) / "train.tsv"
+        sample_train_rows(args.data_dir, args.train_rows, args.data_seed, train_file)
+        yield model, [
+            "--model", model, "--train-file", str(train_file), "--dev-file", str(args.data_dir / "dev.tsv"),
+            *training_worker_args(args),
+        ]
+
+
+def main() -> None:
+    parser = base_parser(__doc__, "sst2", RUNS, seeds=[42, 43, 44])
+    add_sst2_arguments(parser)
     args = parser.parse_args()
     if args.worker:
         work(args, run_lightning_peft, run_hf_trainer)
         return
 
-    if not (args.data_dir / "train.tsv").is_file():
-        sys.exit(f"error: --data-dir {args.data_dir}: no train.tsv there (expected the SST-2 layout of shared/data)")
-    model = args.model or default_model()
     settings = {
         k: getattr(args, k) for k in ("train_rows", "batch_size", "max_length", "epochs", "lr", "seeds", "data_seed")
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        train_file = Path(tmp) / "train.tsv"
-        sample_train_rows(args.data_dir, args.train_rows, args.data_seed, train_file)
-        worker_args = [
-            "--model", model, "--train-file", str(train_file), "--dev-file", str(args.data_dir / "dev.tsv"),
-            *training_worker_args(args),
-        ]
+    with sst2_workers(args) as (model, worker_args):
         per_seed = run_all(__file__, args.runs, args.seeds, worker_args)
     results = {name: summarise(records, "dev_accuracy") for name, records in per_seed.items()}
     print_table(

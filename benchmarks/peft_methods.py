@@ -26,18 +26,16 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from classification import sample_train_rows  # noqa: E402
+from classification import add_sst2_arguments, sst2_workers  # noqa: E402
 from common import (  # noqa: E402
     QUIET,
     REPO,
     base_parser,
-    default_model,
     dir_bytes,
     report,
     run_all,
     summarise,
     timed_fit,
-    training_worker_args,
     write_json,
 )
 
@@ -45,8 +43,20 @@ PRESETS = REPO / "configs" / "peft"
 METHODS = ("lora", "rslora", "dora", "pissa", "olora", "adalora", "ia3", "loha", "lokr", "vera", "prefix_tuning",
            "prompt_tuning", "p_tuning")
 #: learning rate per method (LoRA's is the classification benchmark's)
-LEARNING_RATES = {"ia3": 5e-3, "vera": 5e-3, "prefix_tuning": 1e-2, "prompt_tuning": 3e-2, "p_tuning": 3e-3}
+LEARNING_RATES = {"ia3": 5e-3, "loha": 3e-3, "lokr": 3e-3, "vera": 5e-3, "prefix_tuning": 1e-2, "prompt_tuning": 3e-2,
+                  "p_tuning": 3e-3}
 DEFAULT_LR = 5e-4
+
+
+def learning_rates(args: argparse.Namespace) -> dict[str, float]:
+    """Each method's learning rate: :data:`LEARNING_RATES`, then ``--method-lr name=value`` overrides."""
+    rates = {name: LEARNING_RATES.get(name, DEFAULT_LR) for name in METHODS}
+    for item in args.method_lr:
+        name, _, value = item.partition("=")
+        if name not in rates:
+            sys.exit(f"error: --method-lr {item!r}: unknown method {name!r}")
+        rates[name] = float(value)
+    return rates
 
 
 def preset_peft_config(method: str) -> Any:
@@ -70,7 +80,7 @@ def run_method(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         tokenizer=args.model, train_file=args.train_file, validation_file=args.dev_file, text_column="sentence",
         max_length=args.max_length, batch_size=args.batch_size, seed=args.seed,
     )
-    lr = LEARNING_RATES.get(args.worker, DEFAULT_LR)
+    lr = learning_rates(args)[args.worker]
     try:
         model = SequenceClassifier(
             BackboneConfig(pretrained_model_name_or_path=args.model), preset_peft_config(args.worker),
@@ -115,31 +125,17 @@ def print_methods_table(results: dict[str, dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = base_parser(__doc__, "sst2", METHODS, seeds=[42, 43, 44])
-    parser.add_argument("--train-rows", type=int, default=4000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help=argparse.SUPPRESS)  # per method, see above
-    parser.add_argument("--data-seed", type=int, default=42, help="seed of the training-row sample")
-    parser.add_argument("--dev-file", help=argparse.SUPPRESS)
+    add_sst2_arguments(parser)  # --lr is replaced per method (LEARNING_RATES, --method-lr)
+    parser.add_argument("--method-lr", nargs="*", default=[], metavar="METHOD=LR", help="override a method's lr")
     args = parser.parse_args()
     if args.worker:
         with tempfile.TemporaryDirectory() as tmp:
             report(run_method(args, Path(tmp)))
         return
 
-    if not (args.data_dir / "train.tsv").is_file():
-        sys.exit(f"error: --data-dir {args.data_dir}: no train.tsv there (expected the SST-2 layout of shared/data)")
-    model = args.model or default_model()
     settings = {k: getattr(args, k) for k in ("train_rows", "batch_size", "max_length", "epochs", "seeds", "data_seed")}
-    with tempfile.TemporaryDirectory() as tmp:
-        train_file = Path(tmp) / "train.tsv"
-        sample_train_rows(args.data_dir, args.train_rows, args.data_seed, train_file)
-        worker_args = [
-            "--model", model, "--train-file", str(train_file), "--dev-file", str(args.data_dir / "dev.tsv"),
-            *training_worker_args(args),
-        ]
-        per_seed = run_all(__file__, args.runs, args.seeds, worker_args)
+    with sst2_workers(args) as (model, worker_args):
+        per_seed = run_all(__file__, args.runs, args.seeds, [*worker_args, "--method-lr", *args.method_lr])
     results = {}
     for name, records in per_seed.items():
         if not records[0]["supported"]:
@@ -147,8 +143,8 @@ def main() -> None:
         else:
             results[name] = {"method": name, "supported": True, **summarise(records, "dev_accuracy")}
     print_methods_table(results)
-    write_json(args.json, results, {**settings, "model": model, "learning_rates": {
-        name: LEARNING_RATES.get(name, DEFAULT_LR) for name in args.runs}})
+    rates = learning_rates(args)
+    write_json(args.json, results, {**settings, "model": model, "learning_rates": {n: rates[n] for n in args.runs}})
 
 
 if __name__ == "__main__":

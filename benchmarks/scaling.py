@@ -14,20 +14,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from classification import lora_config, sample_train_rows  # noqa: E402
+from classification import add_sst2_arguments, lora_config, sst2_workers  # noqa: E402
 from common import (  # noqa: E402
     QUIET,
     base_parser,
-    default_model,
     report,
     run_worker_records,
     timed_fit,
-    training_worker_args,
     write_json,
 )
 
@@ -83,23 +80,12 @@ def combine(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     parser = base_parser(__doc__, "sst2", tuple(CONFIGURATIONS), seeds=[42])
-    parser.add_argument("--train-rows", type=int, default=4000)
-    parser.add_argument("--batch-size", type=int, default=32, help="global batch (split over the processes)")
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--data-seed", type=int, default=42)
+    add_sst2_arguments(parser)  # --batch-size is the global batch, split over the processes
     args = parser.parse_args()
     if args.worker:
         run_configuration(args)
         return
-    if not (args.data_dir / "train.tsv").is_file():
-        sys.exit(f"error: --data-dir {args.data_dir}: no train.tsv there (expected the SST-2 layout of shared/data)")
-    model = args.model or default_model()
-    with tempfile.TemporaryDirectory() as tmp:
-        train_file = Path(tmp) / "train.tsv"
-        sample_train_rows(args.data_dir, args.train_rows, args.data_seed, train_file)
-        worker_args = ["--model", model, "--train-file", str(train_file), *training_worker_args(args)]
+    with sst2_workers(args) as (model, worker_args):
         results = {}
         for name in args.runs:
             print(f"running {name} …", flush=True)
