@@ -85,6 +85,19 @@ def _is_plain(value: Any) -> bool:
     return False
 
 
+OPTIMIZER_FACTS = ("lr", "weight_decay", "betas", "momentum")
+
+
+def optimizer_summary(factory: Any) -> str:
+    """``AdamW(lr=0.002, weight_decay=0.01, …)`` for an optimizer class or a ``functools.partial`` of one (what
+    ``functools.partial`` and LightningCLI's ``OptimizerCallable`` give)."""
+    candidates = [factory, getattr(factory, "func", None), *getattr(factory, "args", ())]
+    cls = next((c for c in candidates if isinstance(c, type)), None)
+    keywords = getattr(factory, "keywords", {}) or {}
+    facts = ", ".join(f"{k}={keywords[k]}" for k in OPTIMIZER_FACTS if k in keywords)
+    return f"{cls.__name__ if cls else 'optimizer'}({facts})"
+
+
 class PeftModule(LightningModule):
     """Base task: a (PEFT-wrapped) transformer, AdamW with warmup/decay, adapter-only checkpoints.
 
@@ -387,10 +400,8 @@ class PeftModule(LightningModule):
         method = peft_config.peft_type.value if peft_config else "full fine-tuning"
         trainable, total = count_parameters(self)
         hparams = plain_hyperparameters(dict(self.hparams))
-        hparams = {k: v for k, v in hparams.items() if k not in ("backbone", "peft", "labels")}
-        optimizer = getattr(self.optimizer_factory, "keywords", None)  # a functools.partial from the CLI
-        if optimizer is not None:
-            hparams["optimizer"] = {"class": getattr(self.optimizer_factory.func, "__name__", "?"), **optimizer}
+        hparams = {k: v for k, v in hparams.items() if k not in ("backbone", "peft", "labels") and k[0] != "_"}
+        hparams["optimizer"] = optimizer_summary(self.optimizer_factory)
         labels = self.model_config_kwargs().get("id2label")
         base = self.backbone_config.pretrained_model_name_or_path
         return ModelCard(

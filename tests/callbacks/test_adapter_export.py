@@ -42,6 +42,7 @@ def test_fit_end_exports_the_best_checkpoint_not_the_last_weights(tmp_path, tiny
     assert f"| val/accuracy | {best['metrics']['val/accuracy']:.4f} |" in card
     assert f"| optimizer steps | {best['global_step']} |" in card and "| checkpoint | best.ckpt |" in card
     assert "| train rows | 320 |" in card  # toy_data's train split
+    assert "| optimizer | AdamW(lr=0.01, weight_decay=0.01, betas=" in card and "_instantiator" not in card
 
 
 def test_on_best_exports_at_each_new_best(tmp_path, tiny_bert_dir, toy_data, monkeypatch):
