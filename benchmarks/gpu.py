@@ -1,0 +1,123 @@
+"""GPU throughput and memory: lightning-peft with bf16, with bf16 + FSDP (PeftFSDPStrategy, 1 GPU), and the HF
+``Trainer`` + ``peft`` with bf16, on the same model, data, batch and number of steps.
+
+    python benchmarks/gpu.py --json benchmarks/results/gpu.json          # needs a CUDA GPU
+
+Setting: the packaged MiniLM-L6 encoder (or ``--model``), LoRA r=8 (alpha 16, dropout 0.1) on query/value, SST-2
+training rows (the first ``--train-rows`` of a seeded shuffle), batch 32, max_length 128, ``--steps`` optimizer
+steps (300), AdamW lr 5e-4, linear decay, gradients clipped at 1.0, bf16 autocast. Each run is a fresh process.
+Tokens/s counts real (non-padding) tokens trained on per second of ``fit`` / ``train``; peak memory is
+``torch.cuda.max_memory_allocated`` over the run. Our runs use our default batching (length-grouped windows and
+micro-batches), the HF run its default (shuffled, padded per batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from classification import add_sst2_arguments, lora_config, sst2_workers  # noqa: E402
+from common import QUIET, base_parser, hf_training_arguments, print_table, run_all, work, write_json  # noqa: E402
+
+RUNS = ("lightning_peft_bf16", "lightning_peft_fsdp_bf16", "hf_trainer_bf16")
+
+
+def cuda_stats(seconds: float, tokens: int, rows: int) -> dict[str, Any]:
+    import torch
+
+    return {
+        "train_seconds": seconds,
+        "train_tokens_per_s": tokens / seconds,
+        "train_samples_per_s": rows / seconds,
+        "peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20,
+        "device": torch.cuda.get_device_name(),
+    }
+
+
+def trained_tokens(dataset: Any, steps: int, batch_size: int) -> tuple[int, int]:
+    """Real tokens and rows in ``steps`` batches: the mean row length times the rows seen (all runs see as many)."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    rows = steps * batch_size
+    return round(sum(lengths) / len(lengths) * rows), rows
+
+
+def run_lightning_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from functools import partial
+
+    import lightning.pytorch as pl
+    import torch
+
+    from lightning_peft import BackboneConfig, ClassificationDataModule, SequenceClassifier
+    from lightning_peft.strategies import PeftFSDPStrategy
+
+    pl.seed_everything(args.seed, verbose=False)
+    dm = ClassificationDataModule(tokenizer=args.model, train_file=args.train_file, text_column="sentence",
+                                  max_length=args.max_length, batch_size=args.batch_size, seed=args.seed)
+    model = SequenceClassifier(BackboneConfig(pretrained_model_name_or_path=args.model), lora_config(),
+                               labels=dm.labels, optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.01))
+    strategy = PeftFSDPStrategy() if args.worker == "lightning_peft_fsdp_bf16" else "auto"
+    settings = {**QUIET, "accelerator": "gpu", "devices": 1}
+    trainer = pl.Trainer(max_steps=args.steps, precision="bf16-mixed", strategy=strategy, gradient_clip_val=1.0,
+                         limit_val_batches=0, enable_checkpointing=False, **settings)
+    dm.setup("fit")
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    seconds = time.perf_counter() - start
+    return cuda_stats(seconds, *trained_tokens(dm.datasets["train"], args.steps, args.batch_size))
+
+
+def run_hf_trainer(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    import csv
+
+    import torch
+    from datasets import load_dataset
+    from peft import TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    raw = load_dataset("csv", data_files={"train": args.train_file}, delimiter="\t", quoting=csv.QUOTE_NONE)
+    encoded = raw.map(lambda b: tokenizer(b["sentence"], truncation=True, max_length=args.max_length),
+                      batched=True, remove_columns=["sentence"])
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+    model = get_peft_model(model, lora_config(TaskType.SEQ_CLS))
+    training_args = hf_training_arguments(args, workdir, grouped=False, bf16=True, use_cpu=False, max_steps=args.steps)
+    trainer = Trainer(model=model, args=training_args, train_dataset=encoded["train"],
+                      data_collator=DataCollatorWithPadding(tokenizer))
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    return cuda_stats(seconds, *trained_tokens(encoded["train"], args.steps, args.batch_size))
+
+
+def main() -> None:
+    parser = base_parser(__doc__, "sst2", RUNS, seeds=[42])
+    add_sst2_arguments(parser)
+    parser.set_defaults(train_rows=20000, max_length=128)
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
+    args = parser.parse_args()
+    if args.worker:
+        work(args, run_lightning_peft, run_hf_trainer)
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("error: benchmarks/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False on this machine)")
+    with sst2_workers(args) as (model, worker_args):
+        per_seed = run_all(__file__, args.runs, args.seeds, [*worker_args, "--steps", str(args.steps)])
+    results = {name: records[0] for name, records in per_seed.items()}
+    print_table(results, baselines=("hf_trainer_bf16",), columns=[
+        ("tokens/s", 12, lambda r: f"{r['train_tokens_per_s']:.0f}"),
+        ("peak GPU MB", 13, lambda r: f"{r['peak_gpu_memory_mb']:.0f}"),
+    ])
+    write_json(args.json, results, {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
+                                    "train_rows": args.train_rows, "model": model})
+
+
+if __name__ == "__main__":
+    main()
