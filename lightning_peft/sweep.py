@@ -16,6 +16,7 @@ import random
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,7 +292,9 @@ def parse_fit_config(args: list[str]) -> tuple[Any, Any]:
         def instantiate_classes(self) -> None:
             pass
 
-    cli = ParseOnly(args=args, run=False, save_config_callback=None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # args are the point here
+        cli = ParseOnly(args=args, run=False, save_config_callback=None, seed_everything_default=False)
     return cli.parser, cli.config
 
 
