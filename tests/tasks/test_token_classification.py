@@ -13,7 +13,7 @@ def write_ner_config(tmp_path: Path, tiny_bert_dir: Path, toy_ner: dict[str, Pat
         "seed_everything": 3,
         "trainer": {
             "accelerator": "cpu", "max_epochs": 10, "enable_progress_bar": False, "enable_model_summary": False,
-            "logger": False,
+            "logger": False, "default_root_dir": str(tmp_path),  # where the CLI saves config.yaml
         },
         "checkpoint": {"dirpath": str(tmp_path / "ckpt"), "monitor": "val/f1", "mode": "max"},
         "model": {
