@@ -16,18 +16,15 @@ import torch
 import yaml
 
 from lightning_peft.cli import LightningPeftCLI
-from tests.test_cli import REPO, write_config
+from tests.test_cli import REPO, run_cli, write_config
 
 PRESETS = REPO / "configs" / "trainer"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
 
 
-def cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lightning_peft.cli", *args]
-
-
-def run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=timeout)
+def run(*args: str) -> subprocess.CompletedProcess:
+    """``lightning-peft ARGS`` in a fresh process from the repository, which must succeed."""
+    done = run_cli(*args, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -74,7 +71,7 @@ def test_ddp_two_processes_train_sync_metrics_and_write_once(tmp_path, tiny_bert
     config = str(adalora_export_config(tmp_path, tiny_bert_dir, toy_data))
     ddp = ["--config", str(PRESETS / "ddp.yaml"), "--trainer.accelerator", "cpu", "--trainer.devices", "2"]
     # gradient checkpointing with a head in modules_to_save: a known DDP trap ("Expected to have finished reduction")
-    fit = run(cli_command("fit", "--config", config, *ddp, "--model.init_args.backbone.gradient_checkpointing", "true"))
+    fit = run("fit", "--config", config, *ddp, "--model.init_args.backbone.gradient_checkpointing", "true")
     assert "MEMBER: 2/2" in fit.stderr + fit.stdout
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]  # rank 0 logs alone
@@ -84,8 +81,8 @@ def test_ddp_two_processes_train_sync_metrics_and_write_once(tmp_path, tiny_bert
 
     best = str(tmp_path / "ckpt" / "best.ckpt")
     for name, launch in (("ddp", ddp), ("single", ["--trainer.devices", "1"])):
-        run(cli_command("validate", "--config", config, "--ckpt_path", best, *launch,
-                        "--trainer.logger.init_args.save_dir", str(tmp_path / name)))
+        run("validate", "--config", config, "--ckpt_path", best, *launch,
+            "--trainer.logger.init_args.save_dir", str(tmp_path / name))
     ddp_metrics = last_metrics(tmp_path / "ddp" / "lightning_logs" / "version_0" / "metrics.csv")
     single_metrics = last_metrics(tmp_path / "single" / "lightning_logs" / "version_0" / "metrics.csv")
     for name in ("val/accuracy", "val/f1"):  # torchmetrics states summed over both processes: identical
