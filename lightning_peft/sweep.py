@@ -71,44 +71,61 @@ class SweepSpec:
 Suggest = Callable[[str, dict[str, Any]], Any]
 
 
+def draw(name: str, spec: dict[str, Any], sampler: Any) -> Any:
+    """One value of a W&B sweep parameter: its ``value``, one of its ``values``, or a draw from its ``distribution``
+    over ``min``–``max`` (integers default to ``int_uniform``, others to ``uniform``), made by ``sampler``'s
+    ``categorical(name, values)``, ``integer(name, low, high)`` or ``real(name, low, high, log)``."""
+    if "value" in spec:
+        return spec["value"]
+    if "values" in spec:
+        return sampler.categorical(name, spec["values"])
+    low, high = spec["min"], spec["max"]
+    distribution = spec.get("distribution") or ("int_uniform" if isinstance(low, int) else "uniform")
+    if distribution == "int_uniform":
+        return sampler.integer(name, low, high)
+    if distribution in ("uniform", "log_uniform_values"):
+        return sampler.real(name, low, high, log=distribution == "log_uniform_values")
+    raise LightningPeftError(f"sweep parameter {name}: distribution {distribution!r} is not supported locally")
+
+
+@dataclass
+class _RandomSampler:
+    rng: random.Random
+
+    def categorical(self, name: str, values: list[Any]) -> Any:
+        return self.rng.choice(values)
+
+    def integer(self, name: str, low: int, high: int) -> int:
+        return self.rng.randint(low, high)
+
+    def real(self, name: str, low: float, high: float, log: bool) -> float:
+        return math.exp(self.rng.uniform(math.log(low), math.log(high))) if log else self.rng.uniform(low, high)
+
+
+@dataclass
+class _OptunaSampler:
+    trial: Any
+
+    def categorical(self, name: str, values: list[Any]) -> Any:
+        return self.trial.suggest_categorical(name, values)
+
+    def integer(self, name: str, low: int, high: int) -> int:
+        return self.trial.suggest_int(name, low, high)
+
+    def real(self, name: str, low: float, high: float, log: bool) -> float:
+        return self.trial.suggest_float(name, low, high, log=log)
+
+
 def random_suggest(rng: random.Random) -> Suggest:
-    """Draw a parameter as W&B's random search does: one of ``values``, or from ``distribution`` over min–max."""
-
-    def suggest(name: str, spec: dict[str, Any]) -> Any:
-        if "value" in spec:
-            return spec["value"]
-        if "values" in spec:
-            return rng.choice(spec["values"])
-        low, high = spec["min"], spec["max"]
-        distribution = spec.get("distribution") or ("int_uniform" if isinstance(low, int) else "uniform")
-        if distribution == "int_uniform":
-            return rng.randint(low, high)
-        if distribution == "uniform":
-            return rng.uniform(low, high)
-        if distribution == "log_uniform_values":
-            return math.exp(rng.uniform(math.log(low), math.log(high)))
-        raise LightningPeftError(f"sweep parameter {name}: distribution {distribution!r} is not supported locally")
-
-    return suggest
+    """Draw parameters as W&B's random search does."""
+    sampler = _RandomSampler(rng)
+    return lambda name, spec: draw(name, spec, sampler)
 
 
 def optuna_suggest(trial: Any) -> Suggest:
-    """The same parameters drawn by an optuna trial (TPE: Bayesian search)."""
-
-    def suggest(name: str, spec: dict[str, Any]) -> Any:
-        if "value" in spec:
-            return spec["value"]
-        if "values" in spec:
-            return trial.suggest_categorical(name, spec["values"])
-        low, high = spec["min"], spec["max"]
-        distribution = spec.get("distribution") or ("int_uniform" if isinstance(low, int) else "uniform")
-        if distribution == "int_uniform":
-            return trial.suggest_int(name, low, high)
-        if distribution in ("uniform", "log_uniform_values"):
-            return trial.suggest_float(name, low, high, log=distribution == "log_uniform_values")
-        raise LightningPeftError(f"sweep parameter {name}: distribution {distribution!r} is not supported locally")
-
-    return suggest
+    """Draw parameters through an optuna trial (TPE: Bayesian search)."""
+    sampler = _OptunaSampler(trial)
+    return lambda name, spec: draw(name, spec, sampler)
 
 
 def grid(parameters: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -137,7 +154,7 @@ class LocalSweep:
         self.seed = seed
         if self.method not in ("grid", "random", "bayes"):
             raise LightningPeftError(f"--method: {self.method!r} is not one of grid, random, bayes")
-        self.parser, self.base_config = parse_fit_config(spec.fit_args)
+        _, self.base_config = parse_fit_config(spec.fit_args)
 
     @property
     def maximise(self) -> bool:
