@@ -116,10 +116,20 @@ def test_print_config_reruns_as_is(tmp_path, tiny_bert_dir, toy_data, capsys):
     assert (tmp_path / "c2" / "best.ckpt").is_file()
 
 
+#: set in this process by in-process distributed fits (e.g. the DDP preset on one device); a child launched with
+#: them would try to join that run, or bind its port again
+DISTRIBUTED_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a CLI launched in a fresh process: offline, quiet, no inherited distributed settings."""
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARIABLES}
+    return {**env, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
-        [sys.executable, "-m", "lightning_peft.cli", *args], capture_output=True, text=True, cwd=cwd, env=env
+        [sys.executable, "-m", "lightning_peft.cli", *args], capture_output=True, text=True, cwd=cwd, env=child_env()
     )
 
 

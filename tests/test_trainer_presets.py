@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -16,10 +15,9 @@ import torch
 import yaml
 
 from lightning_peft.cli import LightningPeftCLI
-from tests.test_cli import REPO, run_cli, write_config
+from tests.test_cli import REPO, child_env, run_cli, write_config
 
 PRESETS = REPO / "configs" / "trainer"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -104,7 +102,7 @@ def test_two_torchrun_nodes_train_and_write_one_checkpoint(tmp_path, tiny_bert_d
              "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
              "-m", "lightning_peft.cli", "fit", "--config", config, "--config", str(PRESETS / "multinode.yaml"),
              "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(), cwd=REPO,
         )
         for rank in (0, 1)
     ]
