@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from lightning_peft.cli import main
+from lightning_peft.cli import LightningPeftCLI
 from tests.test_cli import REPO, write_config
 
 
 def test_offline_run_holds_config_metrics_and_export_artifact(tmp_path, tiny_bert_dir, toy_data, monkeypatch):
-    wandb = pytest.importorskip("wandb")
+    pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     config_path = write_config(tmp_path, tiny_bert_dir, toy_data)
@@ -19,10 +19,12 @@ def test_offline_run_holds_config_metrics_and_export_artifact(tmp_path, tiny_ber
     config["trainer"]["callbacks"] = [{"class_path": "lightning_peft.callbacks.AdapterExport",
                                        "init_args": {"dirpath": str(tmp_path / "export")}}]
     config_path.write_text(yaml.safe_dump(config))
-    main(["fit", "--config", str(config_path), "--config", str(REPO / "configs" / "logger" / "wandb.yaml"),
-          "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.log_model", "true",
-          "--trainer.max_epochs", "1"])
-    wandb.finish()
+    cli = LightningPeftCLI(args=[
+        "fit", "--config", str(config_path), "--config", str(REPO / "configs" / "logger" / "wandb.yaml"),
+        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.log_model", "true",
+        "--trainer.max_epochs", "1",
+    ])
+    cli.trainer.logger.experiment.finish()  # this run's own finish: its records are on disk when it returns
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     (records,) = run_dir.glob("run-*.wandb")  # what `wandb sync` would upload: config, history, artifacts
     data = records.read_bytes()
