@@ -5,6 +5,7 @@ from lightning_peft.callbacks import (
     AdaLoraConfig,
     AdaLoRAScheduler,
     AdapterExport,
+    AdversarialTraining,
     EarlyStopping,
     JsonlPredictionWriter,
 )
@@ -17,6 +18,7 @@ from lightning_peft.data import (
 )
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.metrics import EntityF1
+from lightning_peft.regularization import Regularization
 from lightning_peft.tasks import PeftModule, Seq2SeqGenerator, SequenceClassifier, TokenClassifier
 
 __version__ = "0.1.0"
@@ -25,6 +27,7 @@ __all__ = [
     "AdaLoRAScheduler",
     "AdaLoraConfig",
     "AdapterExport",
+    "AdversarialTraining",
     "BackboneConfig",
     "ClassificationDataModule",
     "EarlyStopping",
@@ -33,6 +36,7 @@ __all__ = [
     "JsonlPredictionWriter",
     "LightningPeftError",
     "PeftModule",
+    "Regularization",
     "Seq2SeqDataModule",
     "Seq2SeqGenerator",
     "SequenceClassifier",

@@ -240,7 +240,7 @@ def test_seq2seq_bad_input_exits_with_one_error_line(tmp_path, tiny_bert_dir, to
 #: trainer configs (W&B sweep specs under configs/sweeps are checked by tests/test_sweeps.py)
 SHIPPED_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "sweeps")
 #: presets that complete a task config rather than stand alone: fitted on top of the quickstart
-ADD_ON_DIRECTORIES = ("callbacks", "peft", "trainer", "logger")
+ADD_ON_DIRECTORIES = ("callbacks", "peft", "trainer", "logger", "regularization")
 #: presets that need what this machine may lack; each is exercised where it can run
 NEEDS = {
     "gpu.yaml": "a CUDA GPU",

@@ -2,7 +2,15 @@
 
 from lightning_peft.callbacks.adalora import AdaLoraConfig, AdaLoRAScheduler
 from lightning_peft.callbacks.adapter_export import AdapterExport
+from lightning_peft.callbacks.adversarial import AdversarialTraining
 from lightning_peft.callbacks.early_stopping import EarlyStopping
 from lightning_peft.callbacks.prediction_writer import JsonlPredictionWriter
 
-__all__ = ["AdaLoraConfig", "AdaLoRAScheduler", "AdapterExport", "EarlyStopping", "JsonlPredictionWriter"]
+__all__ = [
+    "AdaLoraConfig",
+    "AdaLoRAScheduler",
+    "AdapterExport",
+    "AdversarialTraining",
+    "EarlyStopping",
+    "JsonlPredictionWriter",
+]

@@ -141,7 +141,7 @@ class AdaLoRAScheduler(Callback):
         tuner.rankallocator.set_total_step(total)
         self._orth_reg_weight, config.orth_reg_weight = config.orth_reg_weight, 0.0
         if self._orth_reg_weight > 0:
-            pl_module.loss_terms["adalora_orth_reg"] = lambda: self._orth_reg_weight * orthogonal_regulariser(tuner)
+            pl_module.loss_terms["adalora_orth_reg"] = lambda *_: self._orth_reg_weight * orthogonal_regulariser(tuner)
         self.last_step = trainer.global_step
 
     def on_train_batch_end(

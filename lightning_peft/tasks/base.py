@@ -33,8 +33,12 @@ from lightning_peft.export import (
     validation_metrics,
 )
 from lightning_peft.model_card import ModelCard, peft_hyperparameters
+from lightning_peft.regularization import Regularization, as_regularization, squared_l2, symmetric_kl
 
 Batch = dict[str, Any]
+#: a term added to the training loss: called with the (prepared) batch and the task loss
+LossTerm = Callable[[Batch, torch.Tensor], torch.Tensor]
+IGNORE_INDEX = -100  # label of positions no loss is computed on
 LABELS_FILE = "labels.json"
 RANK_PATTERN_KEY = "rank_pattern"  # checkpoint entry: AdaLoRA's learnt ranks
 
@@ -65,10 +69,10 @@ def plain_hyperparameters(hparams: dict[str, Any]) -> dict[str, Any]:
     """
     plain = {}
     for key, value in hparams.items():
-        if isinstance(value, BackboneConfig):
-            value = dataclasses.asdict(value)
-        elif isinstance(value, PeftConfig):
+        if isinstance(value, PeftConfig):
             value = json.loads(json.dumps(value.to_dict(), default=list))
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):  # BackboneConfig, Regularization
+            value = dataclasses.asdict(value)
         elif not _is_plain(value):
             continue
         plain[key] = value
@@ -115,6 +119,7 @@ class PeftModule(LightningModule):
         micro_batch_size: compute each training batch in length-sorted micro-batches of this many rows, each
             trimmed to its own padding (same examples and loss per optimizer step, less padding computed);
             ``null`` runs the batch in one piece.
+        regularization: label smoothing, R-Drop and L2 on the trainable weights (see :class:`Regularization`).
 
     Example::
 
@@ -140,9 +145,11 @@ class PeftModule(LightningModule):
         lr_scheduler_type: str = "linear",
         warmup_ratio: float = 0.0,
         micro_batch_size: int | None = 16,
+        regularization: Regularization | None = None,
     ) -> None:
         super().__init__()
         backbone, peft = as_backbone_config(backbone), as_peft_config(peft)
+        regularization = as_regularization(regularization)
         if not 0.0 <= warmup_ratio < 1.0:
             raise LightningPeftError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio}")
         if micro_batch_size is not None and micro_batch_size < 1:
@@ -154,10 +161,12 @@ class PeftModule(LightningModule):
         self.lr_scheduler_type = lr_scheduler_type
         self.warmup_ratio = warmup_ratio
         self.micro_batch_size = micro_batch_size
+        self.regularization = regularization
         # Checkpoints hold only the trainable weights; the frozen base is rebuilt from the backbone config.
         self.strict_loading = False
-        #: terms added to every training loss, by name (callbacks register them, e.g. AdaLoRA's orthogonality)
-        self.loss_terms: dict[str, Callable[[], torch.Tensor]] = {}
+        #: terms added to every training loss, by name (callbacks register them, e.g. AdaLoRA's orthogonality or
+        #: adversarial training); each is called with the batch and the task loss
+        self.loss_terms: dict[str, LossTerm] = {}
 
     # -- construction ---------------------------------------------------------------------------------
     def build_backbone(self, **model_kwargs: Any) -> None:
@@ -208,12 +217,35 @@ class PeftModule(LightningModule):
         positions = torch.arange(mask.shape[1], device=mask.device)
         right_padded = torch.equal(mask.bool(), positions < lengths[:, None])
         if not self.micro_batch_size or len(lengths) <= self.micro_batch_size or not right_padded:
-            return self.compute_loss(self(batch), batch)
+            return self.training_loss(batch)
         total = 0.0
         for rows in lengths.argsort(descending=True).split(self.micro_batch_size):
             chunk = self.micro_batch(batch, rows, width=int(lengths[rows].max()))
-            total = total + self.compute_loss(self(chunk), chunk) * self.loss_weight(chunk)
+            total = total + self.training_loss(chunk) * self.loss_weight(chunk)
         return total / max(self.loss_weight(batch), 1)
+
+    def training_loss(self, batch: Batch) -> torch.Tensor:
+        """The task loss of one (micro-)batch in training; with R-Drop, the mean loss of two dropout passes (one
+        forward over the doubled batch) plus ``rdrop_alpha`` times their symmetric KL divergence."""
+        alpha = self.regularization.rdrop_alpha
+        if not alpha:
+            return self.compute_loss(self(batch), batch)
+        doubled = {key: torch.cat([value, value]) if isinstance(value, torch.Tensor) else value
+                   for key, value in batch.items()}
+        logits_a, logits_b = self(doubled).chunk(2)
+        loss = (self.compute_loss(logits_a, batch) + self.compute_loss(logits_b, batch)) / 2
+        return loss + alpha * self.rdrop_divergence(logits_a, logits_b, batch)
+
+    def rdrop_divergence(self, logits_a: torch.Tensor, logits_b: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """R-Drop's consistency term between two passes' logits: the symmetric KL of the class distributions, per
+        example, or per labelled position for sequence outputs (``labels`` ≠ -100)."""
+        mask = batch["labels"] != IGNORE_INDEX if logits_a.dim() == 3 else None
+        return symmetric_kl(logits_a, logits_b, mask)
+
+    @property
+    def label_smoothing(self) -> float:
+        """The label smoothing of the task's cross-entropy: the configured one in training, none in evaluation."""
+        return self.regularization.label_smoothing if self.training else 0.0
 
     def micro_batch(self, batch: Batch, rows: torch.Tensor, width: int) -> Batch:
         """The tensors of ``batch`` at ``rows``, with the :attr:`sequence_keys` cut to ``width`` positions."""
@@ -228,12 +260,18 @@ class PeftModule(LightningModule):
         return batch
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        """The task loss plus every registered :attr:`loss_terms` (each also logged as ``train/<name>``)."""
-        loss = self.length_grouped_loss(self.prepare_batch(batch))
+        """The task loss plus every registered :attr:`loss_terms` and the L2 term (each also logged as
+        ``train/<name>``)."""
+        batch = self.prepare_batch(batch)
+        task_loss = self.length_grouped_loss(batch)
         size = self.batch_size_of(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        for name, term in self.loss_terms.items():
-            value = term()
+        self.log("train/loss", task_loss, prog_bar=True, batch_size=size)
+        terms = dict(self.loss_terms)
+        if self.regularization.trainable_l2:
+            terms["trainable_l2"] = lambda *_: self.regularization.trainable_l2 * squared_l2(self.parameters())
+        loss = task_loss
+        for name, term in terms.items():
+            value = term(batch, task_loss)
             self.log(f"train/{name}", value, batch_size=size)
             loss = loss + value
         return loss

@@ -19,9 +19,15 @@ from transformers import AutoModelForSequenceClassification
 
 from lightning_peft.backbone import BackboneConfig
 from lightning_peft.errors import LightningPeftError
+from lightning_peft.regularization import Regularization, symmetric_kl
 from lightning_peft.tasks.base import Batch, PeftModule, label_config
 
 ProblemType = Literal["single_label_classification", "multi_label_classification", "regression"]
+
+
+def bernoulli_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Independent sigmoid outputs ``[..., L]`` as two-class logits ``[..., L, 2]`` (``σ(x) = softmax([0, x])₁``)."""
+    return torch.stack([torch.zeros_like(logits), logits], dim=-1)
 
 
 class SequenceClassifier(PeftModule):
@@ -61,10 +67,17 @@ class SequenceClassifier(PeftModule):
         lr_scheduler_type: str = "linear",
         warmup_ratio: float = 0.0,
         micro_batch_size: int | None = 16,
+        regularization: Regularization | None = None,
     ) -> None:
-        super().__init__(backbone, peft, optimizer, lr_scheduler_type, warmup_ratio, micro_batch_size)
+        super().__init__(
+            backbone, peft, optimizer, lr_scheduler_type, warmup_ratio, micro_batch_size, regularization
+        )
         if problem_type == "regression":
             labels = None
+            if self.regularization.label_smoothing:
+                raise LightningPeftError(
+                    "model.regularization.label_smoothing: regression has no classes to smooth; set it to 0"
+                )
         elif not labels:
             raise LightningPeftError(
                 "model.labels: a classifier needs its label names (the CLI links them from the datamodule)"
@@ -112,8 +125,18 @@ class SequenceClassifier(PeftModule):
         if self.problem_type == "regression":
             return F.mse_loss(logits.squeeze(-1), labels.float())
         if self.problem_type == "multi_label_classification":
-            return F.binary_cross_entropy_with_logits(logits, labels.float())
-        return F.cross_entropy(logits, labels)
+            targets = labels.float() * (1 - self.label_smoothing) + self.label_smoothing / 2
+            return F.binary_cross_entropy_with_logits(logits, targets)
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
+    def rdrop_divergence(self, logits_a: torch.Tensor, logits_b: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Symmetric KL between the two passes' class distributions; per-label Bernoulli distributions for
+        multi-label problems (averaged over labels); the squared difference of the two scores for regression."""
+        if self.problem_type == "regression":
+            return F.mse_loss(logits_a.float(), logits_b.float())
+        if self.problem_type == "multi_label_classification":  # each label a two-class distribution
+            return symmetric_kl(bernoulli_logits(logits_a), bernoulli_logits(logits_b))
+        return symmetric_kl(logits_a, logits_b)
 
     def update_metrics(self, metrics: MetricCollection, logits: torch.Tensor, batch: Batch) -> None:
         labels = batch["labels"]

@@ -17,9 +17,9 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM, GenerationConfig, Pr
 from lightning_peft.backbone import BackboneConfig, load_tokenizer
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.metrics.generation import generation_metrics
-from lightning_peft.tasks.base import Batch, PeftModule
+from lightning_peft.regularization import Regularization
+from lightning_peft.tasks.base import IGNORE_INDEX, Batch, PeftModule
 
-IGNORE_INDEX = -100
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
@@ -122,8 +122,11 @@ class Seq2SeqGenerator(PeftModule):
         lr_scheduler_type: str = "linear",
         warmup_ratio: float = 0.0,
         micro_batch_size: int | None = 16,
+        regularization: Regularization | None = None,
     ) -> None:
-        super().__init__(backbone, peft, optimizer, lr_scheduler_type, warmup_ratio, micro_batch_size)
+        super().__init__(
+            backbone, peft, optimizer, lr_scheduler_type, warmup_ratio, micro_batch_size, regularization
+        )
         if val_generation_batches is not None and val_generation_batches < 0:
             raise LightningPeftError(
                 f"model.val_generation_batches: must be a non-negative integer or null, got {val_generation_batches}"
@@ -163,7 +166,10 @@ class Seq2SeqGenerator(PeftModule):
         ).logits
 
     def compute_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), batch["labels"].flatten(),
+            ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing,
+        )
 
     def loss_weight(self, batch: Batch) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())

@@ -15,9 +15,8 @@ from lightning_peft.backbone import BackboneConfig
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.metrics.entities import OUTSIDE, extract_entities
 from lightning_peft.metrics.entity_f1 import EntityF1
-from lightning_peft.tasks.base import Batch, PeftModule, label_config
-
-IGNORE_INDEX = -100
+from lightning_peft.regularization import Regularization
+from lightning_peft.tasks.base import IGNORE_INDEX, Batch, PeftModule, label_config
 
 
 class TokenClassifier(PeftModule):
@@ -56,8 +55,11 @@ class TokenClassifier(PeftModule):
         lr_scheduler_type: str = "linear",
         warmup_ratio: float = 0.0,
         micro_batch_size: int | None = 16,
+        regularization: Regularization | None = None,
     ) -> None:
-        super().__init__(backbone, peft, optimizer, lr_scheduler_type, warmup_ratio, micro_batch_size)
+        super().__init__(
+            backbone, peft, optimizer, lr_scheduler_type, warmup_ratio, micro_batch_size, regularization
+        )
         if not labels:
             raise LightningPeftError("model.labels: a tagger needs its tag set (the CLI links it from the datamodule)")
         self.labels = list(labels)
@@ -75,7 +77,10 @@ class TokenClassifier(PeftModule):
         return logits[:, -inputs["input_ids"].shape[1]:]  # prompt tuning / p-tuning prepend virtual tokens
 
     def compute_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(
+            logits.flatten(0, 1), batch["labels"].flatten(),
+            ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing,
+        )
 
     def loss_weight(self, batch: Batch) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
