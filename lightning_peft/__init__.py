@@ -8,6 +8,7 @@ from lightning_peft.callbacks import (
     AdversarialTraining,
     EarlyStopping,
     JsonlPredictionWriter,
+    TemperatureScaling,
 )
 from lightning_peft.data import (
     ClassificationDataModule,
@@ -20,6 +21,7 @@ from lightning_peft.errors import LightningPeftError
 from lightning_peft.metrics import EntityF1
 from lightning_peft.regularization import Regularization
 from lightning_peft.tasks import PeftModule, Seq2SeqGenerator, SequenceClassifier, TokenClassifier
+from lightning_peft.uncertainty import PredictionOptions
 
 __version__ = "0.1.0"
 
@@ -36,10 +38,12 @@ __all__ = [
     "JsonlPredictionWriter",
     "LightningPeftError",
     "PeftModule",
+    "PredictionOptions",
     "Regularization",
     "Seq2SeqDataModule",
     "Seq2SeqGenerator",
     "SequenceClassifier",
+    "TemperatureScaling",
     "TextDataModule",
     "TokenClassificationDataModule",
     "TokenClassifier",

@@ -5,6 +5,7 @@ from lightning_peft.callbacks.adapter_export import AdapterExport
 from lightning_peft.callbacks.adversarial import AdversarialTraining
 from lightning_peft.callbacks.early_stopping import EarlyStopping
 from lightning_peft.callbacks.prediction_writer import JsonlPredictionWriter
+from lightning_peft.callbacks.temperature_scaling import TemperatureScaling
 
 __all__ = [
     "AdaLoraConfig",
@@ -13,4 +14,5 @@ __all__ = [
     "AdversarialTraining",
     "EarlyStopping",
     "JsonlPredictionWriter",
+    "TemperatureScaling",
 ]

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from peft.tuners.adalora import AdaLoraModel
 
 from lightning_peft.errors import LightningPeftError
+from lightning_peft.figures import pyplot, save_figure
 
 HEATMAP_FILE = "adalora_ranks.png"
 CHECKPOINT_KEY = "adalora"
@@ -179,13 +180,8 @@ class AdaLoRAScheduler(Callback):
             self._heatmap(trainer, directory / HEATMAP_FILE, modules, layers, ranks)
 
     def _heatmap(self, trainer: Trainer, path: Path, modules: list[str], layers: list[int], ranks: list) -> None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            rank_zero_info("AdaLoRAScheduler: matplotlib is not installed; no rank heatmap (pip install matplotlib)")
+        plt = pyplot("AdaLoRAScheduler")
+        if plt is None:
             return
         values = torch.tensor([[float("nan") if r is None else r for r in row] for row in ranks])
         figure, axes = plt.subplots(figsize=(1.2 + 0.5 * len(layers), 1.0 + 0.35 * len(modules)))
@@ -195,15 +191,7 @@ class AdaLoRAScheduler(Callback):
         axes.set_xlabel("layer")
         axes.set_title("AdaLoRA final rank")
         figure.colorbar(image, ax=axes)
-        figure.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=120)
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):  # W&B, Neptune, Comet
-                logger.log_image(key="adalora/ranks", images=[str(path)])
-            elif hasattr(getattr(logger, "experiment", None), "add_figure"):  # TensorBoard
-                logger.experiment.add_figure("adalora/ranks", figure, global_step=trainer.global_step)
-        plt.close(figure)
+        save_figure(trainer, figure, path, "adalora/ranks")
         rank_zero_info(f"AdaLoRA rank heatmap saved to {path}")
 
     # -- checkpoints: a resumed fit continues the schedule with the same sensitivity averages (the ranks are saved

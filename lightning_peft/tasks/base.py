@@ -199,6 +199,10 @@ class PeftModule(LightningModule):
     def batch_size_of(batch: Batch) -> int:
         return int(batch["input_ids"].shape[0])
 
+    #: constructor arguments that only steer inference (e.g. MC dropout): left out of checkpoints, because
+    #: LightningCLI lets a checkpoint's hyper-parameters override the command line of ``test`` / ``predict``
+    inference_arguments: ClassVar[tuple[str, ...]] = ()
+
     #: batch entries whose second dimension is the (right-padded) sequence, trimmed with it in micro-batches
     sequence_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -276,14 +280,16 @@ class PeftModule(LightningModule):
             loss = loss + value
         return loss
 
-    def _evaluation_step(self, batch: Batch, stage: str, metrics: MetricCollection | None) -> None:
-        """Log the batch's loss as ``<stage>/loss`` and, unless ``metrics`` is ``None``, update the metrics."""
+    def _evaluation_step(self, batch: Batch, stage: str, metrics: MetricCollection | None) -> torch.Tensor:
+        """Log the batch's loss as ``<stage>/loss`` and, unless ``metrics`` is ``None``, update the metrics; return
+        the logits."""
         batch = self.prepare_batch(batch)
         logits = self(batch)
         loss = self.compute_loss(logits, batch)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=self.batch_size_of(batch), sync_dist=True)
         if metrics is not None:
             self.update_metrics(metrics, logits, batch)
+        return logits
 
     def _log_epoch_metrics(self, metrics: MetricCollection, prog_bar: bool) -> None:
         # compute() syncs the metric states across processes; metrics may return dicts (e.g. per-type F1)
@@ -326,6 +332,11 @@ class PeftModule(LightningModule):
         )
 
     # -- adapter-only checkpoints ---------------------------------------------------------------------
+    def task_buffer_keys(self) -> set[str]:
+        """State-dict names of the task's own buffers (outside the transformer, e.g. a fitted temperature): kept in
+        adapter-only checkpoints with the trainable weights."""
+        return {clean_tensor_name(name) for name, _ in self.named_buffers() if not name.startswith("model.")}
+
     def trainable_state_keys(self) -> set[str]:
         """State-dict names of the trainable weights, without FSDP / activation-checkpointing wrapper prefixes
         (under FSDP, ``named_parameters`` sees the wrappers but checkpoints hold the original names)."""
@@ -344,14 +355,15 @@ class PeftModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep plain hyper-parameters, the trainable weights, the rank pattern and the latest ``val/`` metrics."""
-        checkpoint["hyper_parameters"] = plain_hyperparameters(checkpoint.get("hyper_parameters", {}))
+        hparams = plain_hyperparameters(checkpoint.get("hyper_parameters", {}))
+        checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if k not in self.inference_arguments}
         if self.rank_pattern:
             checkpoint[RANK_PATTERN_KEY] = self.rank_pattern
         if self._trainer is not None:
             checkpoint[METRICS_KEY] = validation_metrics(self.trainer.callback_metrics)
         if not self.backbone_config.is_pretrained:
             return  # a randomly initialised base cannot be rebuilt: keep all of it
-        keep = self.trainable_state_keys()
+        keep = self.trainable_state_keys() | self.task_buffer_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -438,7 +450,8 @@ class PeftModule(LightningModule):
         method = peft_config.peft_type.value if peft_config else "full fine-tuning"
         trainable, total = count_parameters(self)
         hparams = plain_hyperparameters(dict(self.hparams))
-        hparams = {k: v for k, v in hparams.items() if k not in ("backbone", "peft", "labels") and k[0] != "_"}
+        skipped = ("backbone", "peft", "labels", *self.inference_arguments)
+        hparams = {k: v for k, v in hparams.items() if k not in skipped and k[0] != "_"}
         hparams["optimizer"] = optimizer_summary(self.optimizer_factory)
         labels = self.model_config_kwargs().get("id2label")
         base = self.backbone_config.pretrained_model_name_or_path

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
-from peft import PeftConfig, TaskType
+from lightning.pytorch.utilities import rank_zero_info
+from peft import PeftConfig, PeftModel, TaskType
 from torchmetrics import MeanSquaredError, MetricCollection, PearsonCorrCoef, SpearmanCorrCoef
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -17,12 +21,31 @@ from torchmetrics.classification import (
 )
 from transformers import AutoModelForSequenceClassification
 
+from lightning_peft import figures
 from lightning_peft.backbone import BackboneConfig
+from lightning_peft.calibration import (
+    ConfidenceRecord,
+    accuracy_coverage,
+    aurc,
+    calibration_metrics,
+    reliability_bins,
+)
 from lightning_peft.errors import LightningPeftError
+from lightning_peft.model_card import ModelCard
 from lightning_peft.regularization import Regularization, symmetric_kl
-from lightning_peft.tasks.base import Batch, PeftModule, label_config
+from lightning_peft.tasks.base import LABELS_FILE, Batch, PeftModule, label_config
+from lightning_peft.uncertainty import (
+    CALIBRATION_FILE,
+    PredictionOptions,
+    adapter_temperature,
+    as_prediction_options,
+    dropout_on,
+    summarise_samples,
+)
 
 ProblemType = Literal["single_label_classification", "multi_label_classification", "regression"]
+RELIABILITY_FILE = "reliability_diagram.png"
+COVERAGE_FILE = "accuracy_coverage.png"
 
 
 def bernoulli_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -38,6 +61,8 @@ class SequenceClassifier(PeftModule):
         problem_type: ``single_label_classification`` (cross-entropy), ``multi_label_classification``
             (binary cross-entropy, sigmoid ≥ ``threshold``) or ``regression`` (MSE on one output).
         threshold: decision threshold for multi-label prediction.
+        prediction: single-label only: MC dropout, adapter ensembles and abstention in ``predict`` (see
+            :class:`~lightning_peft.uncertainty.PredictionOptions`).
         Other arguments: see :class:`~lightning_peft.tasks.base.PeftModule`.
 
     Example::
@@ -51,10 +76,17 @@ class SequenceClassifier(PeftModule):
 
     Subclass and override :meth:`forward` to swap the head, or :meth:`compute_loss` to swap the loss
     (``examples/custom_head.py``).
+
+    Single-label classifiers also report calibration: ``ece``, ``mce``, ``nll`` and ``brier`` in validation and
+    test; at test, ``test/aurc`` (selective prediction) and two PNGs in the log directory, sent to the logger:
+    ``reliability_diagram.png`` and ``accuracy_coverage.png``. A fitted ``temperature`` (see
+    :class:`~lightning_peft.callbacks.TemperatureScaling`) divides the logits in ``predict``, is saved in
+    checkpoints and exports (``calibration.json``), and adds ``test/<metric>_scaled``.
     """
 
     auto_model_class = AutoModelForSequenceClassification
     peft_task_type = TaskType.SEQ_CLS
+    inference_arguments = ("prediction",)
 
     def __init__(
         self,
@@ -68,6 +100,7 @@ class SequenceClassifier(PeftModule):
         warmup_ratio: float = 0.0,
         micro_batch_size: int | None = 16,
         regularization: Regularization | None = None,
+        prediction: PredictionOptions | None = None,
     ) -> None:
         super().__init__(
             backbone, peft, optimizer, lr_scheduler_type, warmup_ratio, micro_batch_size, regularization
@@ -85,7 +118,23 @@ class SequenceClassifier(PeftModule):
         self.labels = list(labels) if labels else None
         self.problem_type = problem_type
         self.threshold = threshold
+        self.prediction = as_prediction_options(prediction)
+        if not self.is_single_label and not self.prediction.is_default:
+            raise LightningPeftError(
+                "model.prediction: MC dropout, ensembles and abstention are implemented for single-label "
+                f"classification, not {problem_type}"
+            )
+        #: softmax temperature (1: none); fitted by the TemperatureScaling callback, kept in checkpoints and exports
+        self.register_buffer("temperature", torch.ones(()))
         self.build_backbone(**self.model_config_kwargs())
+        if self.is_single_label:
+            self.scaled_test_metrics = calibration_metrics(self.num_outputs).clone(prefix="test/", postfix="_scaled")
+            self.test_confidences = ConfidenceRecord()
+            self.scaled_test_confidences = ConfidenceRecord()
+
+    @property
+    def is_single_label(self) -> bool:
+        return self.problem_type == "single_label_classification"
 
     def model_config_kwargs(self) -> dict[str, Any]:
         if not self.labels:
@@ -113,6 +162,7 @@ class SequenceClassifier(PeftModule):
             {
                 "accuracy": MulticlassAccuracy(num_classes=n, average="micro"),
                 "f1": MulticlassF1Score(num_classes=n, average="macro"),
+                **calibration_metrics(n),
             }
         )
 
@@ -147,26 +197,155 @@ class SequenceClassifier(PeftModule):
         else:
             metrics.update(logits.float(), labels)
 
+    # -- test report: calibration before / after the temperature, selective prediction ----------------------
+    @property
+    def is_temperature_scaled(self) -> bool:
+        return float(self.temperature) != 1.0
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        logits = self._evaluation_step(batch, "test", self.test_metrics)
+        if self.is_single_label:
+            logits, labels = logits.float(), batch["labels"]
+            self.test_confidences.update(logits, labels)
+            if self.is_temperature_scaled:
+                self.scaled_test_metrics.update(logits / self.temperature, labels)
+                self.scaled_test_confidences.update(logits / self.temperature, labels)
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        if not self.is_single_label:
+            return
+        raw = self.test_confidences.compute()
+        scaled = self.scaled_test_confidences.compute() if self.is_temperature_scaled else raw
+        if self.is_temperature_scaled:
+            self.log_dict(self.scaled_test_metrics.compute())
+            self.scaled_test_metrics.reset()
+        area = aurc(*scaled)
+        self.log("test/aurc", area)
+        self.test_confidences.reset()
+        self.scaled_test_confidences.reset()
+        if self.trainer.is_global_zero and len(raw[0]):
+            self.save_test_figures(raw, scaled, area)
+
+    def save_test_figures(self, raw: tuple[torch.Tensor, ...], scaled: tuple[torch.Tensor, ...], area: float) -> None:
+        """The reliability diagram (before and after the temperature) and the accuracy–coverage curve, as PNGs in
+        the log directory, sent to the loggers that take images."""
+        if figures.pyplot("test report") is None:
+            return
+        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        curves = {"model": reliability_bins(*(t.cpu() for t in raw))}
+        if self.is_temperature_scaled:
+            curves[f"temperature {float(self.temperature):.3f}"] = reliability_bins(*(t.cpu() for t in scaled))
+        for figure, name, key in (
+            (figures.reliability_diagram(curves), RELIABILITY_FILE, "test/reliability_diagram"),
+            (figures.accuracy_coverage_curve(*accuracy_coverage(*(t.cpu() for t in scaled)), area), COVERAGE_FILE,
+             "test/accuracy_coverage"),
+        ):
+            rank_zero_info(f"{key.split('/')[1].replace('_', ' ')} saved to "
+                           f"{figures.save_figure(self.trainer, figure, directory / name, key)}")
+
+    # -- prediction -----------------------------------------------------------------------------------------
+    def on_predict_start(self) -> None:
+        """Load the :attr:`prediction` ensemble's adapters next to the model's own (once)."""
+        for index, path in enumerate(self.prediction.ensemble):
+            self._load_ensemble_member(f"ensemble_{index}", path)
+
+    def _load_ensemble_member(self, name: str, path: str) -> None:
+        if not isinstance(self.model, PeftModel):
+            raise LightningPeftError("model.prediction.ensemble: needs a PEFT model (model.peft) to load adapters into")
+        labels_file = Path(path) / LABELS_FILE
+        if labels_file.is_file():
+            theirs = list(json.loads(labels_file.read_text()).get("id2label", {}).values())
+            if theirs != self.labels:
+                raise LightningPeftError(
+                    f"model.prediction.ensemble: {path} was trained on labels {theirs}, this model has {self.labels}"
+                )
+        if name in self.model.peft_config:
+            return
+        try:
+            self.model.load_adapter(path, adapter_name=name, torch_device=str(self.device))
+        except Exception as err:  # peft's errors: a different base model, PEFT type or head
+            raise LightningPeftError(f"model.prediction.ensemble: cannot load {path} into this model: {err}") from err
+
+    def ensemble_members(self) -> list[tuple[str | None, float]]:
+        """(adapter name, temperature) per member; ``None`` is the model's own adapter."""
+        if not self.prediction.ensemble:
+            return [(None, float(self.temperature))]
+        return [(f"ensemble_{i}", adapter_temperature(p)) for i, p in enumerate(self.prediction.ensemble)]
+
+    def class_distribution(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per example: ``mean`` class probabilities over the ensemble members and MC-dropout samples (each
+        member's logits divided by its temperature), predictive ``entropy`` and per-class ``std``."""
+        samples = []
+        own = self.model.active_adapter if isinstance(self.model, PeftModel) else None
+        passes = self.prediction.mc_samples or 1
+        try:
+            with dropout_on(self.model) if self.prediction.mc_samples else nullcontext():
+                for adapter, temperature in self.ensemble_members():
+                    if adapter is not None:
+                        self.model.set_adapter(adapter)
+                    samples += [(self(batch).float() / temperature).softmax(-1) for _ in range(passes)]
+        finally:
+            if own is not None and self.prediction.ensemble:
+                self.model.set_adapter(own)
+        return summarise_samples(torch.stack(samples))
+
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
         """One record per example: its ``text`` (and ``text_pair``), then ``label`` (or ``labels`` / ``score``)
-        and per-label ``probabilities``."""
-        logits = self(batch).float()
+        and per-label ``probabilities``; single-label records also carry ``confidence`` and ``entropy``, ``std``
+        per label with MC dropout or an ensemble, and ``abstained`` / ``predicted`` with ``abstain_below``."""
         inputs = [
             {k: batch[k][i] for k in ("text", "text_pair") if k in batch} for i in range(self.batch_size_of(batch))
         ]
-        if self.problem_type == "regression":
-            outputs = [{"score": value} for value in logits.squeeze(-1).tolist()]
-        elif self.problem_type == "multi_label_classification":
+        if self.is_single_label:
+            outputs = self.single_label_records(self.class_distribution(batch))
+        elif self.problem_type == "regression":
+            outputs = [{"score": value} for value in self(batch).float().squeeze(-1).tolist()]
+        else:
             outputs = [
                 {
                     "labels": [name for name, p in zip(self.labels, row, strict=True) if p >= self.threshold],
                     "probabilities": dict(zip(self.labels, row, strict=True)),
                 }
-                for row in torch.sigmoid(logits).tolist()
-            ]
-        else:
-            outputs = [
-                {"label": self.labels[row.index(max(row))], "probabilities": dict(zip(self.labels, row, strict=True))}
-                for row in torch.softmax(logits, dim=-1).tolist()
+                for row in torch.sigmoid(self(batch).float()).tolist()
             ]
         return [{**given, **output} for given, output in zip(inputs, outputs, strict=True)]
+
+    def single_label_records(self, distribution: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        sampled = bool(self.prediction.mc_samples or self.prediction.ensemble)
+        records = []
+        for mean, entropy, std in zip(
+            distribution["mean"].tolist(), distribution["entropy"].tolist(), distribution["std"].tolist(), strict=True
+        ):
+            confidence = max(mean)
+            label = self.labels[mean.index(confidence)]
+            record: dict[str, Any] = {
+                "label": label, "probabilities": dict(zip(self.labels, mean, strict=True)),
+                "confidence": confidence, "entropy": entropy,
+            }
+            if sampled:
+                record["std"] = dict(zip(self.labels, std, strict=True))
+            if self.prediction.abstain_below is not None:
+                abstained = confidence < self.prediction.abstain_below
+                record.update(label=None if abstained else label, abstained=abstained, predicted=label)
+            records.append(record)
+        return records
+
+    # -- export ---------------------------------------------------------------------------------------------
+    def save_extras(self, directory: Path) -> None:
+        """``labels.json``, and ``calibration.json`` with the fitted temperature when there is one."""
+        super().save_extras(directory)
+        if self.is_temperature_scaled:
+            calibration = {"temperature": float(self.temperature), "usage": "probabilities = softmax(logits / T)"}
+            (directory / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2) + "\n")
+
+    def model_card(
+        self, directory: Path, metrics: dict[str, float], data: dict[str, Any], training: dict[str, Any],
+        merged_note: str,
+    ) -> ModelCard:
+        card = super().model_card(directory, metrics, data, training, merged_note)
+        if self.is_temperature_scaled:
+            card.training["temperature"] = (
+                f"{float(self.temperature):.4f} (fitted on validation; divide the logits by it: {CALIBRATION_FILE})"
+            )
+        return card

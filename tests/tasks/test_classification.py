@@ -44,7 +44,9 @@ def test_learns_the_toy_task(backbone, tiny_bert_dir, toy_data, tmp_path):
     after = trainer.test(model, datamodule=dm, verbose=False)[0]
     assert after["test/loss"] < 0.5 * before["val/loss"]
     assert after["test/accuracy"] >= 0.9
-    assert set(after) == {"test/loss", "test/accuracy", "test/f1"}
+    calibration = {"test/ece", "test/mce", "test/nll", "test/brier", "test/aurc"}
+    assert set(after) == {"test/loss", "test/accuracy", "test/f1", *calibration}
+    assert after["test/nll"] == pytest.approx(after["test/loss"], rel=1e-4)  # the same cross-entropy
 
 
 def test_optimizer_groups_and_warmup_schedule(backbone, lora, tiny_bert_dir, toy_data, tmp_path):
@@ -125,8 +127,9 @@ def trainable_state(model: SequenceClassifier) -> dict[str, torch.Tensor]:
 def test_checkpoint_holds_only_trainable_weights(backbone, lora, tiny_bert_dir, toy_data, tmp_path):
     model = fit_with_checkpoints(backbone, lora, tiny_bert_dir, toy_data, tmp_path, stop_after=1)
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
-    assert set(checkpoint["state_dict"]) == set(trainable_state(model))
-    assert all("lora_" in k or "classifier.modules_to_save" in k for k in checkpoint["state_dict"])
+    # the trainable weights, and the task's own buffer: the softmax temperature (1 until calibrated)
+    assert set(checkpoint["state_dict"]) == set(trainable_state(model)) | {"temperature"}
+    assert all("lora_" in k or "classifier.modules_to_save" in k for k in set(checkpoint["state_dict"]) - {"temperature"})
     assert checkpoint["optimizer_states"] and checkpoint["lr_schedulers"]
     full = sum(v.numel() for v in model.state_dict().values())
     assert sum(v.numel() for v in checkpoint["state_dict"].values()) < full / 5
