@@ -4,6 +4,7 @@
     lightning-peft test --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/best.ckpt
     lightning-peft predict --config configs/quickstart.yaml --ckpt_path … --predictions_path preds.jsonl
     lightning-peft export --config configs/quickstart.yaml --ckpt_path … --export_dir runs/quickstart/export [--merge]
+    lightning-peft explain --config configs/quickstart.yaml --ckpt_path … --input "the food was great"
     lightning-peft sweep configs/sweeps/quickstart.yaml --trials 2
 """
 
@@ -21,7 +22,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning_peft.callbacks.prediction_writer import JsonlPredictionWriter
 from lightning_peft.data.base import TextDataModule
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.export import export_checkpoint
+from lightning_peft.explain import METHODS, explain
+from lightning_peft.export import export_checkpoint, load_checkpoint, weights_from
 from lightning_peft.sweep import sweep_main
 from lightning_peft.tasks.base import PeftModule
 
@@ -148,6 +150,41 @@ class ExportCLI(LightningPeftCLI):
         )
 
 
+class ExplainCLI(LightningPeftCLI):
+    """``lightning-peft explain``: rebuild the model from the config, load a checkpoint, attribute one input."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint whose model to explain")
+        parser.add_argument("--input", type=str, required=True, help="the text to explain (a tagger: words split on "
+                            "whitespace)")
+        parser.add_argument("--output_dir", type=str | None, default=None,
+                            help="where explanation.html and explanation.json go (default: <default_root_dir>/"
+                            "explanations)")
+        parser.add_argument("--methods", type=list[str], default=list(METHODS), help=f"any of {list(METHODS)}")
+        parser.add_argument("--target", type=str | None, default=None,
+                            help="classifier label to explain (default: the predicted one)")
+        parser.add_argument("--n_steps", type=int, default=50, help="integrated-gradients steps")
+
+    def run_explain(self) -> tuple[Path, Path]:
+        datamodule = self.datamodule if isinstance(self.datamodule, TextDataModule) else None
+        if datamodule is None:
+            raise LightningPeftError("explain: needs the config's data section for its tokenizer")
+        with weights_from(self.model, load_checkpoint(self.config["ckpt_path"])):
+            explanation = explain(
+                self.model, datamodule.tokenizer, self.config["input"], methods=self.config["methods"],
+                target=self.config["target"], n_steps=self.config["n_steps"], max_length=datamodule.max_length,
+            )
+        for attribution in explanation.attributions:
+            for method, scores in attribution.scores.items():
+                top = sorted(zip(scores, explanation.tokens, strict=True), key=lambda p: -abs(p[0]))[:5]
+                print(f"{attribution.target} | {method}: " + ", ".join(f"{t} {s:+.3f}" for s, t in top))
+        if not explanation.attributions:
+            print(f"nothing to explain: no entity predicted in {explanation.text!r}")
+        output_dir = self.config["output_dir"] or Path(self.trainer.default_root_dir) / "explanations"
+        return explanation.save(output_dir)
+
+
 def _user_error(err: BaseException) -> LightningPeftError | None:
     """The :class:`LightningPeftError` behind ``err``, if any (jsonargparse wraps errors raised in links)."""
     while err is not None and not isinstance(err, LightningPeftError):
@@ -164,6 +201,12 @@ def main(args: list[str] | None = None) -> None:
                 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
                 cli = ExportCLI(args=argv[1:], run=False, save_config_callback=None)
             print(f"exported to {cli.run_export()}")
+        elif argv and argv[0] == "explain":
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+                cli = ExplainCLI(args=argv[1:], run=False, save_config_callback=None)
+            html_path, json_path = cli.run_explain()
+            print(f"explanation written to {html_path} and {json_path}")
         elif argv and argv[0] == "sweep":
             sweep_main(argv[1:])
         else:

@@ -175,6 +175,13 @@ def save_adapter(model: PeftModel, directory: Path, initial_state: dict[str, tor
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint, on the CPU, or a clear error when the file is missing."""
+    if not Path(ckpt_path).is_file():
+        raise LightningPeftError(f"--ckpt_path: {str(ckpt_path)!r} does not exist or is not a file")
+    return torch.load(ckpt_path, map_location="cpu", weights_only=False)
+
+
 def export_checkpoint(
     module: PeftModule,
     ckpt_path: str | Path,
@@ -191,9 +198,7 @@ def export_checkpoint(
         export_checkpoint(model, "runs/sst2/checkpoints/best.ckpt", "runs/sst2/export", tokenizer, merge=True)
     """
     ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise LightningPeftError(f"--ckpt_path: {str(ckpt_path)!r} does not exist or is not a file")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(ckpt_path)
     training = {"checkpoint": ckpt_path.name, "epoch": checkpoint.get("epoch"),
                 "optimizer steps": checkpoint.get("global_step")}
     with weights_from(module, checkpoint):

@@ -266,6 +266,7 @@ def test_shipped_configs_fit(config, tmp_path, monkeypatch, capsys):
     configs = ["--config", "configs/quickstart.yaml"] * add_on + ["--config", str(config)]
     args = [
         "fit", *configs, "--trainer.fast_dev_run", "2", "--trainer.default_root_dir", str(tmp_path),
+        "--checkpoint.dirpath", str(tmp_path / "checkpoints"),  # not the preset's runs/…: keep the checkout clean
         "--data.init_args.limit_train_samples", "64", "--data.init_args.limit_eval_samples", "64",
     ]
     if config.name in ADD_ONS_UNSUPPORTED_BY_THE_QUICKSTART:

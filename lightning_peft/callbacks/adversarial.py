@@ -13,22 +13,6 @@ from lightning_peft.tasks.base import Batch, PeftModule
 ADVERSARIAL_TERM = "adversarial"
 
 
-def input_embeddings(pl_module: LightningModule, owner: str) -> torch.nn.Module:
-    """The task model's input-embedding module (``get_input_embeddings()``), or a clear error naming ``owner``."""
-    model = getattr(pl_module, "model", None)
-    getter = getattr(model, "get_input_embeddings", None)
-    try:
-        embeddings = getter() if getter is not None else None
-    except NotImplementedError:
-        embeddings = None
-    if not isinstance(embeddings, torch.nn.Module):
-        raise LightningPeftError(
-            f"{owner}: {type(model).__name__} gives no access to its input embeddings (get_input_embeddings()); "
-            "it needs a transformers model with an embedding layer"
-        )
-    return embeddings
-
-
 def per_example_unit(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` scaled so that each example (first dimension) has L2 norm 1 (zero rows stay zero)."""
     norms = tensor.flatten(1).norm(dim=1).clamp_min(1e-12)
@@ -100,7 +84,7 @@ class AdversarialTraining(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not isinstance(pl_module, PeftModule):
             raise LightningPeftError(f"AdversarialTraining: needs a lightning-peft task, got {type(pl_module)}")
-        self._hook = input_embeddings(pl_module, "AdversarialTraining").register_forward_hook(self._on_embeddings)
+        self._hook = pl_module.input_embeddings("AdversarialTraining").register_forward_hook(self._on_embeddings)
         pl_module.loss_terms[ADVERSARIAL_TERM] = lambda batch, loss: self.adversarial_loss(pl_module, batch, loss)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

@@ -195,6 +195,21 @@ class PeftModule(LightningModule):
     def update_metrics(self, metrics: MetricCollection, logits: torch.Tensor, batch: Batch) -> None:
         raise NotImplementedError
 
+    def input_embeddings(self, owner: str) -> torch.nn.Module:
+        """The model's input-embedding layer (``get_input_embeddings()``), or a clear error naming ``owner`` (the
+        feature that needs it: adversarial training, attributions)."""
+        getter = getattr(self.model, "get_input_embeddings", None)
+        try:
+            embeddings = getter() if getter is not None else None
+        except NotImplementedError:
+            embeddings = None
+        if not isinstance(embeddings, torch.nn.Module):
+            raise LightningPeftError(
+                f"{owner}: {type(self.model).__name__} gives no access to its input embeddings "
+                "(get_input_embeddings()); it needs a transformers model with an embedding layer"
+            )
+        return embeddings
+
     @staticmethod
     def batch_size_of(batch: Batch) -> int:
         return int(batch["input_ids"].shape[0])
