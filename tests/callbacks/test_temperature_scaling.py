@@ -61,6 +61,18 @@ def test_fit_calibrates_exports_tests_and_predicts(tmp_path, tiny_bert_dir, toy_
         assert {"probabilities", "confidence", "entropy", "std", "abstained", "predicted"} <= set(record)
         assert (record["label"] is None) == (record["confidence"] < 0.6)
 
+    main(["predict", "--config", config, "--ckpt_path", str(best), "--predictions_path", str(predictions)])
+    calibrated = [json.loads(line) for line in predictions.read_text().splitlines()]
+    adapter = tmp_path / "export" / "adapter"
+    main([  # an ensemble from the command line, without a checkpoint: only the exported adapters are used
+        "predict", "--config", config, "--predictions_path", str(predictions),
+        "--model.init_args.prediction.ensemble", f"[{adapter}, {adapter}]",
+    ])
+    ensembled = [json.loads(line) for line in predictions.read_text().splitlines()]
+    for plain, member in zip(calibrated, ensembled, strict=True):  # the export carries weights and temperature
+        assert member["probabilities"] == pytest.approx(plain["probabilities"], abs=1e-5)
+    assert all(max(r["std"].values()) < 1e-6 for r in ensembled)  # two copies of one adapter agree
+
 
 def test_calibration_without_a_validation_split_is_refused(tmp_path, tiny_bert_dir, toy_data, capsys):
     config = calibrated_config(tmp_path, tiny_bert_dir, toy_data, validation_file=None)
