@@ -108,3 +108,24 @@ def test_fit_from_yaml_with_pgd_rdrop_and_l2_logs_each_term(tmp_path, tiny_bert_
         main(["fit", "--config", str(config_path), "--trainer.callbacks.init_args.epsilon", "-1"])
     assert exit_info.value.code == 2
     assert "error: AdversarialTraining.epsilon: must be > 0, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "ia3"])
+def test_works_with_other_peft_methods(backbone, method):
+    from peft import IA3Config, PromptTuningConfig
+
+    torch.manual_seed(0)
+    config = (PromptTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS") if method == "prompt_tuning"
+              else IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"],
+                             init_ia3_weights=False))
+    model = SequenceClassifier(backbone, config, labels=["a", "b"]).eval()
+    batch = padded_batch([5, 9, 3])
+    batch["labels"] = torch.tensor([0, 1, 1])
+    callback = AdversarialTraining(method="pgd", epsilon=0.5, steps=2)
+    callback.on_fit_start(None, model)
+    callback.on_train_batch_start(None, model, batch, 0)
+    clean_loss = model.length_grouped_loss(batch)
+    adversarial = model.loss_terms["adversarial"](batch, clean_loss)
+    assert adversarial.item() > clean_loss.item()
+    adversarial.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
