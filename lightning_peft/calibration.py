@@ -15,7 +15,30 @@ from torchmetrics.classification import MulticlassCalibrationError
 CALIBRATION_BINS = 15
 
 
-class NegativeLogLikelihood(Metric):
+class _ExampleMean(Metric):
+    """The mean over examples of :meth:`summed` (a per-batch sum), with summed states (DDP-synchronised)."""
+
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")
+
+    def summed(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        # out of place: states reset inside inference mode are inference tensors
+        self.total = self.total + self.summed(logits.float(), target).double()
+        self.count = self.count + target.numel()
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count.clamp_min(1)).float()
+
+
+class NegativeLogLikelihood(_ExampleMean):
     """Mean negative log-likelihood of the gold class under ``softmax(logits)``.
 
     Example::
@@ -25,24 +48,11 @@ class NegativeLogLikelihood(Metric):
         nll.compute()  # tensor(0.1269)
     """
 
-    higher_is_better = False
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")
-
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        # out of place: states reset inside inference mode are inference tensors
-        self.total = self.total + F.cross_entropy(logits.float(), target, reduction="sum").double()
-        self.count = self.count + target.numel()
-
-    def compute(self) -> torch.Tensor:
-        return (self.total / self.count.clamp_min(1)).float()
+    def summed(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target, reduction="sum")
 
 
-class BrierScore(Metric):
+class BrierScore(_ExampleMean):
     """Mean multi-class Brier score ``Σ_k (p_k − 1[k = y])²`` (0 is perfect, 2 the worst).
 
     Example::
@@ -52,22 +62,9 @@ class BrierScore(Metric):
         brier.compute()  # tensor(0.5000)
     """
 
-    higher_is_better = False
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")
-
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        probabilities = logits.float().softmax(-1)
-        one_hot = F.one_hot(target, probabilities.shape[-1]).to(probabilities)
-        self.total = self.total + (probabilities - one_hot).pow(2).sum().double()
-        self.count = self.count + target.numel()
-
-    def compute(self) -> torch.Tensor:
-        return (self.total / self.count.clamp_min(1)).float()
+    def summed(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        probabilities = logits.softmax(-1)
+        return (probabilities - F.one_hot(target, probabilities.shape[-1]).to(probabilities)).pow(2).sum()
 
 
 class ConfidenceRecord(Metric):
