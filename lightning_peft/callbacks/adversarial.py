@@ -29,7 +29,8 @@ def project(delta: torch.Tensor, epsilon: float) -> torch.Tensor:
 class AdversarialTraining(Callback):
     """Adds an adversarial loss to every training step (FGM, Miyato et al. 2017; PGD, Madry et al. 2018).
 
-    The perturbation is added to the *output* of the input-embedding layer through a forward hook, so the
+    The perturbation is added to the *output* of the input-embedding layer (and of the layers tied to it, such as
+    T5's encoder and decoder ``embed_tokens``) through a forward hook, so the
     embedding weights are never touched (they may be frozen by PEFT, and nothing needs restoring); outside the
     training step the hook passes outputs through unchanged. Per training step:
 
@@ -75,7 +76,7 @@ class AdversarialTraining(Callback):
         self.alpha = alpha
         self.steps = steps
         self.weight = weight
-        self._hook: Any = None
+        self._hooks: list[Any] = []
         self._recorded: list[torch.Tensor] | None = None  # embedding outputs of the clean pass, when recording
         self._deltas: list[torch.Tensor] | None = None  # perturbations to add, in call order, when perturbing
         self._calls = 0  # embedding calls of the perturbed pass so far
@@ -84,16 +85,17 @@ class AdversarialTraining(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not isinstance(pl_module, PeftModule):
             raise LightningPeftError(f"AdversarialTraining: needs a lightning-peft task, got {type(pl_module)}")
-        self._hook = pl_module.input_embeddings("AdversarialTraining").register_forward_hook(self._on_embeddings)
+        self._hooks = [layer.register_forward_hook(self._on_embeddings)
+                       for layer in pl_module.input_embedding_layers("AdversarialTraining")]
         pl_module.loss_terms[ADVERSARIAL_TERM] = lambda batch, loss: self.adversarial_loss(pl_module, batch, loss)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._recorded = []
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         pl_module.loss_terms.pop(ADVERSARIAL_TERM, None)
 
     on_exception = on_fit_end

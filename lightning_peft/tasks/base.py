@@ -210,6 +210,15 @@ class PeftModule(LightningModule):
             )
         return embeddings
 
+    def input_embedding_layers(self, owner: str) -> list[torch.nn.Module]:
+        """:meth:`input_embeddings` and every embedding layer tied to it: T5's encoder and decoder each call their
+        own ``embed_tokens`` module, which shares the weight of ``shared`` (what ``get_input_embeddings()`` gives)."""
+        embeddings = self.input_embeddings(owner)
+        weight = getattr(embeddings, "weight", None)
+        tied = [m for m in self.model.modules() if m is not embeddings and weight is not None
+                and isinstance(m, torch.nn.Embedding) and m.weight is weight]
+        return [embeddings, *tied]
+
     @staticmethod
     def batch_size_of(batch: Batch) -> int:
         return int(batch["input_ids"].shape[0])

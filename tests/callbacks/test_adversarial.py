@@ -129,3 +129,24 @@ def test_works_with_other_peft_methods(backbone, method):
     assert adversarial.item() > clean_loss.item()
     adversarial.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_works_for_seq2seq_with_rdrop(tiny_t5_dir):
+    from lightning_peft import BackboneConfig, Seq2SeqGenerator
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, target_modules=["q", "v"], init_lora_weights=False, lora_dropout=0.3)
+    model = Seq2SeqGenerator(BackboneConfig(str(tiny_t5_dir)), lora, regularization={"rdrop_alpha": 1.0})
+    model.train()
+    batch = padded_batch([5, 9, 3], vocab=20)
+    batch.pop("token_type_ids")
+    batch["labels"] = torch.randint(5, 20, (3, 4))
+    batch["labels"][0, 3] = -100
+    callback = AdversarialTraining(method="fgm", epsilon=0.5)
+    callback.on_fit_start(None, model)
+    callback.on_train_batch_start(None, model, batch, 0)
+    clean_loss = model.length_grouped_loss(batch)  # R-Drop: two dropout passes inside
+    adversarial = model.loss_terms["adversarial"](batch, clean_loss)
+    assert torch.isfinite(adversarial) and adversarial.item() > 0
+    (clean_loss + adversarial).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
