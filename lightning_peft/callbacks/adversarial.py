@@ -45,7 +45,8 @@ class AdversarialTraining(Callback):
     R-Drop and length-grouped micro-batches (each micro-batch gets its own perturbation).
 
     Args:
-        method: ``fgm`` (one extra forward/backward) or ``pgd`` (``steps`` + 1 extra passes).
+        method: ``fgm`` (a step costs about 3x a plain one: a gradient to the embeddings, then a perturbed forward
+            and backward) or ``pgd`` (``steps`` more perturbed forward/backward passes).
         epsilon: radius of the perturbation, L2 norm per example over (positions × hidden size).
         alpha: PGD step size.
         steps: PGD ascent steps K.
