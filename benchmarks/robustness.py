@@ -7,8 +7,8 @@ training rows (the classification benchmark's sample), batch 32, max_length 64, 
 decay 0.01), linear decay, gradients clipped at 1.0, our default batching; seeds 42, 43, 44. Configurations:
 
 - ``lora``: plain LoRA;
-- ``lora_fgm``: + ``AdversarialTraining(method="fgm", epsilon=1.0)``;
-- ``lora_pgd``: + ``AdversarialTraining(method="pgd", epsilon=1.0, alpha=0.3, steps=3)``;
+- ``lora_fgm``: + ``AdversarialTraining(method="fgm", epsilon=0.1)`` (the callback's defaults);
+- ``lora_pgd``: + ``AdversarialTraining(method="pgd", epsilon=0.1, alpha=0.03, steps=3)``;
 - ``lora_rdrop``: + ``regularization.rdrop_alpha=1.0``;
 - ``lora_label_smoothing``: + ``regularization.label_smoothing=0.1``;
 - ``lora_l2``: + ``regularization.trainable_l2=1e-3`` (L2 on the adapter and head only).
@@ -40,8 +40,8 @@ RUNS = ("lora", "lora_fgm", "lora_pgd", "lora_rdrop", "lora_label_smoothing", "l
 #: run → (AdversarialTraining options or None, Regularization options)
 CONFIGURATIONS: dict[str, tuple[dict[str, Any] | None, dict[str, float]]] = {
     "lora": (None, {}),
-    "lora_fgm": ({"method": "fgm", "epsilon": 1.0}, {}),
-    "lora_pgd": ({"method": "pgd", "epsilon": 1.0, "alpha": 0.3, "steps": 3}, {}),
+    "lora_fgm": ({"method": "fgm", "epsilon": 0.1}, {}),
+    "lora_pgd": ({"method": "pgd", "epsilon": 0.1, "alpha": 0.03, "steps": 3}, {}),
     "lora_rdrop": (None, {"rdrop_alpha": 1.0}),
     "lora_label_smoothing": (None, {"label_smoothing": 0.1}),
     "lora_l2": (None, {"trainable_l2": 1e-3}),

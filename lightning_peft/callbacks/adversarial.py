@@ -47,21 +47,23 @@ class AdversarialTraining(Callback):
     Args:
         method: ``fgm`` (a step costs about 3x a plain one: a gradient to the embeddings, then a perturbed forward
             and backward) or ``pgd`` (``steps`` more perturbed forward/backward passes).
-        epsilon: radius of the perturbation, L2 norm per example over (positions × hidden size).
+        epsilon: radius of the perturbation, L2 norm per example over (positions × hidden size). The gradient puts
+            most of it on a few tokens, so it should stay well below one token embedding's norm (about 1 in BERT
+            models): on SST-2 with MiniLM, 0.1 trains well while 0.3 and more make the model collapse to one class.
         alpha: PGD step size.
         steps: PGD ascent steps K.
         weight: factor of the adversarial loss.
 
     Example::
 
-        trainer = Trainer(callbacks=[AdversarialTraining(method="pgd", epsilon=1.0, alpha=0.3, steps=3)])
+        trainer = Trainer(callbacks=[AdversarialTraining(method="pgd", epsilon=0.1, alpha=0.03, steps=3)])
     """
 
     def __init__(
         self,
         method: Literal["fgm", "pgd"] = "fgm",
-        epsilon: float = 1.0,
-        alpha: float = 0.3,
+        epsilon: float = 0.1,
+        alpha: float = 0.03,
         steps: int = 3,
         weight: float = 1.0,
     ) -> None:

@@ -247,7 +247,7 @@ class PeftModule(LightningModule):
         if not self.micro_batch_size or len(lengths) <= self.micro_batch_size or not right_padded:
             return self.training_loss(batch)
         total = 0.0
-        for rows in lengths.argsort(descending=True).split(self.micro_batch_size):
+        for rows in lengths.argsort(descending=True, stable=True).split(self.micro_batch_size):
             chunk = self.micro_batch(batch, rows, width=int(lengths[rows].max()))
             total = total + self.training_loss(chunk) * self.loss_weight(chunk)
         return total / max(self.loss_weight(batch), 1)
