@@ -33,7 +33,8 @@ def last_metrics(metrics_csv: Path) -> dict[str, float]:
 
 
 def adalora_export_config(tmp_path: Path, tiny_bert_dir: Path, toy_data: dict) -> Path:
-    """The toy classifier with AdaLoRA (schedule from the fit), its scheduler and the adapter export."""
+    """The toy classifier with AdaLoRA (schedule from the fit), its scheduler, the adapter export, temperature
+    scaling and adversarial training."""
     config_path = write_config(tmp_path, tiny_bert_dir, toy_data)
     config = yaml.safe_load(config_path.read_text())
     config["model"]["init_args"]["peft"] = {
@@ -43,6 +44,8 @@ def adalora_export_config(tmp_path: Path, tiny_bert_dir: Path, toy_data: dict) -
     config["trainer"]["callbacks"] = [
         {"class_path": "lightning_peft.callbacks.AdaLoRAScheduler", "init_args": {"heatmap": False}},
         {"class_path": "lightning_peft.callbacks.AdapterExport", "init_args": {"dirpath": str(tmp_path / "export")}},
+        {"class_path": "lightning_peft.callbacks.TemperatureScaling"},
+        {"class_path": "lightning_peft.callbacks.AdversarialTraining"},
     ]
     config_path.write_text(yaml.safe_dump(config))
     return config_path
@@ -76,6 +79,10 @@ def test_ddp_two_processes_train_sync_metrics_and_write_once(tmp_path, tiny_bert
     exported = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
     assert exported["rank_pattern"] and exported["total_step"] == 20  # 320 rows / (16 x 2 processes) x 2 epochs
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no half-written export from another rank
+    temperature = torch.load(tmp_path / "ckpt" / "best.ckpt", weights_only=True)["state_dict"]["temperature"]
+    calibration = json.loads((tmp_path / "export" / "adapter" / "calibration.json").read_text())
+    assert float(temperature) != 1.0  # fitted (every rank fits the same T; rank 0 writes it)
+    assert calibration["temperature"] == pytest.approx(float(temperature))
 
     best = str(tmp_path / "ckpt" / "best.ckpt")
     for name, launch in (("ddp", ddp), ("single", ["--trainer.devices", "1"])):
@@ -83,7 +90,7 @@ def test_ddp_two_processes_train_sync_metrics_and_write_once(tmp_path, tiny_bert
             "--trainer.logger.init_args.save_dir", str(tmp_path / name))
     ddp_metrics = last_metrics(tmp_path / "ddp" / "lightning_logs" / "version_0" / "metrics.csv")
     single_metrics = last_metrics(tmp_path / "single" / "lightning_logs" / "version_0" / "metrics.csv")
-    for name in ("val/accuracy", "val/f1"):  # torchmetrics states summed over both processes: identical
+    for name in ("val/accuracy", "val/f1", "val/ece", "val/nll", "val/brier"):  # states synced: identical
         assert ddp_metrics[name] == pytest.approx(single_metrics[name], abs=1e-6), name
 
 
