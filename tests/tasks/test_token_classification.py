@@ -66,3 +66,12 @@ def test_fit_test_predict_through_the_cli(tmp_path, tiny_bert_dir, toy_ner, caps
     main(["export", "--config", config, "--ckpt_path", str(best), "--export_dir", str(tmp_path / "export")])
     labels = json.loads((tmp_path / "export" / "adapter" / "labels.json").read_text())
     assert labels["id2label"]["0"] == "O" and "B-PER" in labels["label2id"]
+
+    sentence = " ".join(expected_words[0])
+    main(["explain", "--config", config, "--ckpt_path", str(best), "--input", sentence,
+          "--output_dir", str(tmp_path / "why")])
+    explanation = json.loads((tmp_path / "why" / "explanation.json").read_text())
+    assert explanation["prediction"]["entities"] == records[0]["entities"]  # the same model, the same tags
+    assert records[0]["entities"], "the toy sentence has entities to explain"
+    assert [a["entity"] for a in explanation["attributions"]] == records[0]["entities"]
+    assert all(abs(a["convergence_delta"]) < 1e-2 for a in explanation["attributions"])
