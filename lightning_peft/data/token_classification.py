@@ -10,12 +10,12 @@ from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import DataCollatorForTokenClassification
 
+from lightning_peft.data.base import IGNORE_INDEX
 from lightning_peft.data.labelled import LabelledDataModule
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.metrics.entities import OUTSIDE, iob1_to_iob2, split_tag
 
 CONLL_SUFFIXES = (".txt", ".conll", ".conllu", ".iob", ".bio", ".tsv")
-IGNORE_INDEX = -100
 _PREFIX_ORDER = {"B": 0, "I": 1, "E": 2, "S": 3}
 
 

@@ -19,6 +19,7 @@ from torchmetrics import MetricCollection
 from transformers import AutoModel, get_scheduler
 
 from lightning_peft.backbone import BackboneConfig, count_parameters, load_backbone
+from lightning_peft.data.base import IGNORE_INDEX
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import (
     ADAPTER_DIR,
@@ -38,7 +39,6 @@ from lightning_peft.regularization import Regularization, as_regularization, squ
 Batch = dict[str, Any]
 #: a term added to the training loss: called with the (prepared) batch and the task loss
 LossTerm = Callable[[Batch, torch.Tensor], torch.Tensor]
-IGNORE_INDEX = -100  # label of positions no loss is computed on
 LABELS_FILE = "labels.json"
 RANK_PATTERN_KEY = "rank_pattern"  # checkpoint entry: AdaLoRA's learnt ranks
 
