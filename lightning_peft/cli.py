@@ -128,12 +128,35 @@ class LightningPeftCLI(LightningCLI):
         self.trainer.predict(model, **kwargs)
 
 
-class ExportCLI(LightningPeftCLI):
-    """``lightning-peft export``: rebuild the model from the config, load a checkpoint, write an HF export."""
+def standalone(cli_class: type[LightningPeftCLI], args: list[str], **kwargs: Any) -> LightningPeftCLI:
+    """``cli_class`` parsed from ``args`` (and its classes built, unless it overrides that) without running a
+    subcommand or saving a config: what ``export``, ``explain`` and local sweeps work from."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # args are the point here
+        return cli_class(args=args, run=False, save_config_callback=None, **kwargs)
+
+
+class CheckpointCLI(LightningPeftCLI):
+    """Base of the commands that rebuild the model from the config and work from ``--ckpt_path``."""
+
+    ckpt_help = "checkpoint to load"
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
-        parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint to export")
+        parser.add_argument("--ckpt_path", type=str, required=True, help=self.ckpt_help)
+
+    @property
+    def text_datamodule(self) -> TextDataModule | None:
+        return self.datamodule if isinstance(self.datamodule, TextDataModule) else None
+
+
+class ExportCLI(CheckpointCLI):
+    """``lightning-peft export``: rebuild the model from the config, load a checkpoint, write an HF export."""
+
+    ckpt_help = "checkpoint to export"
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
         parser.add_argument(
             "--export_dir", type=str, required=True,
             help="directory to write: adapter/, merged/ with --merge, README.md (replaced atomically)",
@@ -142,7 +165,7 @@ class ExportCLI(LightningPeftCLI):
 
     def run_export(self) -> Path:
         """What :class:`~lightning_peft.callbacks.AdapterExport` writes at fit end, from ``--ckpt_path``."""
-        datamodule = self.datamodule if isinstance(self.datamodule, TextDataModule) else None
+        datamodule = self.text_datamodule
         return export_checkpoint(
             self.model, self.config["ckpt_path"], self.config["export_dir"],
             tokenizer=datamodule.tokenizer if datamodule else None, merge=self.config["merge"],
@@ -150,12 +173,13 @@ class ExportCLI(LightningPeftCLI):
         )
 
 
-class ExplainCLI(LightningPeftCLI):
+class ExplainCLI(CheckpointCLI):
     """``lightning-peft explain``: rebuild the model from the config, load a checkpoint, attribute one input."""
+
+    ckpt_help = "checkpoint whose model to explain"
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
-        parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint whose model to explain")
         parser.add_argument("--input", type=str, required=True, help="the text to explain (a tagger: words split on "
                             "whitespace)")
         parser.add_argument("--output_dir", type=str | None, default=None,
@@ -167,7 +191,7 @@ class ExplainCLI(LightningPeftCLI):
         parser.add_argument("--n_steps", type=int, default=50, help="integrated-gradients steps")
 
     def run_explain(self) -> tuple[Path, Path]:
-        datamodule = self.datamodule if isinstance(self.datamodule, TextDataModule) else None
+        datamodule = self.text_datamodule
         if datamodule is None:
             raise LightningPeftError("explain: needs the config's data section for its tokenizer")
         with weights_from(self.model, load_checkpoint(self.config["ckpt_path"])):
@@ -197,15 +221,9 @@ def main(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     try:
         if argv and argv[0] == "export":
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-                cli = ExportCLI(args=argv[1:], run=False, save_config_callback=None)
-            print(f"exported to {cli.run_export()}")
+            print(f"exported to {standalone(ExportCLI, argv[1:]).run_export()}")
         elif argv and argv[0] == "explain":
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-                cli = ExplainCLI(args=argv[1:], run=False, save_config_callback=None)
-            html_path, json_path = cli.run_explain()
+            html_path, json_path = standalone(ExplainCLI, argv[1:]).run_explain()
             print(f"explanation written to {html_path} and {json_path}")
         elif argv and argv[0] == "sweep":
             sweep_main(argv[1:])

@@ -16,7 +16,6 @@ import random
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,15 +302,13 @@ def format_params(params: dict[str, Any]) -> str:
 
 def parse_fit_config(args: list[str]) -> tuple[Any, Any]:
     """The parser and the parsed, linked ``fit`` configuration for ``args``, without building anything."""
-    from lightning_peft.cli import LightningPeftCLI
+    from lightning_peft.cli import LightningPeftCLI, standalone
 
     class ParseOnly(LightningPeftCLI):
         def instantiate_classes(self) -> None:
             pass
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # args are the point here
-        cli = ParseOnly(args=args, run=False, save_config_callback=None, seed_everything_default=False)
+    cli = standalone(ParseOnly, args, seed_everything_default=False)
     return cli.parser, cli.config
 
 
