@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from peft import PeftModel
 
 from lightning_peft.errors import LightningPeftError
+from lightning_peft.export import atomic_file
 from lightning_peft.metrics.entities import extract_entities
 from lightning_peft.tasks.base import PeftModule
 from lightning_peft.tasks.classification import SequenceClassifier
@@ -92,9 +92,8 @@ class Explanation:
         paths = directory / HTML_FILE, directory / JSON_FILE
         contents = self.to_html(), json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
         for path, content in zip(paths, contents, strict=True):
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(content, encoding="utf-8")
-            os.replace(tmp, path)
+            with atomic_file(path) as tmp:
+                tmp.write_text(content, encoding="utf-8")
         return paths
 
 

@@ -77,6 +77,25 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
         shutil.rmtree(backup, ignore_errors=True)
 
 
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; on success it replaces ``path`` by a rename, on an exception it is
+    removed and an existing ``path`` is left untouched.
+
+    Example::
+
+        with atomic_file("runs/explanations/explanation.json") as tmp:
+            tmp.write_text(text)
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def merged_model(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
     """A full model with the active adapter merged into a copy of the base weights (``merge_and_unload``); the
     model itself when it has no adapter. Raises :class:`CannotMerge` for methods that add inputs instead of

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_peft.calibration import fit_temperature
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.export import weights_from
+from lightning_peft.export import atomic_file, weights_from
 from lightning_peft.tasks.classification import SequenceClassifier
 
 TEMPERATURE_KEY = "temperature"  # state-dict entry of the task's temperature buffer
@@ -107,6 +106,5 @@ def store_temperature(checkpoint_path: Path, temperature: float) -> None:
     """Write ``temperature`` into a Lightning checkpoint's state dict, atomically (temporary file + rename)."""
     checkpoint: dict[str, Any] = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     checkpoint["state_dict"][TEMPERATURE_KEY] = torch.tensor(temperature)
-    tmp = checkpoint_path.with_name(checkpoint_path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, checkpoint_path)
+    with atomic_file(checkpoint_path) as tmp:
+        torch.save(checkpoint, tmp)
