@@ -1,4 +1,5 @@
-"""Figures saved next to the run and sent to the loggers that take images: AdaLoRA ranks, calibration reports."""
+"""Figures saved next to the run and sent to the loggers that take images: AdaLoRA ranks, calibration reports,
+local sweep plots."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ def pyplot(owner: str) -> Any | None:
 
 
 def save_figure(trainer: Trainer | None, figure: Any, path: Path, key: str) -> Path:
-    """Save ``figure`` as PNG at ``path`` and log it under ``key`` to every logger that takes images (W&B, Neptune,
-    Comet through ``log_image``; TensorBoard through ``add_figure``); close it."""
+    """Save ``figure`` as PNG at ``path`` and log it under ``key`` to every logger of ``trainer`` (if any) that takes
+    images (W&B, Neptune, Comet through ``log_image``; TensorBoard through ``add_figure``); close it, return ``path``.
+    """
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ import yaml
 
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import METRICS_KEY
+from lightning_peft.figures import pyplot, save_figure
 
 
 @dataclass
@@ -268,13 +269,8 @@ class LocalSweep:
         self.plot(trials)
 
     def plot(self, trials: list[Trial]) -> None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("matplotlib is not installed: no plot (pip install matplotlib)")
+        plt = pyplot("lightning-peft sweep")
+        if plt is None:
             return
         scored = [t for t in trials if t.metric is not None]
         names = list(self.spec.parameters)
@@ -289,10 +285,7 @@ class LocalSweep:
             axis.set_xlabel(name.rsplit(".", 1)[-1])
             axis.tick_params(axis="x", labelrotation=45 if not numeric else 0, labelsize=7)
         axes[0][0].set_ylabel(self.spec.metric)
-        figure.tight_layout()
-        figure.savefig(self.out / "metric_vs_parameters.png", dpi=110)
-        plt.close(figure)
-        print(f"plot: {self.out / 'metric_vs_parameters.png'}")
+        print(f"plot: {save_figure(None, figure, self.out / 'metric_vs_parameters.png', 'sweep')}")
 
 
 def format_params(params: dict[str, Any]) -> str:
