@@ -165,8 +165,10 @@ class PeftModule(LightningModule):
         # Checkpoints hold only the trainable weights; the frozen base is rebuilt from the backbone config.
         self.strict_loading = False
         #: terms added to every training loss, by name (callbacks register them, e.g. AdaLoRA's orthogonality or
-        #: adversarial training); each is called with the batch and the task loss
+        #: adversarial training, and the L2 regulariser); each is called with the batch and the task loss
         self.loss_terms: dict[str, LossTerm] = {}
+        if regularization.trainable_l2:
+            self.loss_terms["trainable_l2"] = lambda *_: regularization.trainable_l2 * squared_l2(self.parameters())
 
     # -- construction ---------------------------------------------------------------------------------
     def build_backbone(self, **model_kwargs: Any) -> None:
@@ -288,17 +290,13 @@ class PeftModule(LightningModule):
         return batch
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        """The task loss plus every registered :attr:`loss_terms` and the L2 term (each also logged as
-        ``train/<name>``)."""
+        """The task loss plus every registered :attr:`loss_terms` (each also logged as ``train/<name>``)."""
         batch = self.prepare_batch(batch)
         task_loss = self.length_grouped_loss(batch)
         size = self.batch_size_of(batch)
         self.log("train/loss", task_loss, prog_bar=True, batch_size=size)
-        terms = dict(self.loss_terms)
-        if self.regularization.trainable_l2:
-            terms["trainable_l2"] = lambda *_: self.regularization.trainable_l2 * squared_l2(self.parameters())
         loss = task_loss
-        for name, term in terms.items():
+        for name, term in self.loss_terms.items():
             value = term(batch, task_loss)
             self.log(f"train/{name}", value, batch_size=size)
             loss = loss + value
