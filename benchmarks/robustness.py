@@ -122,9 +122,8 @@ def run_configuration(args: argparse.Namespace) -> dict[str, Any]:
     seconds = timed_fit(model, dm, args.epochs, limit_val_batches=0, callbacks=callbacks)
     record: dict[str, Any] = {"train_seconds": seconds}
     for name in ("clean", *PERTURBATIONS):
-        dev = ClassificationDataModule(
-            tokenizer=args.model, validation_file=str(Path(args.perturbed_dir) / f"dev_{name}.tsv")
-            if name != "clean" else args.dev_file,
+        dev = dm if name == "clean" else ClassificationDataModule(  # the training datamodule holds the clean dev set
+            tokenizer=args.model, validation_file=str(Path(args.perturbed_dir) / f"dev_{name}.tsv"),
             text_column="sentence", labels=dm.labels, max_length=args.max_length, batch_size=args.batch_size,
         )
         metrics = pl.Trainer(**QUIET).validate(model, datamodule=dev, verbose=False)[0]

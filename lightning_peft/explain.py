@@ -174,16 +174,16 @@ def _classifier_targets(
     module: SequenceClassifier, logits: torch.Tensor, target: str | None
 ) -> tuple[dict[str, Any], list[tuple[str, TargetFunction, list[int], None]]]:
     labels = module.labels or ["score"]
+    predicted = int(logits[0].argmax())
     if target is None:
-        index = int(logits[0].argmax())
+        index = predicted
     elif target in labels:
         index = labels.index(target)
     else:
         raise LightningPeftError(f"explain --target: {target!r} is not one of the model's labels {labels}")
     if module.problem_type == "single_label_classification":
         probabilities = (logits[0] / module.temperature).softmax(-1).tolist()
-        prediction = {"label": labels[int(logits[0].argmax())], "probabilities": dict(zip(labels, probabilities,
-                                                                                          strict=True))}
+        prediction = {"label": labels[predicted], "probabilities": dict(zip(labels, probabilities, strict=True))}
     else:
         prediction = {"logits": dict(zip(labels, logits[0].tolist(), strict=True))}
     return prediction, [(f"{labels[index]} (logit)", lambda out: out[:, index], [0], None)]
