@@ -11,12 +11,13 @@ back to back, so peak RSS is per run. Train samples/s = training rows / wall tim
 ``Trainer.train`` (tokenisation done before, end-of-epoch checkpoint included, no evaluation inside); dev
 accuracy is evaluated afterwards; checkpoint bytes = what each framework saved for the run.
 
-Runs: ``lightning_peft`` (our defaults: batches drawn from length-sorted windows of 2 random batches, each
-computed in length-sorted micro-batches of 16), ``lightning_peft_shuffled`` (HF's default batching — shuffled
-batches, dynamic padding, one pass per batch — so the difference is framework overhead only), ``hf_trainer``
-(HF default), ``hf_trainer_grouped`` (``train_sampling_strategy="group_by_length"``, transformers 5's
-``group_by_length=True``) and ``lightning_peft_full_grouping`` (``group_by_length_window: null``: the whole
-split sorted into batches of one length — the fastest, and what such batches cost in accuracy).
+Runs: ``lightning_peft`` (our defaults: shuffled batches, as HF draws them, each computed as packed rows),
+``lightning_peft_shuffled`` (HF's default batching computed as HF does — shuffled batches, dynamic padding, one
+pass per batch — so the difference is framework overhead only), ``hf_trainer`` (HF default), ``hf_trainer_grouped``
+(``train_sampling_strategy="group_by_length"``, transformers 5's ``group_by_length=True``),
+``lightning_peft_grouped`` (batches from length-sorted windows of 2 random batches, packed rows) and
+``lightning_peft_full_grouping`` (``group_by_length_window: null``: the whole split sorted into batches of one
+length, packed rows — what such batches cost in accuracy).
 """
 
 from __future__ import annotations
@@ -48,12 +49,16 @@ from common import (  # noqa: E402
     write_json,
 )
 
-RUNS = ("lightning_peft", "lightning_peft_shuffled", "hf_trainer", "hf_trainer_grouped", "lightning_peft_full_grouping")
-#: our runs → (group_by_length, group_by_length_window, micro_batch_size)
+RUNS = (
+    "lightning_peft", "lightning_peft_shuffled", "hf_trainer", "hf_trainer_grouped", "lightning_peft_grouped",
+    "lightning_peft_full_grouping",
+)
+#: our runs → (group_by_length, group_by_length_window, micro_batch_size, sequence_packing)
 OURS = {
-    "lightning_peft": (True, 2, 16),
-    "lightning_peft_shuffled": (False, None, None),
-    "lightning_peft_full_grouping": (True, None, 16),
+    "lightning_peft": (False, None, 16, True),
+    "lightning_peft_shuffled": (False, None, None, False),
+    "lightning_peft_grouped": (True, 2, 16, True),
+    "lightning_peft_full_grouping": (True, None, 16, True),
 }
 #: HF runs → group by length
 HF_GROUPED = {"hf_trainer": False, "hf_trainer_grouped": True}
@@ -74,7 +79,7 @@ def run_lightning_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any
 
     from lightning_peft import BackboneConfig, ClassificationDataModule, SequenceClassifier
 
-    grouped, window, micro_batch_size = OURS[args.worker]
+    grouped, window, micro_batch_size, packing = OURS[args.worker]
     pl.seed_everything(args.seed, verbose=False)
     dm = ClassificationDataModule(
         tokenizer=args.model, train_file=args.train_file, validation_file=args.dev_file, text_column="sentence",
@@ -84,6 +89,7 @@ def run_lightning_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any
     model = SequenceClassifier(
         BackboneConfig(pretrained_model_name_or_path=args.model), lora_config(), labels=dm.labels,
         optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.01), micro_batch_size=micro_batch_size,
+        sequence_packing=packing,
     )
     checkpoint = ModelCheckpoint(dirpath=workdir / "ckpt", save_top_k=1)
     seconds = timed_fit(

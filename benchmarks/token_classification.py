@@ -7,12 +7,14 @@ classification head, the first 4,000 training sentences, 2 epochs, batch 32, max
 (weight decay 0.01), linear decay, gradient norm clipped at 1.0 (the HF Trainer's default), seed 42; entity F1
 on the full test split. Each run is a fresh subprocess.
 
-Runs: ``lightning_peft`` (our defaults: window-2 length grouping, micro-batches of 16),
-``lightning_peft_shuffled`` (HF's default shuffled batches; each still computed in micro-batches),
-``hf_trainer`` (the transformers example recipe: first sub-token labelling, seqeval on those positions) and
-``hf_trainer_grouped`` (``train_sampling_strategy="group_by_length"``). Train samples/s = sentences × epochs /
-wall time of ``fit`` / ``train`` (tokenisation before, no evaluation inside). Our F1 counts every word (words
-cut by max_length as ``O``); the HF recipe drops them, which can only raise its number.
+Runs: ``lightning_peft`` (our defaults: shuffled batches, each computed as packed rows),
+``lightning_peft_shuffled`` (HF's batching computed as HF does: each shuffled, padded batch in one piece, so the
+difference is framework overhead only), ``hf_trainer`` (the transformers example recipe: first sub-token
+labelling, seqeval on those positions), ``hf_trainer_grouped`` (``train_sampling_strategy="group_by_length"``)
+and ``lightning_peft_grouped`` (window-2 length grouping, packed rows).
+Train samples/s = sentences × epochs / wall time of ``fit`` / ``train`` (tokenisation before, no evaluation
+inside). Our F1 counts every word (words cut by max_length as ``O``); the HF recipe drops them, which can only
+raise its number.
 """
 
 from __future__ import annotations
@@ -39,8 +41,14 @@ from common import (  # noqa: E402
     write_json,
 )
 
-RUNS = ("lightning_peft", "lightning_peft_shuffled", "hf_trainer", "hf_trainer_grouped")
-GROUPED = {"lightning_peft": True, "lightning_peft_shuffled": False, "hf_trainer": False, "hf_trainer_grouped": True}
+RUNS = ("lightning_peft", "lightning_peft_shuffled", "hf_trainer", "hf_trainer_grouped", "lightning_peft_grouped")
+#: our runs → (group_by_length, micro_batch_size, sequence_packing)
+OURS = {
+    "lightning_peft": (False, 16, True),
+    "lightning_peft_shuffled": (False, None, False),
+    "lightning_peft_grouped": (True, 16, True),
+}
+HF_GROUPED = {"hf_trainer": False, "hf_trainer_grouped": True}
 
 
 def lora_config(task_type: Any = None) -> Any:
@@ -57,14 +65,16 @@ def run_lightning_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any
 
     from lightning_peft import BackboneConfig, TokenClassificationDataModule, TokenClassifier
 
+    grouped, micro_batch_size, packing = OURS[args.worker]
     pl.seed_everything(args.seed, verbose=False)
     dm = TokenClassificationDataModule(
         tokenizer=args.model, train_file=args.train_file, test_file=str(args.data_dir / "test.txt"),
-        max_length=args.max_length, batch_size=args.batch_size, group_by_length=GROUPED[args.worker], seed=args.seed,
+        max_length=args.max_length, batch_size=args.batch_size, group_by_length=grouped, seed=args.seed,
     )
     model = TokenClassifier(
         BackboneConfig(pretrained_model_name_or_path=args.model), lora_config(), labels=dm.labels,
-        optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.01),
+        optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.01), micro_batch_size=micro_batch_size,
+        sequence_packing=packing,
     )
     seconds = timed_fit(model, dm, args.epochs)
     metrics = pl.Trainer(**QUIET).test(model, datamodule=dm, verbose=False)[0]
@@ -115,7 +125,7 @@ def run_hf_trainer(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         args.model, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id
     )
     model = get_peft_model(model, lora_config(TaskType.TOKEN_CLS))
-    training_args = hf_training_arguments(args, workdir, GROUPED[args.worker])
+    training_args = hf_training_arguments(args, workdir, HF_GROUPED[args.worker])
 
     def entity_f1(prediction: Any) -> dict[str, float]:
         predicted = np.argmax(prediction.predictions, -1)

@@ -42,7 +42,9 @@ class AdversarialTraining(Callback):
       ``train/adversarial``), and the optimizer steps on the sum.
 
     Works with every task and PEFT method (including prompt tuning: virtual tokens are not perturbed) and with
-    R-Drop and length-grouped micro-batches (each micro-batch gets its own perturbation).
+    R-Drop and length-grouped micro-batches (each micro-batch gets its own perturbation). The perturbation is
+    bounded per example, so while it runs the task trains on micro-batches rather than on packed rows (which
+    hold several examples each): ``sequence_packing`` is switched off for the fit.
 
     Args:
         method: ``fgm`` (a step costs about 3x a plain one: a gradient to the embeddings, then a perturbed forward
@@ -83,6 +85,7 @@ class AdversarialTraining(Callback):
         self._recorded: list[torch.Tensor] | None = None  # embedding outputs of the clean pass, when recording
         self._deltas: list[torch.Tensor] | None = None  # perturbations to add, in call order, when perturbing
         self._calls = 0  # embedding calls of the perturbed pass so far
+        self._sequence_packing = False  # the task's setting, restored at fit end
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -91,6 +94,7 @@ class AdversarialTraining(Callback):
         self._hooks = [layer.register_forward_hook(self._on_embeddings)
                        for layer in pl_module.input_embedding_layers("AdversarialTraining")]
         pl_module.loss_terms[ADVERSARIAL_TERM] = lambda batch, loss: self.adversarial_loss(pl_module, batch, loss)
+        self._sequence_packing, pl_module.sequence_packing = pl_module.sequence_packing, False
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._recorded = []
@@ -100,6 +104,8 @@ class AdversarialTraining(Callback):
             hook.remove()
         self._hooks = []
         pl_module.loss_terms.pop(ADVERSARIAL_TERM, None)
+        if isinstance(pl_module, PeftModule):
+            pl_module.sequence_packing = self._sequence_packing
 
     on_exception = on_fit_end
 

@@ -64,8 +64,10 @@ class TextDataModule(LightningDataModule):
         predict_split: the ``dataset_name`` split used for ``predict`` when no ``predict_file`` is given.
         max_length: truncate inputs to this many tokens.
         batch_size / eval_batch_size: per-device batch sizes (evaluation defaults to ``batch_size``).
-        group_by_length: batch training examples of similar length together (less padding, faster);
-            evaluation batches are always length-sorted, prediction keeps the input order.
+        group_by_length: batch training examples of similar length together (less padding, faster, but batches
+            less random); off by default, because classifiers and taggers train on packed rows, which compute
+            almost no padding whatever the batch (see ``sequence_packing``); on for seq2seq. Evaluation batches
+            are always length-sorted, prediction keeps the input order.
         group_by_length_window: how many random batches are pooled and sorted by length into batches; larger
             saves more padding but makes batches more length-homogeneous, which can cost accuracy; ``null``
             sorts the whole split (see :class:`~lightning_peft.data.sampling.EpochSeededSampler`).
@@ -87,7 +89,7 @@ class TextDataModule(LightningDataModule):
         max_length: int = 128,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        group_by_length: bool = True,
+        group_by_length: bool = False,
         group_by_length_window: int | None = 2,
         limit_train_samples: int | None = None,
         limit_eval_samples: int | None = None,

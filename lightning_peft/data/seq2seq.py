@@ -29,6 +29,8 @@ class Seq2SeqDataModule(TextDataModule):
         source_prefix: text put before every source, e.g. ``"translate English to German: "`` for T5.
         max_length: longest source in tokens (longer ones are truncated and counted).
         max_target_length: longest target in tokens.
+        group_by_length: on by default here: seq2seq models train in length-sorted micro-batches, not packed rows,
+            so batches of similar lengths are what saves their padding.
         Other arguments: see :class:`~lightning_peft.data.base.TextDataModule`.
 
     Example::
@@ -53,9 +55,10 @@ class Seq2SeqDataModule(TextDataModule):
         translation_column: str = "translation",
         source_prefix: str = "",
         max_target_length: int = 128,
+        group_by_length: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, group_by_length=group_by_length, **kwargs)
         if (source_lang is None) != (target_lang is None):
             raise LightningPeftError(
                 "data.source_lang / data.target_lang: set both (nested translation rows) or neither"

@@ -101,9 +101,11 @@ class SequenceClassifier(PeftModule):
         micro_batch_size: int | None = 16,
         regularization: Regularization | None = None,
         prediction: PredictionOptions | None = None,
+        sequence_packing: bool = True,
     ) -> None:
         super().__init__(
-            backbone, peft, optimizer, lr_scheduler_type, warmup_ratio, micro_batch_size, regularization
+            backbone, peft, optimizer, lr_scheduler_type, warmup_ratio, micro_batch_size, regularization,
+            sequence_packing=sequence_packing,
         )
         if problem_type == "regression":
             labels = None
@@ -167,7 +169,7 @@ class SequenceClassifier(PeftModule):
         )
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        inputs = self.model_inputs(batch)
         return self.model(**inputs).logits
 
     def compute_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:

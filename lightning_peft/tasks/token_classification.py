@@ -56,9 +56,11 @@ class TokenClassifier(PeftModule):
         warmup_ratio: float = 0.0,
         micro_batch_size: int | None = 16,
         regularization: Regularization | None = None,
+        sequence_packing: bool = True,
     ) -> None:
         super().__init__(
-            backbone, peft, optimizer, lr_scheduler_type, warmup_ratio, micro_batch_size, regularization
+            backbone, peft, optimizer, lr_scheduler_type, warmup_ratio, micro_batch_size, regularization,
+            sequence_packing=sequence_packing,
         )
         if not labels:
             raise LightningPeftError("model.labels: a tagger needs its tag set (the CLI links it from the datamodule)")
@@ -72,7 +74,7 @@ class TokenClassifier(PeftModule):
         return MetricCollection({"entities": EntityF1(self.labels, per_type=True)})
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        inputs = self.model_inputs(batch)
         logits = self.model(**inputs).logits
         return logits[:, -inputs["input_ids"].shape[1]:]  # prompt tuning / p-tuning prepend virtual tokens
 

@@ -34,7 +34,9 @@ def test_perturbation_changes_the_loss_and_leaves_embeddings_exact(backbone, met
     weights = embeddings.weight.detach().clone()
     clean_logits = model(batch).detach()
     callback = AdversarialTraining(method=method, epsilon=0.5, alpha=0.2, steps=3)
+    assert model.sequence_packing
     callback.on_fit_start(None, model)
+    assert not model.sequence_packing, "perturbations are bounded per example: no packed rows while it runs"
     callback.on_train_batch_start(None, model, batch, 0)
     clean_loss = model.length_grouped_loss(batch)  # three micro-batches of at most 2 rows
     adversarial = model.loss_terms["adversarial"](batch, clean_loss)
@@ -45,7 +47,7 @@ def test_perturbation_changes_the_loss_and_leaves_embeddings_exact(backbone, met
     assert torch.equal(embeddings.weight, weights), "embedding weights are never modified"
     assert torch.equal(model(batch), clean_logits), "outside the step the hook passes outputs through"
     callback.on_fit_end(None, model)
-    assert "adversarial" not in model.loss_terms and not embeddings._forward_hooks
+    assert "adversarial" not in model.loss_terms and not embeddings._forward_hooks and model.sequence_packing
     assert torch.equal(model(batch), clean_logits)
 
 

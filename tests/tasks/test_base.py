@@ -1,4 +1,4 @@
-"""PeftModule mechanics shared by every task: length-grouped micro-batches."""
+"""PeftModule mechanics shared by every task: sequence packing and length-grouped micro-batches."""
 
 from __future__ import annotations
 
@@ -20,36 +20,106 @@ def padded_batch(lengths: list[int], vocab: int = 40, seed: int = 0) -> dict[str
     return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(input_ids)}
 
 
-def loss_and_grads(model, batch, micro_batch_size):
+def loss_and_grads(model, batch, micro_batch_size, packing=False):
     model.micro_batch_size = micro_batch_size
+    model.sequence_packing = packing
     model.zero_grad()
     loss = model.length_grouped_loss(batch)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("task", ["classification", "tagging"])
-def test_micro_batches_give_the_full_batch_loss_and_gradients(backbone, task):
+def task_and_batch(backbone, task, lengths, **kwargs):
+    """A classifier or tagger with a non-zero LoRA B (real gradients) and a labelled batch of ``lengths``."""
     torch.manual_seed(0)
-    lengths = [3, 17, 5, 9, 2, 12, 7, 4, 15, 6]
     batch = padded_batch(lengths)
-    lora = LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False)  # non-zero B: real grads
+    lora = LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False)
     if task == "classification":
-        model = SequenceClassifier(backbone, lora, labels=["a", "b", "c"])
-        batch["labels"] = torch.tensor([0, 1, 2, 1, 0, 2, 1, 0, 2, 1])
+        model = SequenceClassifier(backbone, lora, labels=["a", "b", "c"], **kwargs)
+        batch["labels"] = torch.arange(len(lengths)) % 3
     else:
-        model = TokenClassifier(backbone, lora, labels=["O", "B-X", "I-X"])
+        model = TokenClassifier(backbone, lora, labels=["O", "B-X", "I-X"], **kwargs)
         labels = torch.randint(0, 3, batch["input_ids"].shape)
         labels[batch["attention_mask"] == 0] = -100
         labels[:, 0] = -100
         batch["labels"] = labels
-    model.eval()  # no dropout, so both ways see the same function
+    model.eval()  # no dropout, so every way of computing the batch sees the same function
+    return model, batch
+
+
+def assert_same_loss_and_grads(model, batch, **way):
     full_loss, full_grads = loss_and_grads(model, batch, None)
-    micro_loss, micro_grads = loss_and_grads(model, batch, 3)
-    torch.testing.assert_close(micro_loss, full_loss, rtol=1e-5, atol=1e-6)
-    assert set(micro_grads) == set(full_grads) and full_grads
+    loss, grads = loss_and_grads(model, batch, **way)
+    torch.testing.assert_close(loss, full_loss, rtol=1e-5, atol=1e-6)
+    assert set(grads) == set(full_grads) and full_grads
     for name, grad in full_grads.items():
-        torch.testing.assert_close(micro_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("task", ["classification", "tagging"])
+def test_micro_batches_give_the_full_batch_loss_and_gradients(backbone, task):
+    model, batch = task_and_batch(backbone, task, [3, 17, 5, 9, 2, 12, 7, 4, 15, 6])
+    assert_same_loss_and_grads(model, batch, micro_batch_size=3)
+
+
+@pytest.mark.parametrize("task", ["classification", "tagging"])
+def test_packed_rows_give_the_full_batch_loss_and_gradients(backbone, task):
+    model, batch = task_and_batch(backbone, task, [3, 17, 5, 9, 2, 12, 7, 4, 15, 6])
+    calls = []
+    model.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                          with_kwargs=True)
+    assert_same_loss_and_grads(model, batch, micro_batch_size=None, packing=True)
+    assert model.packing_encoder(batch) is not None
+    # the padded pass, the one-row packing check (8 examples: 59 tokens) and the packed pass: 80 tokens in 5 rows of 17
+    assert calls[-3:] == [torch.Size([8, 17]), torch.Size([1, 59]), torch.Size([5, 17])]
+
+
+def test_packed_rows_with_rdrop_give_the_full_batch_loss(backbone):
+    model, batch = task_and_batch(backbone, "tagging", [3, 11, 5, 2, 9], regularization={"rdrop_alpha": 1.0})
+    assert_same_loss_and_grads(model, batch, micro_batch_size=None, packing=True)
+
+
+def test_packing_gives_eager_attention_an_additive_mask(backbone):
+    model, batch = task_and_batch(backbone, "classification", [3, 9, 5, 2, 7])
+    model.model.get_base_model().set_attn_implementation("eager")
+    assert model.pack(batch).inputs["attention_mask"].dtype == torch.float32
+    assert_same_loss_and_grads(model, batch, micro_batch_size=None, packing=True)
+    assert model.packing_encoder(batch) is not None
+
+
+def test_packing_reproduces_roberta_style_position_ids(tmp_path):
+    from transformers import RobertaConfig, RobertaModel
+
+    from lightning_peft import BackboneConfig
+
+    config = RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=40, pad_token_id=1,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    RobertaModel(config).save_pretrained(tmp_path)
+    model, batch = task_and_batch(BackboneConfig(str(tmp_path)), "classification", [3, 9, 5, 2])
+    assert_same_loss_and_grads(model, batch, micro_batch_size=None, packing=True)
+    assert model.packing_encoder(batch) is not None
+
+
+def test_packing_falls_back_to_micro_batches_when_outputs_differ(backbone, monkeypatch):
+    import lightning_peft.tasks.base as base
+
+    monkeypatch.setattr(base, "position_offset", lambda model: 3)  # positions shifted: the check must notice
+    model, batch = task_and_batch(backbone, "classification", [3, 17, 5, 9, 2, 12])
+    with pytest.warns(UserWarning, match=r"sequence_packing: BertForSequenceClassification gives other outputs on "
+                                         r"packed rows .*; training uses length-sorted micro-batches instead"):
+        assert_same_loss_and_grads(model, batch, micro_batch_size=2, packing=True)
+    assert model.packing_encoder(batch) is None
+
+
+def test_prompt_tuning_trains_without_packing(backbone):
+    from peft import PromptTuningConfig
+
+    model = SequenceClassifier(backbone, PromptTuningConfig(num_virtual_tokens=3), labels=["a", "b"])
+    batch = {**padded_batch([4, 2, 3]), "labels": torch.tensor([0, 1, 0])}
+    with pytest.warns(UserWarning, match="prompt and prefix tuning add virtual tokens to every row"):
+        assert model.length_grouped_loss(batch).isfinite()
 
 
 def test_micro_batches_skip_left_padded_batches(backbone):
