@@ -47,8 +47,9 @@ class MeanPoolingClassifier(SequenceClassifier):
         )
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        # model_inputs + token_mask keep this head right when training batches come as packed rows
+        hidden = self.model(**self.model_inputs(batch)).last_hidden_state
+        mask = self.token_mask(batch).unsqueeze(-1).to(hidden.dtype)
         return self.head((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
 
     def compute_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:

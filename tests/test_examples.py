@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -35,7 +36,10 @@ def test_custom_head_subclass_trains_its_own_head(backbone, tiny_bert_dir, toy_d
         max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=str(tmp_path),
     )
-    trainer.fit(model, datamodule=dm)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="sequence_packing")
+        trainer.fit(model, datamodule=dm)
+    assert model.packing_encoder(next(iter(dm.train_dataloader()))) is not None, "the custom head trains packed"
     assert all(not torch.equal(a, b) for a, b in zip(head_before, model.head.parameters(), strict=True))
     assert not hasattr(model.model.get_base_model(), "classifier"), "the HF head is replaced, not kept beside"
     checkpoint = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=True)

@@ -321,9 +321,16 @@ class PeftModule(LightningModule):
 
     def packed_batch(self, batch: Batch, packed: PackedRows) -> Batch:
         """``batch`` with the model inputs replaced by the ``packed`` rows; other entries (labels) stay per example,
-        sequences cut to the longest example."""
+        sequences cut to the longest example, and the per-example padding mask is kept as ``token_mask``."""
         rows = torch.arange(packed.num_examples, device=batch["input_ids"].device)
-        return {**self.micro_batch(batch, rows, packed.width), **packed.inputs}
+        per_example = self.micro_batch(batch, rows, packed.width)
+        return {**per_example, "token_mask": per_example["attention_mask"], **packed.inputs}
+
+    @staticmethod
+    def token_mask(batch: Batch) -> torch.Tensor:
+        """Which positions of each example are real tokens (examples × positions), also in packed training, where
+        ``attention_mask`` is the packed rows' attention mask; what a custom head pools with."""
+        return batch.get("token_mask", batch["attention_mask"])
 
     def packing_encoder(self, batch: Batch) -> torch.nn.Module | None:
         """The module whose output is unpacked when training on packed rows, or ``None`` where packing does not
