@@ -270,7 +270,7 @@ class PeftModule(LightningModule):
         mask = batch["attention_mask"]
         lengths = mask.sum(1)
         positions = torch.arange(mask.shape[1], device=mask.device)
-        right_padded = mask.dim() == 2 and torch.equal(mask.bool(), positions < lengths[:, None])
+        right_padded = torch.equal(mask.bool(), positions < lengths[:, None])
         encoder = self.packing_encoder(batch) if right_padded and self.sequence_packing else None
         if encoder is not None:
             packed = self.pack(batch)
@@ -341,12 +341,13 @@ class PeftModule(LightningModule):
             if problem:
                 rank_zero_warn(f"sequence_packing: {problem}; training uses length-sorted micro-batches instead "
                                "(set model.init_args.sequence_packing: false to silence this)")
-                self._packing_encoder = None
+            else:
+                self._packing_encoder = find_encoder(self.model)
         return self._packing_encoder
 
     def _packing_problem(self, batch: Batch) -> str | None:
-        """Why this model cannot train on packed rows, or ``None`` (and ``_packing_encoder`` set) when it can: its
-        outputs for the batch's first examples, packed into one row, must equal their padded outputs."""
+        """Why this model cannot train on packed rows, or ``None`` when it can: its outputs for the batch's first
+        examples, packed into one row, must equal their padded outputs."""
         name = type(unwrapped(self.model)).__name__
         if isinstance(self.model, PeftModel) and self.model.active_peft_config.is_prompt_learning:
             return "prompt and prefix tuning add virtual tokens to every row, not to every packed example"
@@ -378,7 +379,6 @@ class PeftModule(LightningModule):
         exact = next(self.model.parameters()).dtype == torch.float32 and not torch.is_autocast_enabled(device_type)
         if difference > (1e-3 if exact else 5e-2) * scale:
             return f"{name} gives other outputs on packed rows than on padded ones (max difference {difference:.3g})"
-        self._packing_encoder = encoder
         return None
 
     def prepare_batch(self, batch: Batch) -> Batch:
