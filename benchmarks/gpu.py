@@ -7,8 +7,8 @@ Setting: the packaged MiniLM-L6 encoder (or ``--model``), LoRA r=8 (alpha 16, dr
 training rows (the first ``--train-rows`` of a seeded shuffle), batch 32, max_length 128, ``--steps`` optimizer
 steps (300), AdamW lr 5e-4, linear decay, gradients clipped at 1.0, bf16 autocast. Each run is a fresh process.
 Tokens/s counts real (non-padding) tokens trained on per second of ``fit`` / ``train``; peak memory is
-``torch.cuda.max_memory_allocated`` over the run. Our runs use our default batching (length-grouped windows and
-micro-batches), the HF run its default (shuffled, padded per batch).
+``torch.cuda.max_memory_allocated`` over the run. All runs draw shuffled batches; ours compute each as packed rows
+(our default), the HF run pads each batch to its longest row (its default).
 """
 
 from __future__ import annotations
