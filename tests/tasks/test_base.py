@@ -113,6 +113,22 @@ def test_packing_falls_back_to_micro_batches_when_outputs_differ(backbone, monke
     assert model.packing_encoder(batch) is None
 
 
+def test_packing_falls_back_when_the_model_rejects_packed_rows(tmp_path):
+    from transformers import LongformerConfig, LongformerModel
+
+    from lightning_peft import BackboneConfig
+
+    config = LongformerConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=64, max_position_embeddings=64, attention_window=[4], pad_token_id=1)
+    torch.manual_seed(0)
+    LongformerModel(config).save_pretrained(tmp_path)
+    model, batch = task_and_batch(BackboneConfig(str(tmp_path)), "classification", [3, 9, 5, 2])
+    with pytest.warns(UserWarning, match=r"sequence_packing: LongformerForSequenceClassification fails on packed "
+                                         r"rows \(IndexError"):  # its attention takes only a 2-D padding mask
+        assert_same_loss_and_grads(model, batch, micro_batch_size=2, packing=True)
+    assert model.packing_encoder(batch) is None
+
+
 def test_prompt_tuning_trains_without_packing(backbone):
     from peft import PromptTuningConfig
 
