@@ -81,14 +81,14 @@ def _load_error(field: str, path: str, what: str, err: Exception) -> LightningPe
     )
 
 
-def load_tokenizer(name_or_path: str | None, field: str = "data.tokenizer") -> PreTrainedTokenizerBase:
-    """``AutoTokenizer.from_pretrained`` with a clear error naming the config ``field``."""
+def load_tokenizer(name_or_path: str | None, field: str = "data.tokenizer", **kwargs: Any) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` (with ``kwargs``) and a clear error naming the config ``field``."""
     if not name_or_path:
         raise LightningPeftError(
             f"{field}: not set; set model.backbone.pretrained_model_name_or_path or backbone.tokenizer"
         )
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         raise LightningPeftError(
             f"{field}: cannot load a tokenizer from {name_or_path!r} "

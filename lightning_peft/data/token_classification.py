@@ -10,6 +10,7 @@ from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import DataCollatorForTokenClassification
 
+from lightning_peft.backbone import load_tokenizer
 from lightning_peft.data.base import IGNORE_INDEX
 from lightning_peft.data.labelled import LabelledDataModule
 from lightning_peft.errors import LightningPeftError
@@ -48,6 +49,18 @@ def read_conll(path: Path, tag_column: int = -1) -> Dataset:
     if words:
         tokens.append(words), tags.append(labels)
     return Dataset.from_dict({"tokens": tokens, "ner_tags": tags, "line": lines})
+
+
+def splits_words_as_text(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` gives pre-split words (``is_split_into_words``) the sub-tokens they get in running text.
+
+    Byte-level BPE tokenizers mark a word's start by the space before it (``Ġlives``); without
+    ``add_prefix_space`` a pre-split word has no space and is cut as if it continued the word before (``liv``,
+    ``es``), pieces the pretrained model rarely saw at a word's start.
+    """
+    words = ["the", "tagger", "reads"]
+    split = tokenizer(words, is_split_into_words=True, add_special_tokens=False)["input_ids"]
+    return split == tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
 
 
 def sort_tags(tags: set[str]) -> list[str]:
@@ -164,12 +177,16 @@ class TokenClassificationDataModule(LabelledDataModule):
         return dataset
 
     def load_tokenizer(self) -> Any:
+        """The fast tokenizer, loaded with ``add_prefix_space=True`` where pre-split words would otherwise lose the
+        word-start marker they carry in running text (byte-level BPE: RoBERTa, DeBERTa v1, Longformer, BART)."""
         tokenizer = super().load_tokenizer()
         if not tokenizer.is_fast:
             raise LightningPeftError(
                 f"data.tokenizer: {type(tokenizer).__name__} is not a fast tokenizer; word → sub-token alignment "
                 "needs one (a tokenizer.json, or a model whose tokenizer has a Rust implementation)"
             )
+        if not splits_words_as_text(tokenizer):
+            tokenizer = load_tokenizer(self.tokenizer_name_or_path, "data.tokenizer", add_prefix_space=True)
         return tokenizer
 
     def _inside_id(self, label_id: int) -> int:

@@ -118,3 +118,21 @@ def test_slow_tokenizer_is_refused(tiny_bert_dir, toy_ner, monkeypatch):
     dm = make_dm(tiny_bert_dir, train_file=str(toy_ner["train"]))
     with pytest.raises(LightningPeftError, match="not a fast tokenizer"):
         dm.setup("fit")
+
+
+def test_byte_level_bpe_words_keep_their_word_start_marker(tmp_path, toy_ner):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizer
+
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator(["so john lives in new york and mary lives in paris"] * 20, vocab_size=300,
+                                special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    model = json.loads(trainer.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
+    RobertaTokenizer(vocab=model["vocab"], merges=merges).save_pretrained(tmp_path)  # add_prefix_space=False
+    dm = TokenClassificationDataModule(tokenizer=str(tmp_path), train_file=str(toy_ner["train"]))
+    tokenizer = dm.tokenizer
+    encoded = tokenizer(["john", "lives", "paris"], is_split_into_words=True, add_special_tokens=False)
+    # as in running text: every word starts with its space marker, "lives" stays one token (not "liv" + "es")
+    assert tokenizer.convert_ids_to_tokens(encoded["input_ids"]) == ["Ġjohn", "Ġlives", "Ġparis"]
+    assert tokenizer.add_prefix_space
