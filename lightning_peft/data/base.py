@@ -236,8 +236,9 @@ class TextDataModule(LightningDataModule):
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.load_tokenizer()
 
-    def load_tokenizer(self) -> PreTrainedTokenizerBase:
-        return load_tokenizer(self.tokenizer_name_or_path, "data.tokenizer")
+    def load_tokenizer(self, **kwargs: Any) -> PreTrainedTokenizerBase:
+        """``data.tokenizer`` loaded by ``AutoTokenizer.from_pretrained`` (with ``kwargs``)."""
+        return load_tokenizer(self.tokenizer_name_or_path, "data.tokenizer", **kwargs)
 
     def setup(self, stage: str) -> None:
         for split in STAGE_SPLITS[stage]:

@@ -10,7 +10,6 @@ from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import DataCollatorForTokenClassification
 
-from lightning_peft.backbone import load_tokenizer
 from lightning_peft.data.base import IGNORE_INDEX
 from lightning_peft.data.labelled import LabelledDataModule
 from lightning_peft.errors import LightningPeftError
@@ -186,7 +185,7 @@ class TokenClassificationDataModule(LabelledDataModule):
                 "needs one (a tokenizer.json, or a model whose tokenizer has a Rust implementation)"
             )
         if not splits_words_as_text(tokenizer):
-            tokenizer = load_tokenizer(self.tokenizer_name_or_path, "data.tokenizer", add_prefix_space=True)
+            tokenizer = super().load_tokenizer(add_prefix_space=True)
         return tokenizer
 
     def _inside_id(self, label_id: int) -> int:

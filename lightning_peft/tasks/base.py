@@ -362,11 +362,12 @@ class PeftModule(LightningModule):
         self.eval()
         try:
             with torch.no_grad():
-                padded_logits = self(sample)
-                with unpacked_output(encoder, packed):
-                    packed_logits = self(self.packed_batch(sample, packed))
-        except Exception as err:  # any failure of the probe (Longformer: IndexError) means: do not pack
-            return f"{name} fails on packed rows ({type(err).__name__}: {err})"
+                padded_logits = self(sample)  # outside the except: a failing padded forward is not a packing issue
+                try:
+                    with unpacked_output(encoder, packed):
+                        packed_logits = self(self.packed_batch(sample, packed))
+                except Exception as err:  # any failure on packed rows (Longformer: IndexError) means: do not pack
+                    return f"{name} fails on packed rows ({type(err).__name__}: {err})"
         finally:
             for module, training in modes.items():
                 module.train(training)
