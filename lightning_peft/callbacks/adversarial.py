@@ -85,7 +85,7 @@ class AdversarialTraining(Callback):
         self._recorded: list[torch.Tensor] | None = None  # embedding outputs of the clean pass, when recording
         self._deltas: list[torch.Tensor] | None = None  # perturbations to add, in call order, when perturbing
         self._calls = 0  # embedding calls of the perturbed pass so far
-        self._sequence_packing = False  # the task's setting, restored at fit end
+        self._sequence_packing: bool | None = None  # the task's setting while switched off, restored at fit end
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -100,14 +100,19 @@ class AdversarialTraining(Callback):
         self._recorded = []
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._detach(pl_module)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._detach(pl_module)
+
+    def _detach(self, pl_module: LightningModule) -> None:
+        """Undo :meth:`on_fit_start` (whatever part of it ran): hooks, the loss term, the packing setting."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        pl_module.loss_terms.pop(ADVERSARIAL_TERM, None)
-        if isinstance(pl_module, PeftModule):
-            pl_module.sequence_packing = self._sequence_packing
-
-    on_exception = on_fit_end
+        if self._sequence_packing is not None:
+            pl_module.loss_terms.pop(ADVERSARIAL_TERM, None)
+            pl_module.sequence_packing, self._sequence_packing = self._sequence_packing, None
 
     # -- the perturbation --------------------------------------------------------------------------------
     def _on_embeddings(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:

@@ -152,3 +152,24 @@ def test_works_for_seq2seq_with_rdrop(tiny_t5_dir):
     assert torch.isfinite(adversarial) and adversarial.item() > 0
     (clean_loss + adversarial).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_an_exception_during_fit_surfaces_and_the_task_is_restored(backbone):
+    model, batch = model_and_batch(backbone, peft=True)
+    callback = AdversarialTraining()
+    callback.on_exception(None, model, RuntimeError("before fit start"))  # nothing to undo yet
+    assert model.sequence_packing
+    callback.on_fit_start(None, model)
+    callback.on_exception(None, model, RuntimeError("in a training step"))
+    embeddings = model.model.get_input_embeddings()
+    assert "adversarial" not in model.loss_terms and not embeddings._forward_hooks and model.sequence_packing
+
+
+def test_a_plain_lightning_module_gets_the_clear_error():
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    trainer = pl.Trainer(max_steps=1, callbacks=[AdversarialTraining()], logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False)
+    with pytest.raises(LightningPeftError, match="AdversarialTraining: needs a lightning-peft task"):
+        trainer.fit(BoringModel())
