@@ -27,7 +27,7 @@ $(MODEL_LINK): $(VENV)/.installed
 install: $(VENV)/.installed $(MODEL_LINK)
 
 quickstart: install
-	$(CLI) fit --config $(QUICKSTART)
+	$(CLI) fit --config $(QUICKSTART) --overwrite true
 	$(CLI) test --config $(QUICKSTART) --ckpt_path runs/quickstart/checkpoints/best.ckpt
 	$(CLI) predict --config $(QUICKSTART) --ckpt_path runs/quickstart/checkpoints/best.ckpt \
 		--predictions_path runs/quickstart/predictions.jsonl

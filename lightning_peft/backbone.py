@@ -73,7 +73,32 @@ def _torch_dtype(name: str | None) -> torch.dtype | str | None:
     return dtype
 
 
+#: attribute of a loaded model listing its weights that no pretrained checkpoint supplied (a new head, new
+#: cross-attention, or everything for a model built from a config): evaluating it before training is refused
+NEW_WEIGHTS_ATTRIBUTE = "lightning_peft_new_weights"
+
+
+def new_weights(model: torch.nn.Module) -> list[str]:
+    """Names of ``model``'s weights that were randomly initialised when it was loaded (see :func:`load_backbone`)."""
+    return list(getattr(model, NEW_WEIGHTS_ATTRIBUTE, []))
+
+
+def needs_remote_code(err: Exception) -> bool:
+    """Whether transformers refused ``err``'s model or tokenizer because its code lives in the repository."""
+    return "trust_remote_code" in str(err)
+
+
+def _remote_code_error(field: str, path: str) -> LightningPeftError:
+    return LightningPeftError(
+        f"backbone.{field}: {path} needs custom modelling code from its own files (auto_map in config.json), which "
+        "lightning-peft does not run unless you opt in; read that code, and if you trust it set "
+        "model.init_args.backbone.trust_remote_code: true in your config or on the command line"
+    )
+
+
 def _load_error(field: str, path: str, what: str, err: Exception) -> LightningPeftError:
+    if needs_remote_code(err):
+        return _remote_code_error(field, path)
     cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return LightningPeftError(
         f"backbone.{field}: cannot load {path} as {what} ({cause}). Give a local directory with config.json and "
@@ -90,6 +115,11 @@ def load_tokenizer(name_or_path: str | None, field: str = "data.tokenizer", **kw
     try:
         return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
+        if needs_remote_code(err):
+            raise LightningPeftError(
+                f"{field}: the tokenizer of {name_or_path!r} needs custom code from its own files (auto_map), which "
+                "lightning-peft does not run; give a tokenizer with a tokenizer.json (data.tokenizer) instead"
+            ) from err
         raise LightningPeftError(
             f"{field}: cannot load a tokenizer from {name_or_path!r} "
             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})"
@@ -125,18 +155,23 @@ def _load_transformer(spec: BackboneConfig, auto_class: type, model_kwargs: dict
         config = AutoConfig.for_model(**overrides)
         model = auto_class.from_config(config, trust_remote_code=spec.trust_remote_code)
         dtype = _torch_dtype(spec.dtype)
-        return model.to(dtype) if isinstance(dtype, torch.dtype) else model
+        model = model.to(dtype) if isinstance(dtype, torch.dtype) else model
+        setattr(model, NEW_WEIGHTS_ATTRIBUTE, ["every weight (a model built from backbone.model_config)"])
+        return model
     try:
-        return auto_class.from_pretrained(
+        model, info = auto_class.from_pretrained(
             spec.pretrained_model_name_or_path,
             revision=spec.revision,
             trust_remote_code=spec.trust_remote_code,
             dtype=_torch_dtype(spec.dtype),
+            output_loading_info=True,
             **overrides,
         )
     except (OSError, ValueError) as err:
         path = repr(spec.pretrained_model_name_or_path)
         raise _load_error("pretrained_model_name_or_path", path, auto_class.__name__, err) from err
+    setattr(model, NEW_WEIGHTS_ATTRIBUTE, sorted(info.get("missing_keys", ())))
+    return model
 
 
 def linear_layer_names(model: torch.nn.Module) -> list[str]:
@@ -251,6 +286,7 @@ def load_backbone(
                 "backbone.decoder_pretrained_model_name_or_path: also set pretrained_model_name_or_path (the encoder)"
             )
         model, new_modules = _warm_start(spec, {**spec.model_config, **model_kwargs})
+        setattr(model, NEW_WEIGHTS_ATTRIBUTE, list(new_modules))
         if peft_config is not None:
             peft_config = train_new_modules(peft_config, model, new_modules)
     else:

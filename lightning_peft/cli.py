@@ -10,26 +10,37 @@
 
 from __future__ import annotations
 
+import argparse
+import errno
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_peft.callbacks.prediction_writer import JsonlPredictionWriter
+from lightning_peft.callbacks.run_checkpoint import RunCheckpoint
+from lightning_peft.checkpoints import check_checkpoint_matches, load_checkpoint, resolve_named_checkpoint
 from lightning_peft.data.base import TextDataModule
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.explain import METHODS, explain
-from lightning_peft.export import export_checkpoint, load_checkpoint, weights_from
+from lightning_peft.export import export_checkpoint, weights_from
+from lightning_peft.parse_errors import describe_parse_error
 from lightning_peft.sweep import sweep_main
 from lightning_peft.tasks.base import PeftModule
 
 # jsonargparse builds every dataclass field of a peft config, including an empty LoftQConfig that peft then
 # warns about although LoftQ is not in use.
 warnings.filterwarnings("ignore", message=r"`loftq_config` specified but will be ignored")
+
+
+DEFAULT_ROOT_DIR = "runs"  # where a run writes logs (and checkpoints, exports) unless its config says otherwise
 
 
 def _tokenizer_of(path: str | None, tokenizer: str | None) -> str | None:
@@ -53,8 +64,15 @@ class LightningPeftCLI(LightningCLI):
 
     Links so that one YAML drives everything: the backbone's path (or ``backbone.tokenizer``) becomes the
     datamodule's tokenizer; a labelled datamodule's discovered ``labels`` (and ``problem_type``) become the model's.
-    Adds a ``checkpoint`` group (Lightning's ``ModelCheckpoint``: best on ``val/loss`` plus ``last``),
-    ``--predictions_path`` for ``predict`` (JSONL), a CSV logger under ``runs/`` and a rich progress bar.
+    Adds a ``checkpoint`` group (:class:`RunCheckpoint`, Lightning's ``ModelCheckpoint``: best on ``val/loss`` plus
+    ``last``, and ``last`` on Ctrl-C / SIGTERM), ``--predictions_path`` for ``predict`` (JSONL), a CSV logger under
+    ``trainer.default_root_dir`` (``runs`` by default) and a rich progress bar.
+
+    Safe by default: ``--ckpt_path`` files are read as plain data (``weights_only``) and checked against the config,
+    never merged into it; ``best`` / ``last`` name the files in ``checkpoint.dirpath``; ``fit`` refuses a
+    ``checkpoint.dirpath`` that holds an earlier run's checkpoints unless it resumes from one or gets
+    ``--overwrite true``; ``validate`` / ``test`` / ``predict`` without ``--ckpt_path`` refuse a model whose head is
+    still untrained unless given ``--allow_untrained true``.
 
     Example::
 
@@ -69,14 +87,19 @@ class LightningPeftCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", LoggedConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
-        defaults = {
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
-        }
-        kwargs["trainer_defaults"] = {**defaults, **kwargs.get("trainer_defaults", {})}
+        kwargs["trainer_defaults"] = {"default_root_dir": DEFAULT_ROOT_DIR, **kwargs.get("trainer_defaults", {})}
         super().__init__(*args, **kwargs)
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Parsers that raise on bad input instead of printing their usage, so :func:`main` can name the key."""
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
+    #: what ``--overwrite true`` allows, per command
+    overwrite_help = "fit: replace the checkpoints of an earlier run in checkpoint.dirpath (default: refuse)"
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
@@ -88,6 +111,11 @@ class LightningPeftCLI(LightningCLI):
         parser.add_argument(
             "--predictions_path", type=str | None, default=None,
             help="predict: JSONL output path (default: <log dir>/predictions.jsonl)",
+        )
+        parser.add_argument("--overwrite", type=bool, default=False, help=self.overwrite_help)
+        parser.add_argument(
+            "--allow_untrained", type=bool, default=False,
+            help="validate/test/predict without --ckpt_path: run even though the model's head is untrained",
         )
         parser.link_arguments(
             ("model.init_args.backbone.pretrained_model_name_or_path", "model.init_args.backbone.tokenizer"),
@@ -107,15 +135,96 @@ class LightningPeftCLI(LightningCLI):
         if "problem_type" in data.get("init_args", {}) and "problem_type" in model.get("init_args", {}):
             model.init_args.problem_type = data.init_args.problem_type
 
+    # -- checkpoints are data -------------------------------------------------------------------------
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``best`` / ``last``, read the checkpoint safely and check that it fits the config.
+
+        LightningCLI would merge the checkpoint's hyper-parameters over the user's config; here a checkpoint never
+        configures anything (not the backbone, not ``trust_remote_code``): a disagreement is an error instead.
+        """
+        config = self.config.get(str(self.config.get("subcommand")), self.config)
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path:
+            return
+        checkpoint_config = config.get("checkpoint") or {}
+        ckpt_path = resolve_named_checkpoint(
+            ckpt_path, checkpoint_config.get("dirpath"), checkpoint_config.get("filename")
+        )
+        config["ckpt_path"] = ckpt_path
+        check_checkpoint_matches(load_checkpoint(ckpt_path), config.get("model"), ckpt_path)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """Lightning reads ``--ckpt_path`` as plain data too (``weights_only=True``), whatever the config says."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "weights_only" in self._subcommand_method_arguments.get(subcommand, ()):
+            kwargs["weights_only"] = True
+        return kwargs
+
+    # -- runs write only where they are told, never over another run -----------------------------------
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Lightning's trainer, with a rich progress bar unless progress bars are off or one is configured."""
+        """Lightning's trainer, with a CSV logger under ``default_root_dir`` unless a logger is configured, and a
+        rich progress bar unless progress bars are off or one is configured. Invalid trainer values are one error."""
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         callbacks = list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs["callbacks"] = [*callbacks, RichProgressBar()]
-        return super().instantiate_trainer(**kwargs)
+        if config.get("logger") in (None, True):
+            kwargs["logger"] = CSVLogger(save_dir=config.get("default_root_dir") or DEFAULT_ROOT_DIR)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError) as err:
+            raise LightningPeftError(f"trainer: {err}") from err
+
+    def before_fit(self) -> None:
+        """Refuse to mix this run's checkpoints with an earlier run's (``best-v1.ckpt`` beside a stale
+        ``best.ckpt``): resume from one (``--ckpt_path``), or replace them with ``--overwrite true``."""
+        callback = self.trainer.checkpoint_callback
+        dirpath = Path(callback.dirpath) if callback is not None and callback.dirpath else None
+        if dirpath is None or not self.trainer.is_global_zero or self.trainer.fast_dev_run:
+            return  # fast_dev_run writes no checkpoints
+        earlier = sorted(dirpath.glob("*.ckpt")) if dirpath.is_dir() else []
+        if earlier and not self._get(self.config, "ckpt_path"):
+            if not self._get(self.config, "overwrite"):
+                names = ", ".join(p.name for p in earlier[:3]) + (", …" if len(earlier) > 3 else "")
+                raise LightningPeftError(
+                    f"checkpoint.dirpath: {str(dirpath)!r} holds an earlier run's checkpoints ({names}); resume it "
+                    f"with --ckpt_path last, write this run elsewhere with --checkpoint.dirpath, or replace them with "
+                    "--overwrite true"
+                )
+            for path in earlier:
+                path.unlink()
+        try:
+            dirpath.mkdir(parents=True, exist_ok=True)
+            probe = dirpath / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise LightningPeftError(
+                f"checkpoint.dirpath: cannot write checkpoints to {str(dirpath)!r} ({err.strerror or err}); choose a "
+                "writable directory"
+            ) from err
+
+    def _refuse_untrained(self) -> None:
+        """``validate`` / ``test`` / ``predict`` without a checkpoint would score a head nobody trained."""
+        if self._get(self.config, "ckpt_path") or self._get(self.config, "allow_untrained"):
+            return
+        untrained = self.model.untrained_weights() if isinstance(self.model, PeftModule) else []
+        if untrained:
+            raise LightningPeftError(
+                f"--ckpt_path: not given, and {type(self.model).__name__}'s {untrained[0]}"
+                f"{f' (and {len(untrained) - 1} more)' if len(untrained) > 1 else ''} is newly initialised, not "
+                f"trained; give the fitted checkpoint (--ckpt_path best, last or a file), or pass "
+                "--allow_untrained true to run the untrained model"
+            )
+
+    def before_validate(self) -> None:
+        self._refuse_untrained()
+
+    def before_test(self) -> None:
+        self._refuse_untrained()
 
     def before_predict(self) -> None:
+        self._refuse_untrained()
         if any(isinstance(cb, JsonlPredictionWriter) for cb in self.trainer.callbacks):
             return
         path = self._get(self.config, "predictions_path") or str(
@@ -139,7 +248,7 @@ def standalone(cli_class: type[LightningPeftCLI], args: list[str], **kwargs: Any
 class CheckpointCLI(LightningPeftCLI):
     """Base of the commands that rebuild the model from the config and work from ``--ckpt_path``."""
 
-    ckpt_help = "checkpoint to load"
+    ckpt_help = "checkpoint to load (a file, or best / last in checkpoint.dirpath)"
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
@@ -153,13 +262,15 @@ class CheckpointCLI(LightningPeftCLI):
 class ExportCLI(CheckpointCLI):
     """``lightning-peft export``: rebuild the model from the config, load a checkpoint, write an HF export."""
 
-    ckpt_help = "checkpoint to export"
+    ckpt_help = "checkpoint to export (a file, or best / last in checkpoint.dirpath)"
+    overwrite_help = "replace --export_dir even if it is not an earlier export (default: refuse)"
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_argument(
             "--export_dir", type=str, required=True,
-            help="directory to write: adapter/, merged/ with --merge, README.md (replaced atomically)",
+            help="directory to write: adapter/, merged/ with --merge, README.md (an earlier export there is replaced "
+            "atomically; anything else is refused without --overwrite)",
         )
         parser.add_argument("--merge", type=bool, default=False, help="also write merged/, a full transformers model")
 
@@ -169,14 +280,14 @@ class ExportCLI(CheckpointCLI):
         return export_checkpoint(
             self.model, self.config["ckpt_path"], self.config["export_dir"],
             tokenizer=datamodule.tokenizer if datamodule else None, merge=self.config["merge"],
-            data=datamodule.card_facts() if datamodule else None,
+            data=datamodule.card_facts() if datamodule else None, overwrite=self.config["overwrite"],
         )
 
 
 class ExplainCLI(CheckpointCLI):
     """``lightning-peft explain``: rebuild the model from the config, load a checkpoint, attribute one input."""
 
-    ckpt_help = "checkpoint whose model to explain"
+    ckpt_help = "checkpoint whose model to explain (a file, or best / last in checkpoint.dirpath)"
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
@@ -216,6 +327,12 @@ def _user_error(err: BaseException) -> LightningPeftError | None:
     return err
 
 
+#: exit status of a fit stopped by Ctrl-C or SIGTERM (128 + SIGTERM, as a shell reports a terminated process)
+STOPPED_BY_SIGNAL = 143
+#: OS errors that are the machine's or the user's paths, not a bug: reported as one line
+USER_OS_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EDQUOT}
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point: user errors become one ``error:`` line and exit status 2."""
     argv = list(sys.argv[1:] if args is None else args)
@@ -229,8 +346,15 @@ def main(args: list[str] | None = None) -> None:
             sweep_main(argv[1:])
         else:
             LightningPeftCLI(args=args)
+    except argparse.ArgumentError as err:
+        print(f"error: {describe_parse_error(str(err), argv[:1])}", file=sys.stderr)
+        sys.exit(2)
+    except SIGTERMException:
+        sys.exit(STOPPED_BY_SIGNAL)  # RunCheckpoint has written last.ckpt and said how to resume
     except Exception as err:
         user_error = _user_error(err)
+        if user_error is None and isinstance(err, OSError) and err.errno in USER_OS_ERRORS:
+            user_error = f"{err.strerror}: {err.filename or ''}; free space, fix the permissions or choose another path"
         if user_error is None:
             raise
         print(f"error: {user_error}", file=sys.stderr)

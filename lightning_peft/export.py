@@ -24,6 +24,7 @@ from peft.utils import ModulesToSaveWrapper
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
+from lightning_peft.checkpoints import load_checkpoint
 from lightning_peft.errors import LightningPeftError
 
 if TYPE_CHECKING:
@@ -45,36 +46,93 @@ class CannotMerge(LightningPeftError):
     """The PEFT method cannot be folded into the base weights (the message says why)."""
 
 
+#: file every export directory holds: what marks a directory as ours to replace on the next export
+EXPORT_MARKER = ".lightning-peft-export"
+
+
+class ExistingOutput(LightningPeftError):
+    """An output path holds something lightning-peft did not write (the message names it and the fix)."""
+
+
+def check_replaceable(target: Path, field: str, overwrite: bool) -> None:
+    """Raise :class:`ExistingOutput` unless ``target`` is absent, an empty directory, an earlier export (it holds
+    :data:`EXPORT_MARKER`), or ``overwrite`` is set. ``field`` names the setting in the message (``export_dir``:
+    the command's ``--export_dir``, whose switch is ``--overwrite``; otherwise an object with an ``overwrite``
+    option, e.g. ``AdapterExport.dirpath``)."""
+    switch = "--overwrite true" if field == "export_dir" else f"{field.split('.')[0]}(overwrite=true)"
+    if overwrite or not (target.exists() or target.is_symlink()):
+        return
+    if not target.is_dir():
+        raise ExistingOutput(
+            f"{field}: {str(target)!r} is an existing file, not an export directory; choose another path "
+            f"(or pass {switch} to replace it)"
+        )
+    if (target / EXPORT_MARKER).is_file() or _is_unmarked_export(target) or not any(target.iterdir()):
+        return
+    raise ExistingOutput(
+        f"{field}: {str(target)!r} already holds files that no lightning-peft export wrote; choose a new or empty "
+        f"directory (or pass {switch} to replace its contents)"
+    )
+
+
+def _is_unmarked_export(directory: Path) -> bool:
+    """An export written before exports carried :data:`EXPORT_MARKER`: exactly its layout, model card included."""
+    names = {path.name for path in directory.iterdir()}
+    return CARD_FILE in names and names <= {ADAPTER_DIR, MERGED_DIR, CARD_FILE}
+
+
+def _write_error(field: str, target: Path, err: OSError) -> LightningPeftError:
+    reason = err.strerror or str(err) or type(err).__name__
+    where = f" ({err.filename})" if err.filename and str(err.filename) != str(target) else ""
+    return LightningPeftError(
+        f"{field}: cannot write {str(target)!r}: {reason}{where}; nothing was changed there. Free space, fix the "
+        "permissions or choose another path"
+    )
+
+
 @contextmanager
-def atomic_directory(directory: str | Path) -> Iterator[Path]:
+def atomic_directory(directory: str | Path, field: str = "export_dir", overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory to fill; on success it replaces ``directory`` by renames.
 
-    On an exception the temporary directory is removed and an existing ``directory`` is left untouched.
+    ``directory`` may only be replaced when it is an earlier export (or empty), unless ``overwrite``; the new one is
+    marked with :data:`EXPORT_MARKER`. On an exception the temporary directory is removed and an existing
+    ``directory`` is left untouched; write failures (disk full, permissions, an impossible path) become one
+    :class:`LightningPeftError` naming ``field``.
 
     Example::
 
         with atomic_directory("exports/sst2") as tmp:
             model.save_pretrained(tmp)
     """
-    target = Path(directory).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    target = Path(directory).absolute()
+    check_replaceable(target, field, overwrite)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as err:
+        raise _write_error(field, target, err) from err
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; give it the permissions a plain mkdir would
     try:
         yield tmp
-    except BaseException:
+        (tmp / EXPORT_MARKER).write_text("written by lightning-peft; the next export may replace this directory\n")
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise _write_error(field, target, err) from err
         raise
     backup = None
-    if target.exists():
+    if target.exists() or target.is_symlink():
         backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         backup.rmdir()
         target.rename(backup)
     tmp.rename(target)
     if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+        if backup.is_dir() and not backup.is_symlink():
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            backup.unlink()
 
 
 @contextmanager
@@ -194,13 +252,6 @@ def save_adapter(model: PeftModel, directory: Path, initial_state: dict[str, tor
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint, on the CPU, or a clear error when the file is missing."""
-    if not Path(ckpt_path).is_file():
-        raise LightningPeftError(f"--ckpt_path: {str(ckpt_path)!r} does not exist or is not a file")
-    return torch.load(ckpt_path, map_location="cpu", weights_only=False)
-
-
 def export_checkpoint(
     module: PeftModule,
     ckpt_path: str | Path,
@@ -208,6 +259,8 @@ def export_checkpoint(
     tokenizer: Any | None = None,
     merge: bool = False,
     data: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    field: str = "export_dir",
 ) -> Path:
     """Export the weights of the Lightning checkpoint ``ckpt_path`` (e.g. ``best.ckpt``) with the model card's
     metrics and training facts taken from it; ``module`` keeps its own weights.
@@ -222,4 +275,4 @@ def export_checkpoint(
                 "optimizer steps": checkpoint.get("global_step")}
     with weights_from(module, checkpoint):
         return module.export(directory, tokenizer=tokenizer, merge=merge, metrics=checkpoint.get(METRICS_KEY, {}),
-                             data=data, training=training)
+                             data=data, training=training, overwrite=overwrite, field=field)

@@ -13,6 +13,7 @@ import itertools
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -146,10 +147,12 @@ class LocalSweep:
         LocalSweep(SweepSpec.load(Path("configs/sweeps/quickstart.yaml")), trials=2, out=Path("runs/sweep")).run()
     """
 
-    def __init__(self, spec: SweepSpec, trials: int, out: Path, method: str | None = None, seed: int = 0) -> None:
+    def __init__(self, spec: SweepSpec, trials: int, out: Path, method: str | None = None, seed: int = 0,
+                 overwrite: bool = False) -> None:
         self.spec = spec
         self.trials = trials
         self.out = out
+        self.overwrite = overwrite
         self.method = method or spec.method
         self.seed = seed
         if self.method not in ("grid", "random", "bayes"):
@@ -160,8 +163,33 @@ class LocalSweep:
     def maximise(self) -> bool:
         return self.spec.goal == "maximize"
 
-    def run(self) -> list[Trial]:
+    #: what a sweep writes in its output directory, besides the trial directories
+    REPORT_FILES = ("results.csv", "best.yaml", "metric_vs_parameters.png")
+
+    def earlier_outputs(self) -> list[Path]:
+        """What an earlier sweep left in :attr:`out`: its trial directories and report files."""
+        if not self.out.is_dir():
+            return []
+        trials = [p for p in self.out.glob("trial-[0-9][0-9][0-9]") if p.is_dir()]
+        return sorted(trials) + [self.out / name for name in self.REPORT_FILES if (self.out / name).exists()]
+
+    def claim_output(self) -> None:
+        """Refuse to mix this sweep's trials with an earlier sweep's (a trial would report the old run's metric
+        and ``best.yaml`` would be built on it), or, with ``overwrite``, remove what that sweep wrote (and only
+        that)."""
+        earlier = self.earlier_outputs()
+        if earlier and not self.overwrite:
+            names = ", ".join(p.name for p in earlier[:3]) + (", …" if len(earlier) > 3 else "")
+            raise LightningPeftError(
+                f"--out: {str(self.out)!r} holds an earlier sweep ({names}); choose another --out, or pass "
+                "--overwrite true to replace it"
+            )
+        for path in earlier:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.out.mkdir(parents=True, exist_ok=True)
+
+    def run(self) -> list[Trial]:
+        self.claim_output()
         if self.method == "grid":
             trials = [self.run_trial(k, params) for k, params in enumerate(grid(self.spec.parameters)[: self.trials])]
         elif self.method == "random":
@@ -213,7 +241,7 @@ class LocalSweep:
         trial = Trial(number, params)
         print(f"trial {number}: {format_params(params)}", flush=True)
         env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
-        start = time.perf_counter()
+        start, started_at = time.perf_counter(), time.time()
         done = subprocess.run(self.trial_command(number, params), capture_output=True, text=True, env=env)
         trial.seconds = time.perf_counter() - start
         self.trial_directory(number).mkdir(parents=True, exist_ok=True)
@@ -223,15 +251,16 @@ class LocalSweep:
             trial.status, trial.error = f"failed (exit {done.returncode})", lines[-1] if lines else ""
             print(f"  {trial.status}: {trial.error}", flush=True)
             return trial
-        trial.metric = self.read_metric(number)
+        trial.metric = self.read_metric(number, started_at)
         trial.status = "done" if trial.metric is not None else f"done, no {self.spec.metric}"
         print(f"  {self.spec.metric} = {trial.metric}", flush=True)
         return trial
 
-    def read_metric(self, number: int) -> float | None:
-        """The metric as logged at the end of the trial (``last.ckpt``'s validation metrics, as W&B's summary)."""
+    def read_metric(self, number: int, started_at: float) -> float | None:
+        """The metric as logged at the end of the trial (``last.ckpt``'s validation metrics, as W&B's summary);
+        ``None`` unless that file was written by this trial (started at ``started_at``, a ``time.time()``)."""
         last = self.trial_directory(number) / "checkpoints" / "last.ckpt"
-        if not last.is_file():
+        if not last.is_file() or last.stat().st_mtime < started_at:
             return None
         value = torch.load(last, map_location="cpu", weights_only=True).get(METRICS_KEY, {}).get(self.spec.metric)
         return None if value is None else float(value)
@@ -313,8 +342,11 @@ def sweep_main(argv: list[str]) -> None:
     parser.add_argument("--method", choices=("grid", "random", "bayes"), default=None, help="default: the spec's")
     parser.add_argument("--out", type=Path, default=None, help="default: runs/sweeps/<spec name>")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random / bayes search")
+    parser.add_argument("--overwrite", choices=("true", "false"), default="false",
+                        help="replace an earlier sweep's trials and report in --out (default: refuse)")
     args = parser.parse_args(argv)
     if args.trials < 1:
         raise LightningPeftError(f"--trials: must be at least 1, got {args.trials}")
     spec = SweepSpec.load(args.spec)
-    LocalSweep(spec, args.trials, args.out or Path("runs") / "sweeps" / args.spec.stem, args.method, args.seed).run()
+    out = args.out or Path("runs") / "sweeps" / args.spec.stem
+    LocalSweep(spec, args.trials, out, args.method, args.seed, overwrite=args.overwrite == "true").run()

@@ -168,9 +168,9 @@ def test_data_errors_exit_with_status_2(tmp_path, tiny_bert_dir, toy_data, capsy
     val = write_csv(tmp_path / "val.csv", ["text", "label"], [["good", "pos"], ["meh", "neutral"]])
     paths = {"VAL": str(val), "MISSING": str(tmp_path / "missing.csv")}
     config = write_config(tmp_path, tiny_bert_dir, toy_data, **{k: paths[v] for k, v in overrides.items()})
-    subcommand = "test" if "test_file" in overrides else "fit"
+    subcommand = ["test", "--allow_untrained", "true"] if "test_file" in overrides else ["fit"]
     with pytest.raises(SystemExit) as exit_info:
-        main([subcommand, "--config", str(config)])
+        main([*subcommand, "--config", str(config)])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 

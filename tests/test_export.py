@@ -12,8 +12,8 @@ import pytest
 import torch
 from peft import LoraConfig, PeftConfig, PromptTuningConfig
 
-from lightning_peft import BackboneConfig, Seq2SeqGenerator, SequenceClassifier, TokenClassifier
-from lightning_peft.export import CannotMerge, atomic_directory, merged_model
+from lightning_peft import BackboneConfig, LightningPeftError, Seq2SeqGenerator, SequenceClassifier, TokenClassifier
+from lightning_peft.export import EXPORT_MARKER, CannotMerge, ExistingOutput, atomic_directory, merged_model
 
 RELOAD_SCRIPT = Path(__file__).with_name("reload_export.py")
 
@@ -75,7 +75,7 @@ def test_export_layout_and_model_card(tiny_bert_dir, tmp_path):
     module = build("classification", tiny_bert_dir)
     export = module.export(tmp_path / "export", metrics={"val/accuracy": 0.75}, data={"train file": "train.csv"},
                            training={"optimizer steps": 12})
-    assert {p.name for p in export.iterdir()} == {"adapter", "README.md"}  # no merged/ unless asked
+    assert {p.name for p in export.iterdir()} == {"adapter", "README.md", EXPORT_MARKER}  # no merged/ unless asked
     assert {"adapter_config.json", "adapter_model.safetensors", "labels.json"} <= {
         p.name for p in (export / "adapter").iterdir()}
     card = (export / "README.md").read_text()
@@ -103,7 +103,7 @@ def test_full_fine_tuning_exports_the_full_model(tiny_bert_dir, tmp_path):
 
     module = SequenceClassifier(BackboneConfig(str(tiny_bert_dir)), None, labels=["neg", "pos"])
     export = module.export(tmp_path / "export")
-    assert {p.name for p in export.iterdir()} == {"merged", "README.md"}
+    assert {p.name for p in export.iterdir()} == {"merged", "README.md", EXPORT_MARKER}
     assert AutoModelForSequenceClassification.from_pretrained(export / "merged").config.id2label == {0: "neg", 1: "pos"}
     assert "library_name: transformers" in (export / "README.md").read_text()
 
@@ -118,15 +118,46 @@ def test_failed_export_leaves_the_previous_one_whole(tiny_bert_dir, tmp_path):
             (Path(directory) / "tokenizer.json").write_text("{")  # half-written, then the disk fills up
             raise OSError("No space left on device")
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(LightningPeftError, match="export_dir: cannot write .*No space left on device; nothing was"):
         module.export(tmp_path / "export", tokenizer=Broken())
     assert {p.name: p.read_bytes() for p in (export / "adapter").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary directory left behind
 
 
 def test_atomic_directory_replaces_whole(tmp_path):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "old.txt").write_text("old")
     with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "old.txt").write_text("old")
+    with atomic_directory(tmp_path / "out") as tmp:  # an earlier output of ours: replaced whole
         (tmp / "new.txt").write_text("new")
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [EXPORT_MARKER, "new.txt"]
+
+
+def test_atomic_directory_never_replaces_what_it_did_not_write(tmp_path):
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "thesis.tex").write_text("years of work")
+    (tmp_path / "notes.txt").write_text("notes")
+    for target in (tmp_path / "thesis", tmp_path / "notes.txt"):
+        with pytest.raises(ExistingOutput, match="--overwrite true"), atomic_directory(target) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert (tmp_path / "thesis" / "thesis.tex").read_text() == "years of work"
+    assert (tmp_path / "notes.txt").read_text() == "notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "thesis"]  # no temporary left
+    with atomic_directory(tmp_path / "thesis", overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert (tmp_path / "thesis" / "new.txt").is_file() and not (tmp_path / "thesis" / "thesis.tex").exists()
+
+
+def test_an_export_from_before_the_marker_is_recognised(tmp_path):
+    (tmp_path / "export" / "adapter").mkdir(parents=True)
+    (tmp_path / "export" / "README.md").write_text("card")
+    with atomic_directory(tmp_path / "export") as tmp:
+        (tmp / "README.md").write_text("new card")
+    assert (tmp_path / "export" / "README.md").read_text() == "new card"
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "unwritable"])
+def test_an_impossible_export_path_is_one_clear_error(tmp_path, where):
+    (tmp_path / "file.txt").write_text("x")
+    target = tmp_path / "file.txt" / "export" if where == "under-a-file" else Path("/proc/lightning-peft/export")
+    with pytest.raises(LightningPeftError, match="export_dir: cannot write"), atomic_directory(target) as tmp:
+        (tmp / "new.txt").write_text("new")

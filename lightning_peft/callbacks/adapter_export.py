@@ -11,10 +11,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_peft.data.base import TextDataModule
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.export import export_checkpoint, validation_metrics
+from lightning_peft.export import check_replaceable, export_checkpoint, validation_metrics
 from lightning_peft.tasks.base import PeftModule
 
 EXPORT_DIR = "export"
+FIELD = "AdapterExport.dirpath"  # how errors about the export directory name it
 
 
 class AdapterExport(Callback):
@@ -31,6 +32,8 @@ class AdapterExport(Callback):
         merge: also write ``merged/``, a full model for plain ``transformers`` (methods that cannot merge, such as
             prompt tuning, say so in the log and the model card instead).
         on_best: export on every new best checkpoint as well as at fit end.
+        overwrite: replace ``dirpath`` even when it holds something other than an earlier export; by default such a
+            directory (or a file at that path) stops the fit before training, with an error naming it.
 
     With a ``WandbLogger`` whose ``log_model`` is set, each export is also logged as a W&B artifact of type
     ``model`` (aliases ``latest`` and ``best``).
@@ -40,10 +43,12 @@ class AdapterExport(Callback):
         trainer = Trainer(callbacks=[ModelCheckpoint(monitor="val/f1", mode="max"), AdapterExport(merge=True)])
     """
 
-    def __init__(self, dirpath: str | None = None, merge: bool = False, on_best: bool = False) -> None:
+    def __init__(self, dirpath: str | None = None, merge: bool = False, on_best: bool = False,
+                 overwrite: bool = False) -> None:
         self.dirpath = dirpath
         self.merge = merge
         self.on_best = on_best
+        self.overwrite = overwrite
         self._best: tuple[Any, ...] | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -51,6 +56,8 @@ class AdapterExport(Callback):
             raise LightningPeftError(
                 f"AdapterExport: the model must be a lightning_peft PeftModule, got {type(pl_module).__name__}"
             )
+        if stage == "fit":  # refuse a foreign directory now, not after the whole fit
+            check_replaceable(self.directory(trainer).absolute(), FIELD, self.overwrite)
 
     def directory(self, trainer: Trainer) -> Path:
         return Path(self.dirpath or Path(trainer.default_root_dir) / EXPORT_DIR)
@@ -70,6 +77,7 @@ class AdapterExport(Callback):
                 self.directory(trainer), tokenizer=_tokenizer(trainer), merge=self.merge, metrics=metrics,
                 data=_data_facts(trainer), training={"checkpoint": Path(best[0]).name, "epoch": trainer.current_epoch,
                                                      "optimizer steps": trainer.global_step},
+                overwrite=self.overwrite, field=FIELD,
             )
             rank_zero_info(f"new best checkpoint: exported to {directory}")
             _log_artifact(trainer, directory, metrics)
@@ -80,7 +88,8 @@ class AdapterExport(Callback):
         best_path = getattr(trainer.checkpoint_callback, "best_model_path", "")
         tokenizer, data = _tokenizer(trainer), _data_facts(trainer)
         if best_path and Path(best_path).is_file():
-            directory = export_checkpoint(pl_module, best_path, self.directory(trainer), tokenizer, self.merge, data)
+            directory = export_checkpoint(pl_module, best_path, self.directory(trainer), tokenizer, self.merge, data,
+                                          overwrite=self.overwrite, field=FIELD)
             rank_zero_info(f"best checkpoint {best_path} exported to {directory}")
             _log_artifact(trainer, directory, {})
             return
@@ -88,7 +97,7 @@ class AdapterExport(Callback):
         training = {"checkpoint": "none (final weights)", "epoch": trainer.current_epoch,
                     "optimizer steps": trainer.global_step}
         directory = pl_module.export(self.directory(trainer), tokenizer=tokenizer, merge=self.merge, metrics=metrics,
-                                     data=data, training=training)
+                                     data=data, training=training, overwrite=self.overwrite, field=FIELD)
         rank_zero_info(f"no best checkpoint to export: final weights exported to {directory}")
         _log_artifact(trainer, directory, metrics)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lightning_peft.backbone import load_tokenizer
-from lightning_peft.data.sampling import EpochSeededSampler
+from lightning_peft.data.sampling import EpochSeededSampler, ResumableDataLoader
 from lightning_peft.errors import LightningPeftError
 
 IGNORE_INDEX = -100  # label of positions no loss is computed on (padding, non-first sub-tokens)
@@ -29,6 +30,15 @@ _READERS: dict[str, tuple[str, dict[str, Any]]] = {
     ".json": ("json", {}),
     ".jsonl": ("json", {}),
 }
+
+
+def is_blank(value: Any) -> bool:
+    """Whether a data cell holds nothing: ``None``, NaN (an empty csv cell read by pandas) or blank text."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, str) and not value.strip()
 
 
 def _has_rows(path: Path, header: bool) -> bool:
@@ -112,6 +122,8 @@ class TextDataModule(LightningDataModule):
         self.seed = seed
         self.datasets: dict[str, Dataset] = {}
         self._raw: dict[str, Dataset | None] = {}
+        self._train_sampler: EpochSeededSampler | None = None
+        self._train_position: tuple[int, int] | None = None  # (epoch, samples done) of a resumed fit
         checks = {"batch_size": batch_size, "max_length": max_length, "group_by_length_window": group_by_length_window}
         for name, value in checks.items():
             if value is not None and value < 1:
@@ -139,6 +151,16 @@ class TextDataModule(LightningDataModule):
     predict_order: list[int] | None = None
     #: per-row counts that :meth:`preprocess` emits (e.g. truncated words), handed to :meth:`report_counts`
     count_columns: tuple[str, ...] = ()
+
+    def check_filled(self, dataset: Dataset, split: str, column: str, what: str) -> None:
+        """Raise, naming the split's file, the row and the column, when a cell of ``column`` is empty (see
+        :func:`is_blank`): an empty text or label would otherwise be trained on as the string ``"None"``."""
+        for row, value in enumerate(dataset[column]):
+            if is_blank(value):
+                raise LightningPeftError(
+                    f"{self.describe(split)} row {row}: empty {what} (column {column!r}: {value!r}); fill it in or "
+                    "remove the row"
+                )
 
     def report_counts(self, split: str, counts: dict[str, list[int]]) -> None:
         """Warn about what preprocessing had to change in ``split`` (e.g. truncation); the columns are then dropped."""
@@ -287,22 +309,49 @@ class TextDataModule(LightningDataModule):
         return PassthroughCollator(self.build_collator(), self.passthrough_columns)
 
     # -- loaders ----------------------------------------------------------------------------------------
-    def _loader(self, split: str, batch_size: int, sampler: Any = None) -> DataLoader:
-        return DataLoader(
+    def _loader(self, split: str, batch_size: int, sampler: Any = None, loader_class: type = DataLoader,
+                **kwargs: Any) -> DataLoader:
+        return loader_class(
             self.datasets[split],
             batch_size=batch_size,
             sampler=sampler,
             collate_fn=self.collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Batches in :class:`EpochSeededSampler` order, resumable mid-epoch (see :class:`ResumableDataLoader`)."""
         lengths = [len(ids) for ids in self.datasets["train"]["input_ids"]]
-        sampler = EpochSeededSampler(
+        self._train_sampler = EpochSeededSampler(
             lengths, self.batch_size, self.group_by_length, window=self.group_by_length_window, seed=self.seed
         )
-        return self._loader("train", self.batch_size, sampler)
+        if self._train_position is not None:
+            self._train_sampler.resume_at(*self._train_position)
+        return self._loader(
+            "train", self.batch_size, self._train_sampler, ResumableDataLoader, batches_done=self._batches_done
+        )
+
+    def _batches_done(self) -> int:
+        """Training batches run so far in the current epoch (0 outside a fit)."""
+        trainer = self.trainer
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in the epoch, saved in checkpoints. Lightning also saves the train loader's own
+        state, but restores it only into a loader built after the restore, and ours is usually built before it
+        (``configure_optimizers`` asks for ``estimated_stepping_batches``), so the datamodule carries it too."""
+        if self._train_sampler is None:
+            return {}
+        return {"train_epoch": self._train_sampler.epoch, "train_batches_done": self._batches_done()}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if "train_epoch" not in state_dict:
+            return
+        self._train_position = (state_dict["train_epoch"], state_dict["train_batches_done"] * self.batch_size)
+        if self._train_sampler is not None:
+            self._train_sampler.resume_at(*self._train_position)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("validation", self.eval_batch_size) if "validation" in self.datasets else []

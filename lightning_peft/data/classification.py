@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -79,18 +80,32 @@ class ClassificationDataModule(LabelledDataModule):
         return columns + ([self.label_column] if self.has_labels(split) else [])
 
     def prepare_split(self, dataset: Dataset, split: str) -> Dataset:
+        self.check_filled(dataset, split, self.text_column, "text")
+        if self.text_pair_column:
+            self.check_filled(dataset, split, self.text_pair_column, "pair text")
         if not self.has_labels(split):
             return dataset
         if self.problem_type == "regression":
             for row, value in enumerate(dataset[self.label_column]):
                 try:
-                    float(value)
+                    number = float(value)
                 except (TypeError, ValueError):
+                    number = math.nan
+                if math.isnan(number):
                     raise LightningPeftError(
                         f"{self.describe(split)} row {row}: label {value!r} is not a number (problem_type: regression)"
                     ) from None
             return dataset
         dataset = self.decode_class_labels(dataset, self.label_column, split)
+        if self.problem_type == "multi_label_classification":  # an empty string is a row with no labels
+            for row, value in enumerate(dataset[self.label_column]):
+                if value is None or (isinstance(value, float) and math.isnan(value)):
+                    raise LightningPeftError(
+                        f"{self.describe(split)} row {row}: no label (column {self.label_column!r}: {value!r}); give "
+                        f"its labels joined by {self.label_separator!r}, an empty string for none, or remove the row"
+                    )
+        else:
+            self.check_filled(dataset, split, self.label_column, "label")
         if split == "train" and not self.explicit_labels:
             return dataset  # the labels are discovered from this split
         known = self.label2id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Any
 
 from datasets import ClassLabel, Dataset, Sequence, Value
 
@@ -63,6 +64,12 @@ class LabelledDataModule(TextDataModule):
         if split == "train":
             self._class_label_names = list(inner.names)
         as_ints = Sequence(Value("int64")) if isinstance(feature, Sequence) else Value("int64")
+        def name(label_id: int) -> str | None:
+            return None if label_id < 0 else inner.int2str(label_id)  # -1: unlabelled (GLUE's test splits)
+
+        def names(value: Any) -> Any:
+            return [name(v) for v in value] if isinstance(value, list) else name(value)
+
         return dataset.cast_column(column, as_ints).map(  # plain ints first, or map re-encodes the names
-            lambda batch: {column: [inner.int2str(v) for v in batch[column]]}, batched=True, desc="Decoding labels"
+            lambda batch: {column: [names(v) for v in batch[column]]}, batched=True, desc="Decoding labels"
         )

@@ -10,10 +10,10 @@ from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import DataCollatorForTokenClassification
 
-from lightning_peft.data.base import IGNORE_INDEX
+from lightning_peft.data.base import IGNORE_INDEX, is_blank
 from lightning_peft.data.labelled import LabelledDataModule
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.metrics.entities import OUTSIDE, iob1_to_iob2, split_tag
+from lightning_peft.metrics.entities import OUTSIDE, io_to_iob2, iob1_to_iob2, is_prefixed, split_tag
 
 CONLL_SUFFIXES = (".txt", ".conll", ".conllu", ".iob", ".bio", ".tsv")
 _PREFIX_ORDER = {"B": 0, "I": 1, "E": 2, "S": 3}
@@ -83,7 +83,10 @@ class TokenClassificationDataModule(LabelledDataModule):
     Args:
         tokens_column / tags_column: word and tag columns (CoNLL files are read into these names).
         tag_column: CoNLL column index of the tag (default -1: the last).
-        tag_scheme: ``IOB2`` (default), ``IOB1`` (converted to IOB2 on load) or ``BIOES``.
+        tag_scheme: ``IOB2`` (default), ``IOB1`` (converted to IOB2 on load), ``BIOES``, or ``IO`` (bare types such
+            as ``PER``, converted to IOB2 on load: consecutive words of one type form one entity). A split whose
+            tags all lack a prefix is taken as IO whatever the setting, with a warning; any other tag that is
+            neither ``O`` nor ``<B|I|E|S>-<TYPE>`` is an error naming its line.
         labels: explicit tag set in id order (overrides discovery from train).
         label_all_tokens: label every sub-token, not just the first of each word.
         Other arguments: see :class:`~lightning_peft.data.base.TextDataModule`.
@@ -105,7 +108,7 @@ class TokenClassificationDataModule(LabelledDataModule):
         tokens_column: str = "tokens",
         tags_column: str = "ner_tags",
         tag_column: int = -1,
-        tag_scheme: Literal["IOB2", "IOB1", "BIOES"] = "IOB2",
+        tag_scheme: Literal["IOB2", "IOB1", "BIOES", "IO"] = "IOB2",
         labels: list[str] | None = None,
         label_all_tokens: bool = False,
         **kwargs: Any,
@@ -143,19 +146,42 @@ class TokenClassificationDataModule(LabelledDataModule):
         return f"{self.describe(split)} row {row}"
 
     def _normalise_tags(self, dataset: Dataset, split: str) -> Dataset:
-        """ClassLabel ids → names; IOB1 → IOB2."""
+        """ClassLabel ids → names; IOB1 and IO → IOB2; a tag the entity metrics cannot read is an error."""
         dataset = self.decode_class_labels(dataset, self.tags_column, split)
-        if self.tag_scheme == "IOB1":
-            column = self.tags_column
-            dataset = dataset.map(
-                lambda batch: {column: [iob1_to_iob2(row) for row in batch[column]]}, batched=True, desc="IOB1 → IOB2"
-            )
+        column = self.tags_column
+        for row, tags in enumerate(dataset[column]):
+            for tag in tags:
+                if is_blank(tag):
+                    raise LightningPeftError(f"{self._where(dataset, split, row)}: empty tag ({tag!r}); every word "
+                                             "needs a tag (O outside entities)")
+        scheme = self.tag_scheme
+        if scheme != "IO" and not any(is_prefixed(tag) and tag != OUTSIDE for tags in dataset[column] for tag in tags):
+            bare = sorted({tag for tags in dataset[column] for tag in tags if tag != OUTSIDE})
+            if bare and all("-" not in tag for tag in bare):
+                rank_zero_warn(f"{self.describe(split)}: tags {bare[:4]} have no B-/I- prefix (IO tagging); converted "
+                               "to IOB2, consecutive words of one type forming one entity (set data.tag_scheme: IO to "
+                               "silence this)")
+                scheme = "IO"
+        convert = {"IOB1": iob1_to_iob2, "IO": io_to_iob2}.get(scheme)
+        if convert is not None:
+            dataset = dataset.map(lambda batch: {column: [convert(row) for row in batch[column]]}, batched=True,
+                                  desc=f"{scheme} → IOB2")
+        for row, tags in enumerate(dataset[column]):
+            for tag in tags:
+                if not is_prefixed(tag):
+                    raise LightningPeftError(
+                        f"{self._where(dataset, split, row)}: tag {tag!r} is neither O nor <B|I|E|S>-<TYPE>, so no "
+                        "entity could be scored; fix the tag, or set data.tag_scheme: IO if the file tags bare types"
+                    )
         return dataset
 
     def prepare_split(self, dataset: Dataset, split: str) -> Dataset:
         for row, words in enumerate(dataset[self.tokens_column]):
             if not words:
                 raise LightningPeftError(f"{self._where(dataset, split, row)}: empty sentence (no words); remove it")
+            if any(is_blank(word) for word in words):
+                raise LightningPeftError(f"{self._where(dataset, split, row)}: an empty word ({words!r}); every word "
+                                         "needs text")
         if not self.has_labels(split):
             return dataset
         dataset = self._normalise_tags(dataset, split)

@@ -64,6 +64,26 @@ def extract_entities(tags: Sequence[str]) -> list[Entity]:
     return entities
 
 
+def is_prefixed(tag: str) -> bool:
+    """Whether ``tag`` is ``O`` or ``<B|I|E|S>-<TYPE>``: a tag the entity decoder understands."""
+    prefix, entity_type = split_tag(tag)
+    return tag == OUTSIDE or (prefix in ("B", "I", "E", "S") and bool(entity_type))
+
+
+def io_to_iob2(tags: Sequence[str]) -> list[str]:
+    """IO tagging (bare types: ``PER PER O LOC``) → IOB2: consecutive words of one type form one entity.
+
+    Example::
+
+        io_to_iob2(["PER", "PER", "O", "LOC"])  # ['B-PER', 'I-PER', 'O', 'B-LOC']
+    """
+    converted, previous = [], OUTSIDE
+    for tag in tags:
+        converted.append(tag if tag == OUTSIDE else f"{'I' if tag == previous else 'B'}-{tag}")
+        previous = tag
+    return converted
+
+
 def iob1_to_iob2(tags: Sequence[str]) -> list[str]:
     """IOB1 (``I-`` opens an entity unless it continues one of its type) → IOB2 (entities open with ``B-``)."""
     converted = []

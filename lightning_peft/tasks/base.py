@@ -18,7 +18,7 @@ from torch.distributed.fsdp._common_utils import clean_tensor_name
 from torchmetrics import MetricCollection
 from transformers import AutoModel, get_scheduler
 
-from lightning_peft.backbone import BackboneConfig, count_parameters, load_backbone
+from lightning_peft.backbone import BackboneConfig, count_parameters, load_backbone, new_weights
 from lightning_peft.data.base import IGNORE_INDEX
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import (
@@ -195,6 +195,7 @@ class PeftModule(LightningModule):
             self.backbone_config, self.auto_model_class, self.peft_config, self.peft_task_type, **model_kwargs
         )
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps the modes it finds at fit start
+        self._new_weights = new_weights(self.model)
         #: PiSSA / OLoRA / CorDA adapters as initialised, to export a plain LoRA adapter (not saved in checkpoints:
         #: these initialisations are recomputed identically from the base weights when the model is rebuilt)
         self.initial_adapter_state = initial_adapter_state(self.model)
@@ -204,6 +205,11 @@ class PeftModule(LightningModule):
 
     def build_metrics(self) -> MetricCollection:
         raise NotImplementedError
+
+    def untrained_weights(self) -> list[str]:
+        """Weights that no pretrained checkpoint supplied (a new head, …) and that this module will use as they are:
+        the CLI refuses to evaluate or predict with them unless a checkpoint is given or the user insists."""
+        return list(self._new_weights)
 
     # -- steps ----------------------------------------------------------------------------------------
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -434,7 +440,10 @@ class PeftModule(LightningModule):
             if param.requires_grad:
                 (no_decay if param.ndim < 2 else decay).append(param)
         groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
-        optimizer = self.optimizer_factory(groups)
+        try:
+            optimizer = self.optimizer_factory(groups)
+        except (TypeError, ValueError) as err:  # torch's own checks: "Invalid learning rate: -0.1", …
+            raise LightningPeftError(f"model.init_args.optimizer: {err}") from err
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = get_scheduler(
             self.lr_scheduler_type,
@@ -475,6 +484,8 @@ class PeftModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep plain hyper-parameters, the trainable weights, the rank pattern and the latest ``val/`` metrics."""
         hparams = plain_hyperparameters(checkpoint.get("hyper_parameters", {}))
+        if isinstance(hparams.get("backbone"), dict):  # running remote code is the loader's own decision
+            hparams["backbone"] = {**hparams["backbone"], "trust_remote_code": False}
         checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if k not in self.inference_arguments}
         if self.rank_pattern:
             checkpoint[RANK_PATTERN_KEY] = self.rank_pattern
@@ -486,13 +497,23 @@ class PeftModule(LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = sorted(self.trainable_state_keys() - set(checkpoint.get("state_dict", {})))
+        """Refuse a checkpoint whose weights do not fit this model (one clear error instead of a size-mismatch
+        traceback from ``load_state_dict``); restore AdaLoRA's rank pattern."""
+        state = checkpoint.get("state_dict", {})
+        missing = sorted(self.trainable_state_keys() - set(state))
         if missing:
             raise LightningPeftError(
                 f"checkpoint lacks {len(missing)} trainable weights of this model (e.g. {missing[0]!r}): "
                 "it was written for a different model, PEFT method or label set"
             )
         self.rank_pattern = checkpoint.get(RANK_PATTERN_KEY)
+        own = self.state_dict()
+        for name, value in state.items():
+            if name in own and isinstance(value, torch.Tensor) and value.shape != own[name].shape:
+                raise LightningPeftError(
+                    f"checkpoint weight {name!r} has shape {tuple(value.shape)} but this model's has "
+                    f"{tuple(own[name].shape)}: it was written for a different model, PEFT method or label set"
+                )
 
     # -- export ---------------------------------------------------------------------------------------
     def model_config_kwargs(self) -> dict[str, Any]:
@@ -507,8 +528,13 @@ class PeftModule(LightningModule):
         metrics: dict[str, float] | None = None,
         data: dict[str, Any] | None = None,
         training: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        field: str = "export_dir",
     ) -> Path:
         """Write the model in Hugging Face formats, atomically, and return the directory.
+
+        An existing ``directory`` is replaced only when it is an earlier export (or empty), unless ``overwrite``;
+        otherwise, and when the disk refuses the write, a :class:`LightningPeftError` names ``field``.
 
         ``adapter/``: the adapter (``save_pretrained``), loadable by ``peft.AutoPeftModelFor*`` and by
         ``transformers.AutoModelFor*.from_pretrained(adapter, **labels)``; ``merged/`` (with ``merge``, or always
@@ -517,7 +543,7 @@ class PeftModule(LightningModule):
         """
         directory = Path(directory)
         merged_note = ""
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, field, overwrite) as tmp:
             if isinstance(self.model, PeftModel):
                 save_adapter(self.model, tmp / ADAPTER_DIR, self.initial_adapter_state)
                 self._save_alongside(tmp / ADAPTER_DIR, tokenizer)

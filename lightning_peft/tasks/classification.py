@@ -269,6 +269,10 @@ class SequenceClassifier(PeftModule):
         except Exception as err:  # peft's errors: a different base model, PEFT type or head
             raise LightningPeftError(f"model.prediction.ensemble: cannot load {path} into this model: {err}") from err
 
+    def untrained_weights(self) -> list[str]:
+        """None when predicting with an ensemble: only the exported adapters (heads included) are used."""
+        return [] if self.prediction.ensemble else super().untrained_weights()
+
     def ensemble_members(self) -> list[tuple[str | None, float]]:
         """(adapter name, temperature) per member; ``None`` is the model's own adapter."""
         if not self.prediction.ensemble:

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from lightning_peft.callbacks import AdapterExport
 from lightning_peft.cli import LightningPeftCLI, main
+from lightning_peft.export import EXPORT_MARKER
 from lightning_peft.tasks.base import PeftModule
 from tests.test_cli import REPO, write_config
 
@@ -81,7 +82,7 @@ def test_cli_export_writes_the_same_layout_with_merged(tmp_path, tiny_bert_dir, 
     main(["export", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"),
           "--export_dir", str(tmp_path / "export"), "--merge", "true"])
     assert f"exported to {tmp_path / 'export'}" in capsys.readouterr().out
-    assert {p.name for p in (tmp_path / "export").iterdir()} == {"adapter", "merged", "README.md"}
+    assert {p.name for p in (tmp_path / "export").iterdir()} == {"adapter", "merged", "README.md", EXPORT_MARKER}
     merged = json.loads((tmp_path / "export" / "merged" / "config.json").read_text())
     assert merged["id2label"] == {"0": "neg", "1": "pos"}
 

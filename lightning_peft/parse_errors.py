@@ -1,0 +1,60 @@
+"""One line for a config the parser rejects: the offending key, what is wrong, and where to look for the fix.
+
+jsonargparse explains a bad value inside a ``class_path`` entry as a nested report (every union member tried, the
+whole given value); the user needs the innermost key and reason first.
+"""
+
+from __future__ import annotations
+
+import re
+
+_KEY = re.compile(r'Parser key "([^"]+)"')
+_CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
+_OPTION = re.compile(r"Option '([^']+)' is not accepted")
+_GROUP_OPTION = re.compile(r"Group '([^']+)' does not accept option '([^']+)'")
+#: lines of the nested report that only describe its structure
+_STRUCTURE = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>",
+              "Expected a <class 'NoneType'>")
+
+
+def describe_parse_error(message: str, command: list[str]) -> str:
+    """``message`` (a jsonargparse error) as ``<key>: <reason>; <fix>``.
+
+    Example::
+
+        describe_parse_error('Parser key "data":\\n  ...\\n  Option \\'batch_sizee\\' is not accepted', ["fit"])
+        # "data.init_args.batch_sizee: not an option of lightning_peft.ClassificationDataModule; …"
+    """
+    command_line = " ".join(["lightning-peft", *command])
+    hint = f"run `{command_line} --help` for the options, or add --print_config to see a valid config"
+    keys: list[str] = []
+    class_path = None
+    reason = None
+    for raw in message.splitlines():
+        line = raw.strip().removeprefix("- ").strip()
+        if not line or line.startswith(_STRUCTURE):
+            continue
+        if key := _KEY.match(line):
+            keys.append(key.group(1))
+            rest = line[key.end():].strip(" :")
+            if rest and reason is None:
+                reason = rest
+        elif found := _CLASS_PATH.match(line):
+            class_path = found.group(1)
+            keys.append("init_args")
+        elif reason is None:
+            reason = line
+    if reason is None or not keys:
+        first = message.strip().splitlines()[0] if message.strip() else "the configuration is invalid"
+        return f"{first}; {hint}"
+    if group := _GROUP_OPTION.search(reason):
+        keys += [group.group(1), group.group(2)] if keys[-1] == "init_args" else [group.group(2)]
+        return f"{'.'.join(keys)}: not an option of {group.group(1)}; check its spelling; {hint}"
+    if keys[-1] == "init_args" and class_path and not _OPTION.search(reason):
+        keys[-1] = "class_path"  # the class itself could not be imported
+        reason = f"cannot use {class_path!r} ({reason})"
+    if option := _OPTION.search(reason):
+        keys.append(option.group(1))
+        reason = f"not an option of {class_path}" if class_path else "not an option here"
+        hint = "check its spelling; " + hint
+    return f"{'.'.join(keys)}: {reason}; {hint}"
