@@ -115,6 +115,19 @@ def toy_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return files
 
 
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, toy_data: dict[str, Path]) -> dict[str, Path]:
+    """One epoch of the CLI test config (tests/test_cli.py) fitted once: its config file and checkpoint directory;
+    tests only read them."""
+    from lightning_peft.cli import main
+    from tests.test_cli import write_config
+
+    directory = tmp_path_factory.mktemp("fitted")
+    config = write_config(directory, tiny_bert_dir, toy_data)
+    main(["fit", "--config", str(config), "--trainer.max_epochs", "1"])
+    return {"config": config, "ckpt": directory / "ckpt"}
+
+
 @pytest.fixture
 def backbone(tiny_bert_dir: Path):
     from lightning_peft import BackboneConfig

@@ -133,6 +133,29 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def run_main(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    """``main(args)`` in this process (cheaper than :func:`run_cli` where the process boundary is not the point)."""
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
+
+
+def assert_one_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit status 2, no traceback, exactly one ``error:`` line, holding every fragment; returns the line."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
 def test_bad_input_is_one_error_line_and_leaves_nothing_behind(tmp_path, tiny_bert_dir, toy_data):
     config = write_config(tmp_path, tiny_bert_dir, toy_data, text_column="sentence")
     result = run_cli("fit", "--config", str(config), cwd=tmp_path)
