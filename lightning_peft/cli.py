@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -193,16 +194,13 @@ class LightningPeftCLI(LightningCLI):
                 )
             for path in earlier:
                 path.unlink()
-        try:
-            dirpath.mkdir(parents=True, exist_ok=True)
-            probe = dirpath / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as err:
+        existing = next(p for p in (dirpath, *dirpath.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            reason = "a file is in the way" if not existing.is_dir() else "permission denied"
             raise LightningPeftError(
-                f"checkpoint.dirpath: cannot write checkpoints to {str(dirpath)!r} ({err.strerror or err}); choose a "
-                "writable directory"
-            ) from err
+                f"checkpoint.dirpath: cannot write checkpoints to {str(dirpath)!r} ({reason} at {str(existing)!r}); "
+                "choose a writable directory"
+            )
 
     def _refuse_untrained(self) -> None:
         """``validate`` / ``test`` / ``predict`` without a checkpoint would score a head nobody trained."""

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import csv
 import random
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lightning_peft.cli import main
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.sweep import grid, parse_fit_config, random_suggest
+from lightning_peft.export import METRICS_KEY
+from lightning_peft.sweep import LocalSweep, SweepSpec, grid, parse_fit_config, random_suggest
 from tests.test_cli import write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +57,8 @@ def test_every_sweep_value_is_accepted_by_the_cli(spec_path, monkeypatch):
             assert resolved == value, f"{name}={value} parsed as {resolved}"
 
 
-def test_local_sweep_runs_trials_records_crashes_and_writes_the_best_config(tmp_path, tiny_bert_dir, toy_data):
+def test_local_sweep_runs_trials_records_crashes_and_writes_the_best_config(tmp_path, tiny_bert_dir, toy_data,
+                                                                              capsys):
     config = write_config(tmp_path, tiny_bert_dir, toy_data)
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump({
@@ -74,6 +78,29 @@ def test_local_sweep_runs_trials_records_crashes_and_writes_the_best_config(tmp_
     assert best["model"]["init_args"]["warmup_ratio"] == 0.0 and best["trainer"]["max_epochs"] == 1
     parse_fit_config(["--config", str(tmp_path / "sweep" / "best.yaml")])  # a complete, valid fit config
     assert (tmp_path / "sweep" / "metric_vs_parameters.png").stat().st_size > 0
+
+    # a repeated sweep never reads the earlier one's trials: refused, or replaced with --overwrite true
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", str(spec_path), "--trials", "5", "--out", str(tmp_path / "sweep")])
+    assert exit_info.value.code == 2
+    assert "holds an earlier sweep (trial-000, trial-001, results.csv" in capsys.readouterr().err
+    (tmp_path / "sweep" / "notes.md").write_text("mine")
+    earlier = (tmp_path / "sweep" / "trial-000" / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    main(["sweep", str(spec_path), "--trials", "1", "--out", str(tmp_path / "sweep"), "--overwrite", "true"])
+    assert sorted(p.name for p in (tmp_path / "sweep").glob("trial-*")) == ["trial-000"]
+    assert (tmp_path / "sweep" / "trial-000" / "checkpoints" / "last.ckpt").stat().st_mtime_ns > earlier
+    assert (tmp_path / "sweep" / "notes.md").read_text() == "mine"  # not the sweep's to remove
+
+
+def test_a_trial_reads_only_the_checkpoint_it_wrote(tmp_path, tiny_bert_dir, toy_data):
+    config = write_config(tmp_path, tiny_bert_dir, toy_data)
+    spec = SweepSpec(tmp_path / "spec.yaml", "grid", "val/accuracy", "maximize", {}, ["--config", str(config)])
+    sweep = LocalSweep(spec, trials=1, out=tmp_path / "sweep")
+    planted = sweep.trial_directory(0) / "checkpoints" / "last.ckpt"
+    planted.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}, METRICS_KEY: {"val/accuracy": 0.99}}, planted)
+    assert sweep.read_metric(0, started_at=planted.stat().st_mtime - 1) == pytest.approx(0.99)
+    assert sweep.read_metric(0, started_at=time.time() + 1) is None  # written before the trial started
 
 
 def test_random_search_draws_within_each_distribution():

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -158,3 +159,46 @@ def test_bad_tokenizer_path(tmp_path, toy_data):
     dm = ClassificationDataModule(tokenizer=str(tmp_path / "nope"), train_file=str(toy_data["train"]))
     with pytest.raises(LightningPeftError, match="data.tokenizer: cannot load"):
         dm.setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("rows", "split", "message"),
+    [
+        ([["good", "pos"], ["bad", ""]], "train", "row 1: empty label (column 'label': None)"),
+        ([["good", "pos"], ["", "neg"]], "train", "row 1: empty text (column 'text': None)"),
+        ([["good", "pos"], ["   ", "neg"]], "validation", "row 1: empty text (column 'text': '   ')"),
+    ],
+    ids=["empty-label", "empty-text", "blank-text"],
+)
+def test_empty_cells_name_file_row_and_column(tiny_bert_dir, toy_data, tmp_path, rows, split, message):
+    path = write_csv(tmp_path / f"{split}.csv", ["text", "label"], rows)
+    files = {"train_file": str(toy_data["train"]), f"{split}_file": str(path)}
+    dm = make_dm(tiny_bert_dir, **files)
+    expected = re.escape(f"{split}_file '{path}' {message}; fill it in or remove the row")
+    with pytest.raises(LightningPeftError, match=expected):
+        dm.labels  # noqa: B018 (discovery reads train, the split checks run as each split loads)
+        dm.setup("fit")
+
+
+def test_nan_labels_and_empty_prediction_texts_are_refused(tiny_bert_dir, toy_data, tmp_path):
+    jsonl = tmp_path / "train.jsonl"
+    rows = [{"text": "good", "label": 1.0}, {"text": "bad", "label": None}]
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(LightningPeftError, match=r"row 1: empty label \(column 'label': None\)"):
+        make_dm(tiny_bert_dir, train_file=str(jsonl)).labels  # noqa: B018
+    regression = make_dm(tiny_bert_dir, train_file=str(jsonl), problem_type="regression")
+    with pytest.raises(LightningPeftError, match="row 1: label None is not a number"):
+        regression.setup("fit")
+    predict = write_csv(tmp_path / "predict.csv", ["text"], [["fine"], [""]])
+    dm = make_dm(tiny_bert_dir, train_file=str(toy_data["train"]), predict_file=str(predict))
+    with pytest.raises(LightningPeftError, match=r"predict_file .* row 1: empty text"):
+        dm.setup("predict")
+
+
+def test_unlabelled_class_label_rows_are_refused(tiny_bert_dir):
+    """-1 in a ClassLabel column (GLUE's test splits) is a missing label, not a traceback from int2str."""
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["neg", "pos"])})
+    data = Dataset.from_dict({"text": ["good", "bad"], "label": [1, -1]}, features=features)
+    dm = make_dm(tiny_bert_dir, labels=["neg", "pos"])
+    with pytest.raises(LightningPeftError, match=r"row 1: empty label \(column 'label': None\)"):
+        dm.prepare_split(data, "test")

@@ -136,3 +136,37 @@ def test_byte_level_bpe_words_keep_their_word_start_marker(tmp_path, toy_ner):
     # as in running text: every word starts with its space marker, "lives" stays one token (not "liv" + "es")
     assert tokenizer.convert_ids_to_tokens(encoded["input_ids"]) == ["Ġjohn", "Ġlives", "Ġparis"]
     assert tokenizer.add_prefix_space
+
+
+def test_io_tags_are_converted_to_iob2_with_a_warning(tiny_bert_dir, tmp_path):
+    path = write_conll(tmp_path / "train.txt", [(["anna", "smith", "in", "rome"], ["PER", "PER", "O", "LOC"])])
+    dm = make_dm(tiny_bert_dir, train_file=str(path))
+    with pytest.warns(UserWarning, match=r"no B-/I- prefix \(IO tagging\); converted to IOB2"):
+        assert dm.labels == ["O", "B-LOC", "B-PER", "I-PER"]
+    explicit = make_dm(tiny_bert_dir, train_file=str(path), tag_scheme="IO")
+    assert explicit.raw_split("train")["ner_tags"] == [["B-PER", "I-PER", "O", "B-LOC"]]
+
+
+@pytest.mark.parametrize(
+    ("tags", "message"),
+    [
+        (["B-PER", "PER", "O"], r":4: tag 'PER' is neither O nor <B\|I\|E\|S>-<TYPE>"),
+        (["B-PER", "X-PER", "O"], r":4: tag 'X-PER' is neither O"),
+    ],
+    ids=["mixed-io", "unknown-prefix"],
+)
+def test_tags_the_metrics_cannot_read_are_errors(tiny_bert_dir, tmp_path, tags, message):
+    path = write_conll(tmp_path / "train.txt", [(["anna", "smith", "went"], tags)])
+    with pytest.raises(LightningPeftError, match=message):
+        make_dm(tiny_bert_dir, train_file=str(path)).labels  # noqa: B018
+
+
+def test_empty_words_and_tags_in_jsonl_are_errors(tiny_bert_dir, tmp_path):
+    rows = [{"tokens": ["anna", ""], "ner_tags": ["B-PER", "O"]}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(LightningPeftError, match="row 0: an empty word"):
+        make_dm(tiny_bert_dir, train_file=str(path)).labels  # noqa: B018
+    path.write_text(json.dumps({"tokens": ["anna", "went"], "ner_tags": ["B-PER", None]}) + "\n")
+    with pytest.raises(LightningPeftError, match="row 0: empty tag"):
+        make_dm(tiny_bert_dir, train_file=str(path)).labels  # noqa: B018

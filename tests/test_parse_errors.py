@@ -1,0 +1,68 @@
+"""A wrong key, type or value in the YAML is one line naming the key and the fix, not usage and a nested report."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from lightning_peft.parse_errors import describe_parse_error
+from tests.test_cli import assert_one_error, run_cli, run_main, write_config
+
+
+def edited_config(tmp_path, tiny_bert_dir, toy_data, edit) -> str:
+    config = yaml.safe_load(write_config(tmp_path, tiny_bert_dir, toy_data).read_text())
+    edit(config)
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def rename(section: dict, old: str, new: str) -> None:
+    section[new] = section.pop(old)
+
+
+CASES = {
+    "misspelt-data-key": (lambda c: rename(c["data"]["init_args"], "batch_size", "batch_sizee"),
+                          "error: data.init_args.batch_sizee: not an option of lightning_peft.Classification"),
+    "wrong-type": (lambda c: c["data"]["init_args"].update(batch_size="sixteen"),
+                   "error: data.init_args.batch_size: Expected a <class 'int'>. Got value: sixteen"),
+    "nested-peft-value": (lambda c: c["model"]["init_args"]["peft"]["init_args"].update(r="four"),
+                          "error: model.init_args.peft.init_args.r: Expected a <class 'int'>"),
+    "misspelt-backbone-key": (
+        lambda c: rename(c["model"]["init_args"]["backbone"], "pretrained_model_name_or_path", "model_path"),
+        "error: model.init_args.backbone.model_path: not an option of backbone"),
+    "unknown-class": (lambda c: c["data"].update(class_path="lightning_peft.ClassifcationDataModule"),
+                      "error: data.class_path: cannot use 'lightning_peft.ClassifcationDataModule'"),
+    "misspelt-trainer-key": (lambda c: rename(c["trainer"], "max_epochs", "max_epoch"),
+                             "error: Subcommand 'fit' does not accept option 'trainer.max_epoch'"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_bad_key_or_type_is_named_first(case, tmp_path, tiny_bert_dir, toy_data, capsys):
+    edit, first = CASES[case]
+    result = run_main(capsys, "fit", "--config", edited_config(tmp_path, tiny_bert_dir, toy_data, edit))
+    line = assert_one_error(result, "lightning-peft fit --help")
+    assert line.startswith(first), line
+    assert "usage:" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.init_args.optimizer.init_args.lr", "-0.1"], "model.init_args.optimizer: Invalid learning rate"),
+        (["--trainer.max_epochs", "-3"], "trainer: `max_epochs` must be a non-negative integer"),
+        (["--model.init_args.warmup_ratio", "1.5"], "warmup_ratio: must be in [0, 1)"),
+    ],
+    ids=["negative-lr", "negative-epochs", "warmup-ratio"],
+)
+def test_an_invalid_value_is_one_error_line(args, message, tmp_path, tiny_bert_dir, toy_data):
+    config = write_config(tmp_path, tiny_bert_dir, toy_data)
+    result = run_cli("fit", "--config", str(config), *args, cwd=tmp_path)
+    assert_one_error(result, message)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_missing_config_file_is_named():
+    message = 'Parser key "config": File does not exist: \'x.yaml\''
+    assert describe_parse_error(message, ["fit"]).startswith("config: File does not exist: 'x.yaml'; run ")
