@@ -54,6 +54,14 @@ def start_fit(config: Path, *args: str) -> subprocess.Popen:
                             cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def steps_done(step_file: Path) -> int:
+    """The step :class:`PacedTraining` last wrote (0 before the first, or while it rewrites the file)."""
+    try:
+        return int(step_file.read_text())
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
 def trained_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
 
@@ -65,7 +73,7 @@ def test_a_stopped_fit_resumes_exactly(tmp_path, tiny_bert_dir, toy_data, signum
     stopped = start_fit(stopped_config)
     step_file = stopped_config.parent / "step.txt"
     deadline = time.monotonic() + 120
-    while not (step_file.is_file() and step_file.read_text() and int(step_file.read_text()) >= STEPS_BEFORE_SIGNAL):
+    while steps_done(step_file) < STEPS_BEFORE_SIGNAL:
         assert stopped.poll() is None and time.monotonic() < deadline, stopped.communicate()[1][-3000:]
         time.sleep(0.02)
     signalled_at = time.monotonic()
