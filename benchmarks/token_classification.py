@@ -41,7 +41,8 @@ from common import (  # noqa: E402
     write_json,
 )
 
-RUNS = ("lightning_peft", "lightning_peft_shuffled", "hf_trainer", "hf_trainer_grouped", "lightning_peft_grouped")
+RUNS = ("lightning_peft", "lightning_peft_yaml", "lightning_peft_shuffled", "hf_trainer", "hf_trainer_grouped",
+        "lightning_peft_grouped")
 #: our runs → (group_by_length, micro_batch_size, sequence_packing)
 OURS = {
     "lightning_peft": (False, 16, True),
@@ -49,6 +50,8 @@ OURS = {
     "lightning_peft_grouped": (True, 16, True),
 }
 HF_GROUPED = {"hf_trainer": False, "hf_trainer_grouped": True}
+#: setting → (training sentences, share of them holding an entity; None: the first sentences as they come)
+SETTINGS = {"standard": (4000, None), "low_resource": (1500, 0.15)}
 
 
 def lora_config(task_type: Any = None) -> Any:
@@ -83,6 +86,54 @@ def run_lightning_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any
         "train_samples_per_s": len(dm.datasets["train"]) * args.epochs / seconds,
         "test_f1": metrics["test/f1"],
     }
+
+
+def run_lightning_peft_yaml(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """What a user gets from a YAML with the model, the data and the budget only (every other setting the CLI's
+    default), through ``lightning-peft fit`` and ``lightning-peft test --ckpt_path best``."""
+    import yaml
+
+    from lightning_peft.cli import LightningPeftCLI
+
+    config = {
+        "seed_everything": args.seed,
+        "trainer": {"max_epochs": args.epochs, "default_root_dir": str(workdir), "enable_progress_bar": False,
+                    "enable_model_summary": False},
+        "checkpoint": {"dirpath": str(workdir / "checkpoints")},
+        "model": {
+            "class_path": "lightning_peft.TokenClassifier",
+            "init_args": {
+                "backbone": {"pretrained_model_name_or_path": args.model},
+                "peft": {"class_path": "peft.LoraConfig", "init_args": {
+                    "r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["query", "value"]}},
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": args.lr}},
+            },
+        },
+        "data": {
+            "class_path": "lightning_peft.TokenClassificationDataModule",
+            "init_args": {"train_file": args.train_file, "validation_file": str(args.data_dir / "valid.txt"),
+                          "test_file": str(args.data_dir / "test.txt"), "batch_size": args.batch_size,
+                          "max_length": args.max_length},
+        },
+    }
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = LightningPeftCLI(args=["fit", "--config", str(path)], run=False)
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    seconds = time.perf_counter() - start
+    test = LightningPeftCLI(args=["test", "--config", str(path), "--ckpt_path", "best"], run=False)
+    metrics = test.trainer.test(test.model, datamodule=test.datamodule, ckpt_path=test.config.test.ckpt_path,
+                                verbose=False)[0]
+    return {
+        "train_seconds": seconds,  # validation after each epoch included
+        "train_samples_per_s": len(cli.datamodule.datasets["train"]) * args.epochs / seconds,
+        "test_f1": metrics["test/f1"],
+    }
+
+
+def run_ours(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    return (run_lightning_peft_yaml if args.worker == "lightning_peft_yaml" else run_lightning_peft)(args, workdir)
 
 
 def run_hf_trainer(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -150,11 +201,23 @@ def run_hf_trainer(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
-def first_sentences(data_dir: Path, count: int, out: Path) -> None:
-    """The first ``count`` sentences of train.txt as a CoNLL file."""
+def training_sentences(data_dir: Path, count: int, out: Path, entity_share: float | None = None) -> None:
+    """``count`` sentences of train.txt as a CoNLL file: the first ones, or (``entity_share``) a seeded sample in
+    which only that share of sentences holds an entity (the low-resource, rare-entity setting)."""
+    import random
+
     from lightning_peft.data.token_classification import read_conll
 
-    data = read_conll(data_dir / "train.txt").select(range(count))
+    data = read_conll(data_dir / "train.txt")
+    if entity_share is None:
+        data = data.select(range(count))
+    else:
+        with_entities = [i for i, tags in enumerate(data["ner_tags"]) if any(t != "O" for t in tags)]
+        without = sorted(set(range(len(data))) - set(with_entities))
+        rng = random.Random(0)
+        n_entities = round(count * entity_share)
+        rows = rng.sample(with_entities, n_entities) + rng.sample(without, count - n_entities)
+        data = data.select(sorted(rows))
     with open(out, "w", encoding="utf-8") as f:
         for words, tags in zip(data["tokens"], data["ner_tags"], strict=True):
             f.write("".join(f"{w} {t}\n" for w, t in zip(words, tags, strict=True)) + "\n")
@@ -162,23 +225,29 @@ def first_sentences(data_dir: Path, count: int, out: Path) -> None:
 
 def main() -> None:
     parser = base_parser(__doc__, "conll2003", RUNS, seeds=[42])
-    parser.add_argument("--train-sentences", type=int, default=4000)
+    parser.add_argument("--setting", choices=SETTINGS, default="standard", help="standard: the first 4,000 training "
+                        "sentences; low_resource: 1,500 sentences of which 15%% hold an entity")
+    parser.add_argument("--train-sentences", type=int, default=None, help="default: the setting's")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=5e-4)
     args = parser.parse_args()
     if args.worker:
-        work(args, run_lightning_peft, run_hf_trainer)
+        work(args, run_ours, run_hf_trainer)
         return
 
     if not (args.data_dir / "train.txt").is_file():
         sys.exit(f"error: --data-dir {args.data_dir}: no train.txt there (expected the CoNLL-2003 layout)")
     model = args.model or default_model()
-    settings = {k: getattr(args, k) for k in ("train_sentences", "batch_size", "max_length", "epochs", "lr", "seeds")}
+    default_count, entity_share = SETTINGS[args.setting]
+    args.train_sentences = args.train_sentences or default_count
+    settings = {k: getattr(args, k) for k in ("setting", "train_sentences", "batch_size", "max_length", "epochs", "lr",
+                                              "seeds")}
+    settings["entity_share"] = entity_share
     with tempfile.TemporaryDirectory() as tmp:
         train_file = Path(tmp) / "train.txt"
-        first_sentences(args.data_dir, args.train_sentences, train_file)
+        training_sentences(args.data_dir, args.train_sentences, train_file, entity_share)
         worker_args = [
             "--model", model, "--train-file", str(train_file), "--data-dir", str(args.data_dir),
             *training_worker_args(args),
