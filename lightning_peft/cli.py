@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import os
 import sys
 import warnings
@@ -42,6 +43,15 @@ warnings.filterwarnings("ignore", message=r"`loftq_config` specified but will be
 
 
 DEFAULT_ROOT_DIR = "runs"  # where a run writes logs (and checkpoints, exports) unless its config says otherwise
+DEFAULT_GRADIENT_CLIP = 1.0  # the HF Trainer's max_grad_norm: without it LoRA runs train measurably worse
+#: ``checkpoint.monitor`` default: the task's own metric (:meth:`PeftModule.checkpoint_metric`) and its mode
+AUTO_MONITOR = "auto"
+
+
+def _import_class(class_path: str | None) -> type | None:
+    """The class a validated ``class_path`` names (jsonargparse has already imported it)."""
+    module, _, name = (class_path or "").rpartition(".")
+    return getattr(importlib.import_module(module), name, None) if module else None
 
 
 def _tokenizer_of(path: str | None, tokenizer: str | None) -> str | None:
@@ -88,7 +98,8 @@ class LightningPeftCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", LoggedConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs["trainer_defaults"] = {"default_root_dir": DEFAULT_ROOT_DIR, **kwargs.get("trainer_defaults", {})}
+        defaults = {"default_root_dir": DEFAULT_ROOT_DIR, "gradient_clip_val": DEFAULT_GRADIENT_CLIP}
+        kwargs["trainer_defaults"] = {**defaults, **kwargs.get("trainer_defaults", {})}
         super().__init__(*args, **kwargs)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
@@ -103,7 +114,7 @@ class LightningPeftCLI(LightningCLI):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.monitor": "val/loss",
+                "checkpoint.monitor": AUTO_MONITOR,
                 "checkpoint.mode": "min",
                 "checkpoint.filename": "best",
                 "checkpoint.save_last": True,
@@ -128,13 +139,21 @@ class LightningPeftCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Share the datamodule's ``problem_type`` with the model when both take one (a conditional link:
-        jsonargparse links cannot skip a target that the chosen model class lacks)."""
+        jsonargparse links cannot skip a target that the chosen model class lacks), and resolve
+        ``checkpoint.monitor: auto`` to the task's metric and mode."""
         config = self.config.get(str(self.subcommand), self.config)
         data, model = config.get("data"), config.get("model")
-        if data is None or model is None:
-            return
-        if "problem_type" in data.get("init_args", {}) and "problem_type" in model.get("init_args", {}):
+        if data is not None and model is not None and "problem_type" in data.get("init_args", {}) and (
+            "problem_type" in model.get("init_args", {})
+        ):
             model.init_args.problem_type = data.init_args.problem_type
+        checkpoint = config.get("checkpoint")
+        if checkpoint is not None and checkpoint.get("monitor") == AUTO_MONITOR:
+            task = _import_class(model.get("class_path")) if model is not None else None
+            init_args = dict(model.get("init_args") or {}) if model is not None else {}
+            metric = task.checkpoint_metric(init_args) if isinstance(task, type) and issubclass(task, PeftModule) \
+                else ("val/loss", "min")
+            checkpoint.monitor, checkpoint.mode = metric
 
     # -- checkpoints are data -------------------------------------------------------------------------
     def _parse_ckpt_path(self) -> None:

@@ -299,3 +299,34 @@ def test_shipped_configs_fit(config, tmp_path, monkeypatch, capsys):
         assert ADD_ONS_UNSUPPORTED_BY_THE_QUICKSTART[config.name] in capsys.readouterr().err
         return
     main(args)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "metric"),
+    [({}, ("val/accuracy", "max")), ({"problem_type": "multi_label_classification"}, ("val/f1", "max")),
+     ({"problem_type": "regression"}, ("val/loss", "min"))],
+    ids=["single-label", "multi-label", "regression"],
+)
+def test_the_checkpoint_monitors_the_tasks_metric_unless_told(tmp_path, tiny_bert_dir, toy_data, overrides, metric):
+    config = yaml.safe_load(write_config(tmp_path, tiny_bert_dir, toy_data, **overrides).read_text())
+    del config["checkpoint"]["monitor"], config["checkpoint"]["mode"]  # a YAML with model and data only
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = LightningPeftCLI(args=["--config", str(path)], run=False)
+    assert (cli.trainer.checkpoint_callback.monitor, cli.trainer.checkpoint_callback.mode) == metric
+    assert cli.trainer.gradient_clip_val == 1.0  # the HF Trainer's max_grad_norm
+    told = LightningPeftCLI(args=["--config", str(path), "--checkpoint.monitor", "val/loss"], run=False)
+    assert (told.trainer.checkpoint_callback.monitor, told.trainer.checkpoint_callback.mode) == ("val/loss", "min")
+
+
+def test_a_tagger_picks_its_checkpoint_by_entity_f1(tmp_path, tiny_bert_dir, toy_ner):
+    config = {
+        "model": {"class_path": "lightning_peft.TokenClassifier",
+                  "init_args": {"backbone": {"pretrained_model_name_or_path": str(tiny_bert_dir)}}},
+        "data": {"class_path": "lightning_peft.TokenClassificationDataModule",
+                 "init_args": {"train_file": str(toy_ner["train"])}},
+    }
+    path = tmp_path / "ner.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = LightningPeftCLI(args=["--config", str(path)], run=False)
+    assert (cli.trainer.checkpoint_callback.monitor, cli.trainer.checkpoint_callback.mode) == ("val/f1", "max")

@@ -151,6 +151,12 @@ class PeftModule(LightningModule):
     auto_model_class: ClassVar[type] = AutoModel
     peft_task_type: ClassVar[TaskType | None] = None
 
+    @classmethod
+    def checkpoint_metric(cls, init_args: dict[str, Any]) -> tuple[str, str]:
+        """The validation metric, and ``min`` or ``max``, that picks the best checkpoint when the CLI's
+        ``checkpoint.monitor`` is ``auto`` (its default); ``init_args`` are the task's configured arguments."""
+        return "val/loss", "min"
+
     def __init__(
         self,
         backbone: BackboneConfig,

@@ -86,6 +86,14 @@ class SequenceClassifier(PeftModule):
 
     auto_model_class = AutoModelForSequenceClassification
     peft_task_type = TaskType.SEQ_CLS
+
+    @classmethod
+    def checkpoint_metric(cls, init_args: dict[str, Any]) -> tuple[str, str]:
+        """Accuracy for single-label, macro-F1 for multi-label (rare labels), the loss for regression."""
+        problem_type = init_args.get("problem_type") or "single_label_classification"
+        return {"regression": ("val/loss", "min"), "multi_label_classification": ("val/f1", "max")}.get(
+            problem_type, ("val/accuracy", "max")
+        )
     inference_arguments = ("prediction",)
 
     def __init__(
