@@ -66,9 +66,18 @@ def trained_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_bert_dir, toy_data) -> dict[str, torch.Tensor]:
+    """The trained weights of the same fit, never interrupted."""
+    config = paced_config(tmp_path_factory.mktemp("reference"), tiny_bert_dir, toy_data, "reference")
+    fit = start_fit(config)
+    _, stderr = fit.communicate(timeout=300)
+    assert fit.returncode == 0, stderr[-3000:]
+    return trained_weights(config.parent / "ckpt" / "last.ckpt")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_a_stopped_fit_resumes_exactly(tmp_path, tiny_bert_dir, toy_data, signum):
-    reference = start_fit(paced_config(tmp_path, tiny_bert_dir, toy_data, "reference"))
+def test_a_stopped_fit_resumes_exactly(tmp_path, tiny_bert_dir, toy_data, reference, signum):
     stopped_config = paced_config(tmp_path, tiny_bert_dir, toy_data, "stopped")
     stopped = start_fit(stopped_config)
     step_file = stopped_config.parent / "step.txt"
@@ -90,12 +99,9 @@ def test_a_stopped_fit_resumes_exactly(tmp_path, tiny_bert_dir, toy_data, signum
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr[-3000:]
     assert "not resumable" not in stderr
-    _, stderr = reference.communicate(timeout=300)
-    assert reference.returncode == 0, stderr[-3000:]
 
-    expected = trained_weights(stopped_config.parent.parent / "reference" / "ckpt" / "last.ckpt")
     got = trained_weights(last)
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 60
-    assert expected.keys() == got.keys()
-    for name, value in expected.items():
+    assert reference.keys() == got.keys()
+    for name, value in reference.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=name)

@@ -154,3 +154,16 @@ def test_micro_batches_skip_left_padded_batches(backbone):
 def test_micro_batch_size_must_be_positive(backbone):
     with pytest.raises(LightningPeftError, match="micro_batch_size"):
         SequenceClassifier(backbone, labels=["a", "b"], micro_batch_size=0)
+
+
+@pytest.mark.parametrize("way", [{"micro_batch_size": None}, {"micro_batch_size": 3},
+                                 {"micro_batch_size": None, "packing": True}], ids=["padded", "micro", "packed"])
+def test_the_tagger_optimises_the_hf_trainer_loss(backbone, way):
+    """What the HF Trainer minimises for token classification is the transformers model's own loss: one mean over
+    the labelled tokens of the whole batch (not a mean of per-row or per-micro-batch means, which would weight the
+    tokens of short sentences more). Every way of computing our batch gives that number."""
+    model, batch = task_and_batch(backbone, "tagging", [3, 17, 5, 9, 2, 12, 7, 4, 15, 6])
+    with torch.no_grad():
+        hf_loss = model.model(**batch).loss
+    loss, _ = loss_and_grads(model, batch, **way)
+    torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-6)
