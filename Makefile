@@ -13,7 +13,7 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# torch==2.13.0 is the CPU wheel on this machine's disk; the package itself only asks for torch>=2.4.
+# torch==2.13.0 is the CPU wheel on this machine's disk; the package itself only asks for torch>=2.6.
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"

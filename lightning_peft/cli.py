@@ -37,9 +37,9 @@ from lightning_peft.parse_errors import describe_parse_error
 from lightning_peft.sweep import sweep_main
 from lightning_peft.tasks.base import PeftModule
 
-# jsonargparse builds every dataclass field of a peft config, including an empty LoftQConfig that peft then
-# warns about although LoftQ is not in use.
-warnings.filterwarnings("ignore", message=r"`loftq_config` specified but will be ignored")
+#: jsonargparse builds every dataclass field of a peft config, including an empty LoftQConfig that peft then warns
+#: about although LoftQ is not in use; silenced while a CLI runs, not process-wide at import
+LOFTQ_NOISE = r"`loftq_config` specified but will be ignored"
 
 
 DEFAULT_ROOT_DIR = "runs"  # where a run writes logs (and checkpoints, exports) unless its config says otherwise
@@ -75,9 +75,10 @@ class LightningPeftCLI(LightningCLI):
 
     Links so that one YAML drives everything: the backbone's path (or ``backbone.tokenizer``) becomes the
     datamodule's tokenizer; a labelled datamodule's discovered ``labels`` (and ``problem_type``) become the model's.
-    Adds a ``checkpoint`` group (:class:`RunCheckpoint`, Lightning's ``ModelCheckpoint``: best on ``val/loss`` plus
-    ``last``, and ``last`` on Ctrl-C / SIGTERM), ``--predictions_path`` for ``predict`` (JSONL), a CSV logger under
-    ``trainer.default_root_dir`` (``runs`` by default) and a rich progress bar.
+    Adds a ``checkpoint`` group (:class:`RunCheckpoint`, Lightning's ``ModelCheckpoint``: ``best`` on the task's own
+    metric unless ``checkpoint.monitor`` names one, plus ``last``, also written on Ctrl-C / SIGTERM),
+    ``--predictions_path`` for ``predict`` (JSONL), a CSV logger under ``trainer.default_root_dir`` (``runs`` by
+    default), gradient clipping at norm 1.0 (the HF Trainer's default) and a rich progress bar.
 
     Safe by default: ``--ckpt_path`` files are read as plain data (``weights_only``) and checked against the config,
     never merged into it; ``best`` / ``last`` name the files in ``checkpoint.dirpath``; ``fit`` refuses a
@@ -100,7 +101,9 @@ class LightningPeftCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         defaults = {"default_root_dir": DEFAULT_ROOT_DIR, "gradient_clip_val": DEFAULT_GRADIENT_CLIP}
         kwargs["trainer_defaults"] = {**defaults, **kwargs.get("trainer_defaults", {})}
-        super().__init__(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=LOFTQ_NOISE)
+            super().__init__(*args, **kwargs)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """Parsers that raise on bad input instead of printing their usage, so :func:`main` can name the key."""
@@ -108,7 +111,8 @@ class LightningPeftCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     #: what ``--overwrite true`` allows, per command
-    overwrite_help = "fit: replace the checkpoints of an earlier run in checkpoint.dirpath (default: refuse)"
+    overwrite_help = ("fit: replace the checkpoints of an earlier run in checkpoint.dirpath; predict: replace a file "
+                      "at predictions_path that is not an earlier predictions file (default: refuse)")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
@@ -247,7 +251,7 @@ class LightningPeftCLI(LightningCLI):
         path = self._get(self.config, "predictions_path") or str(
             Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions.jsonl"
         )
-        self.trainer.callbacks.append(JsonlPredictionWriter(path))
+        self.trainer.callbacks.append(JsonlPredictionWriter(path, overwrite=self._get(self.config, "overwrite")))
 
     def predict(self, model: LightningModule, **kwargs: Any) -> None:
         kwargs["return_predictions"] = False  # records stream to the JSONL writer instead of piling up in memory

@@ -27,7 +27,7 @@ import yaml
 
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import METRICS_KEY
-from lightning_peft.figures import pyplot, save_figure
+from lightning_peft.figures import plotting, save_figure
 
 
 @dataclass
@@ -298,7 +298,7 @@ class LocalSweep:
         self.plot(trials)
 
     def plot(self, trials: list[Trial]) -> None:
-        plt = pyplot("lightning-peft sweep")
+        plt = plotting("lightning-peft sweep")
         if plt is None:
             return
         scored = [t for t in trials if t.metric is not None]

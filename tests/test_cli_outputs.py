@@ -10,27 +10,29 @@ import yaml
 from tests.test_cli import assert_one_error, run_cli, run_main, write_config
 
 
-def test_export_never_replaces_what_it_did_not_write(fitted, tmp_path):
+def test_export_never_replaces_what_it_did_not_write(fitted, tmp_path, capsys):
     best = str(fitted["ckpt"] / "best.ckpt")
     thesis = tmp_path / "thesis"
     thesis.mkdir()
     (thesis / "thesis.tex").write_text("years of work")
     notes = tmp_path / "notes.txt"
     notes.write_text("notes")
-    for target in (thesis, notes):
-        result = run_cli("export", "--config", str(fitted["config"]), "--ckpt_path", best, "--export_dir", str(target),
-                         cwd=tmp_path)
-        assert_one_error(result, "export_dir:", str(target), "--overwrite true")
+    result = run_cli("export", "--config", str(fitted["config"]), "--ckpt_path", best, "--export_dir", str(thesis),
+                     cwd=tmp_path)
+    assert_one_error(result, "export_dir:", str(thesis), "--overwrite true")
+    result = run_main(capsys, "export", "--config", str(fitted["config"]), "--ckpt_path", best, "--export_dir",
+                      str(notes))
+    assert_one_error(result, "export_dir:", str(notes), "is an existing file", "--overwrite true")
     assert (thesis / "thesis.tex").read_text() == "years of work" and notes.read_text() == "notes"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "thesis"]
 
     export = tmp_path / "export"
     for _ in range(2):  # an earlier export is ours to replace
-        result = run_cli("export", "--config", str(fitted["config"]), "--ckpt_path", best, "--export_dir",
-                         str(export), cwd=tmp_path)
+        result = run_main(capsys, "export", "--config", str(fitted["config"]), "--ckpt_path", best, "--export_dir",
+                          str(export))
         assert result.returncode == 0, result.stderr[-3000:]
-    result = run_cli("export", "--config", str(fitted["config"]), "--ckpt_path", best, "--export_dir", str(thesis),
-                     "--overwrite", "true", cwd=tmp_path)
+    result = run_main(capsys, "export", "--config", str(fitted["config"]), "--ckpt_path", best, "--export_dir",
+                      str(thesis), "--overwrite", "true")
     assert result.returncode == 0 and (thesis / "adapter").is_dir() and not (thesis / "thesis.tex").exists()
 
 
@@ -41,25 +43,23 @@ def test_export_under_an_impossible_path_is_one_error(fitted, tmp_path, capsys):
     assert_one_error(result, "export_dir: cannot write", "choose another path")
 
 
-def test_a_rerun_never_mixes_with_an_earlier_run(tmp_path, tiny_bert_dir, toy_data):
+def test_a_rerun_never_mixes_with_an_earlier_run(tmp_path, tiny_bert_dir, toy_data, capsys):
     config = write_config(tmp_path, tiny_bert_dir, toy_data)
     ckpt = tmp_path / "ckpt"
     first = run_cli("fit", "--config", str(config), "--trainer.max_epochs", "1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     earlier = {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()}
 
-    again = run_cli("fit", "--config", str(config), "--trainer.max_epochs", "1", cwd=tmp_path)
+    again = run_main(capsys, "fit", "--config", str(config), "--trainer.max_epochs", "1")
     assert_one_error(again, "checkpoint.dirpath:", "earlier run's checkpoints", "--overwrite true", "--ckpt_path last")
     assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == earlier
 
-    replaced = run_cli("fit", "--config", str(config), "--trainer.max_epochs", "1", "--overwrite", "true",
-                       cwd=tmp_path)
+    replaced = run_main(capsys, "fit", "--config", str(config), "--trainer.max_epochs", "1", "--overwrite", "true")
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert sorted(p.name for p in ckpt.iterdir()) == ["best.ckpt", "last.ckpt"]  # no best-v1.ckpt
     assert all(p.stat().st_mtime_ns > earlier[p.name] for p in ckpt.iterdir())
 
-    resumed = run_cli("fit", "--config", str(config), "--trainer.max_epochs", "2", "--ckpt_path", "last",
-                      cwd=tmp_path)
+    resumed = run_main(capsys, "fit", "--config", str(config), "--trainer.max_epochs", "2", "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(ckpt / "last.ckpt", weights_only=True)["epoch"] == 1
     assert sorted(p.name for p in ckpt.iterdir()) == ["best.ckpt", "last.ckpt"]
@@ -100,3 +100,17 @@ def test_an_unwritable_checkpoint_directory_stops_the_fit_before_training(tmp_pa
         (tmp_path / "ro").mkdir(mode=0o500)
         result = run_main(capsys, "fit", "--config", str(config), "--checkpoint.dirpath", str(tmp_path / "ro" / "c"))
         assert_one_error(result, "checkpoint.dirpath: cannot write checkpoints to")
+
+
+def test_predict_replaces_only_earlier_predictions(fitted, tmp_path, capsys):
+    thesis = tmp_path / "thesis.tex"
+    thesis.write_text("\\chapter{Years of work}\n")
+    args = ["predict", "--config", str(fitted["config"]), "--ckpt_path", "best", "--predictions_path"]
+    result = run_main(capsys, *args, str(thesis))
+    assert_one_error(result, "predictions_path:", "is not an earlier predictions file", "--overwrite true")
+    assert thesis.read_text() == "\\chapter{Years of work}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis.tex"]  # no temporary file left
+    predictions = tmp_path / "predictions.jsonl"
+    for _ in range(2):  # an earlier predictions file is replaced
+        assert run_main(capsys, *args, str(predictions)).returncode == 0
+    assert len(predictions.read_text().splitlines()) == 3

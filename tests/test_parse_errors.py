@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from lightning_peft.parse_errors import describe_parse_error
-from tests.test_cli import assert_one_error, run_cli, run_main, write_config
+from tests.test_cli import assert_one_error, run_main, write_config
 
 
 def edited_config(tmp_path, tiny_bert_dir, toy_data, edit) -> str:
@@ -56,9 +56,9 @@ def test_a_bad_key_or_type_is_named_first(case, tmp_path, tiny_bert_dir, toy_dat
     ],
     ids=["negative-lr", "negative-epochs", "warmup-ratio"],
 )
-def test_an_invalid_value_is_one_error_line(args, message, tmp_path, tiny_bert_dir, toy_data):
+def test_an_invalid_value_is_one_error_line(args, message, tmp_path, tiny_bert_dir, toy_data, capsys):
     config = write_config(tmp_path, tiny_bert_dir, toy_data)
-    result = run_cli("fit", "--config", str(config), *args, cwd=tmp_path)
+    result = run_main(capsys, "fit", "--config", str(config), *args)
     assert_one_error(result, message)
     assert not (tmp_path / "ckpt").exists()
 

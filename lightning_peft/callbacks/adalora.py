@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from peft.tuners.adalora import AdaLoraModel
 
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.figures import pyplot, save_figure
+from lightning_peft.figures import plotting, save_figure
 
 HEATMAP_FILE = "adalora_ranks.png"
 CHECKPOINT_KEY = "adalora"
@@ -180,7 +180,7 @@ class AdaLoRAScheduler(Callback):
             self._heatmap(trainer, directory / HEATMAP_FILE, modules, layers, ranks)
 
     def _heatmap(self, trainer: Trainer, path: Path, modules: list[str], layers: list[int], ranks: list) -> None:
-        plt = pyplot("AdaLoRAScheduler")
+        plt = plotting("AdaLoRAScheduler")
         if plt is None:
             return
         values = torch.tensor([[float("nan") if r is None else r for r in row] for row in ranks])

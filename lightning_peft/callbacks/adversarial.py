@@ -8,7 +8,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.tasks.base import Batch, PeftModule
+from lightning_peft.tasks.base import PeftModule
+from lightning_peft.types import Batch
 
 ADVERSARIAL_TERM = "adversarial"
 

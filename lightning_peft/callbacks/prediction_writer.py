@@ -10,12 +10,24 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from lightning_peft.errors import LightningPeftError
+
+
+def is_jsonl(path: Path) -> bool:
+    """Whether every non-empty line of ``path`` is a JSON object: what an earlier prediction run wrote."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return all(isinstance(json.loads(line), dict) for line in f if line.strip())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
 
 class JsonlPredictionWriter(BasePredictionWriter):
     """Writes each record that the task's ``predict_step`` returns as a JSON line.
 
     Records go to ``<output_path>.tmp`` while predicting and are renamed to ``output_path`` when prediction
-    ends, so an interrupted run never leaves a truncated file under the final name. Under DDP each rank
+    ends, so an interrupted run never leaves a truncated file under the final name. An existing file is replaced
+    only when it is JSON lines (earlier predictions), unless ``overwrite``. Under DDP each rank
     writes ``<stem>.rank<N><suffix>``. When the datamodule served the predict split sorted by length (its
     ``predict_order``), records are held until the end and written in the input file's order.
 
@@ -25,9 +37,10 @@ class JsonlPredictionWriter(BasePredictionWriter):
         trainer.predict(model, datamodule=dm, return_predictions=False)
     """
 
-    def __init__(self, output_path: str = "predictions.jsonl") -> None:
+    def __init__(self, output_path: str = "predictions.jsonl", overwrite: bool = False) -> None:
         super().__init__(write_interval="batch")
         self.output_path = Path(output_path)
+        self.overwrite = overwrite
         self._file: Any = None
         self._path: Path | None = None
         self._order: list[int] | None = None
@@ -41,6 +54,11 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._path = self._rank_path(trainer)
+        if self._path.is_dir() or (self._path.exists() and not self.overwrite and not is_jsonl(self._path)):
+            raise LightningPeftError(
+                f"predictions_path: {str(self._path)!r} exists and is not an earlier predictions file; choose "
+                "another path (or pass --overwrite true to replace it)"
+            )
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(f"{self._path}.tmp", "w", encoding="utf-8")  # noqa: SIM115 - closed in on_predict_end
         self._order = getattr(trainer.datamodule, "predict_order", None)
@@ -64,6 +82,11 @@ class JsonlPredictionWriter(BasePredictionWriter):
     def _write(self, records: list[dict[str, Any]]) -> None:
         for record in records:
             self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+            Path(f"{self._path}.tmp").unlink(missing_ok=True)
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._write([record for _, record in sorted(self._held, key=lambda item: item[0])])

@@ -20,8 +20,6 @@ from lightning_peft.backbone import load_tokenizer
 from lightning_peft.data.sampling import EpochSeededSampler, ResumableDataLoader
 from lightning_peft.errors import LightningPeftError
 
-IGNORE_INDEX = -100  # label of positions no loss is computed on (padding, non-first sub-tokens)
-
 SPLITS = ("train", "validation", "test", "predict")
 STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ("predict",)}
 _READERS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -11,7 +11,7 @@ from transformers import DataCollatorWithPadding
 
 from lightning_peft.data.labelled import LabelledDataModule
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.tasks.classification import ProblemType
+from lightning_peft.types import ProblemType
 
 
 class ClassificationDataModule(LabelledDataModule):

@@ -9,8 +9,9 @@ from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import DataCollatorForSeq2Seq
 
-from lightning_peft.data.base import IGNORE_INDEX, TextDataModule
+from lightning_peft.data.base import TextDataModule
 from lightning_peft.errors import LightningPeftError
+from lightning_peft.types import IGNORE_INDEX
 
 
 class Seq2SeqDataModule(TextDataModule):

@@ -10,10 +10,11 @@ from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import DataCollatorForTokenClassification
 
-from lightning_peft.data.base import IGNORE_INDEX, is_blank
+from lightning_peft.data.base import is_blank
 from lightning_peft.data.labelled import LabelledDataModule
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.metrics.entities import OUTSIDE, io_to_iob2, iob1_to_iob2, is_prefixed, split_tag
+from lightning_peft.types import IGNORE_INDEX
 
 CONLL_SUFFIXES = (".txt", ".conll", ".conllu", ".iob", ".bio", ".tsv")
 _PREFIX_ORDER = {"B": 0, "I": 1, "E": 2, "S": 3}

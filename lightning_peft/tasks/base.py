@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,12 +13,10 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import PeftConfig, PeftModel, TaskType, get_peft_config
-from torch.distributed.fsdp._common_utils import clean_tensor_name
 from torchmetrics import MetricCollection
 from transformers import AutoModel, get_scheduler
 
 from lightning_peft.backbone import BackboneConfig, count_parameters, load_backbone, new_weights
-from lightning_peft.data.base import IGNORE_INDEX
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import (
     ADAPTER_DIR,
@@ -44,10 +41,8 @@ from lightning_peft.packing import (
     unwrapped,
 )
 from lightning_peft.regularization import Regularization, as_regularization, squared_l2, symmetric_kl
+from lightning_peft.types import IGNORE_INDEX, Batch, LossTerm
 
-Batch = dict[str, Any]
-#: a term added to the training loss: called with the (prepared) batch and the task loss
-LossTerm = Callable[[Batch, torch.Tensor], torch.Tensor]
 LABELS_FILE = "labels.json"
 RANK_PATTERN_KEY = "rank_pattern"  # checkpoint entry: AdaLoRA's learnt ranks
 
@@ -99,6 +94,15 @@ def _is_plain(value: Any) -> bool:
 
 
 OPTIMIZER_FACTS = ("lr", "weight_decay", "betas", "momentum")
+#: prefixes that FSDP and activation checkpointing put in front of wrapped modules' parameter names
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_tensor_name(name: str) -> str:
+    """``name`` as the unwrapped module calls it: what checkpoints hold (torch's own helper is private)."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
 
 
 def optimizer_summary(factory: Any) -> str:

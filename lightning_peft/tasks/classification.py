@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,8 @@ from lightning_peft.calibration import (
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.model_card import ModelCard
 from lightning_peft.regularization import Regularization, symmetric_kl
-from lightning_peft.tasks.base import LABELS_FILE, Batch, PeftModule, label_config
+from lightning_peft.tasks.base import LABELS_FILE, PeftModule, label_config
+from lightning_peft.types import Batch, ProblemType
 from lightning_peft.uncertainty import (
     CALIBRATION_FILE,
     PredictionOptions,
@@ -43,7 +44,6 @@ from lightning_peft.uncertainty import (
     summarise_samples,
 )
 
-ProblemType = Literal["single_label_classification", "multi_label_classification", "regression"]
 RELIABILITY_FILE = "reliability_diagram.png"
 COVERAGE_FILE = "accuracy_coverage.png"
 
@@ -240,7 +240,7 @@ class SequenceClassifier(PeftModule):
     def save_test_figures(self, raw: tuple[torch.Tensor, ...], scaled: tuple[torch.Tensor, ...], area: float) -> None:
         """The reliability diagram (before and after the temperature) and the accuracy–coverage curve, as PNGs in
         the log directory, sent to the loggers that take images."""
-        if figures.pyplot("test report") is None:
+        if figures.plotting("test report") is None:
             return
         directory = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         curves = {"model": reliability_bins(*(t.cpu() for t in raw))}

@@ -18,7 +18,8 @@ from lightning_peft.backbone import BackboneConfig, load_tokenizer
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.metrics.generation import generation_metrics
 from lightning_peft.regularization import Regularization
-from lightning_peft.tasks.base import IGNORE_INDEX, Batch, PeftModule
+from lightning_peft.tasks.base import PeftModule
+from lightning_peft.types import IGNORE_INDEX, Batch
 
 DEFAULT_MAX_NEW_TOKENS = 128
 

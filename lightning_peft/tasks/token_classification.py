@@ -16,7 +16,8 @@ from lightning_peft.errors import LightningPeftError
 from lightning_peft.metrics.entities import OUTSIDE, extract_entities
 from lightning_peft.metrics.entity_f1 import EntityF1
 from lightning_peft.regularization import Regularization
-from lightning_peft.tasks.base import IGNORE_INDEX, Batch, PeftModule, label_config
+from lightning_peft.tasks.base import PeftModule, label_config
+from lightning_peft.types import IGNORE_INDEX, Batch
 
 
 class TokenClassifier(PeftModule):
