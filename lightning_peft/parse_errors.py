@@ -25,8 +25,14 @@ def describe_parse_error(message: str, command: list[str]) -> str:
         describe_parse_error('Parser key "data":\\n  ...\\n  Option \\'batch_sizee\\' is not accepted', ["fit"])
         # "data.init_args.batch_sizee: not an option of lightning_peft.ClassificationDataModule; …"
     """
+    if "argument subcommand" in message:  # the subcommand itself is wrong: its help would not exist
+        command = []
     command_line = " ".join(["lightning-peft", *command])
     hint = f"run `{command_line} --help` for the options, or add --print_config to see a valid config"
+    if message.startswith("Problems parsing config"):
+        details = " ".join(line.strip() for line in message.splitlines()[1:]).replace('in "<unicode string>", ', "")
+        reason = message.splitlines()[0].split(":", 1)[-1].strip()
+        return f"--config: the file is not valid YAML ({reason} {details}); fix it at that line"
     keys: list[str] = []
     class_path = None
     reason = None

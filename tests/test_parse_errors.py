@@ -66,3 +66,12 @@ def test_an_invalid_value_is_one_error_line(args, message, tmp_path, tiny_bert_d
 def test_a_missing_config_file_is_named():
     message = 'Parser key "config": File does not exist: \'x.yaml\''
     assert describe_parse_error(message, ["fit"]).startswith("config: File does not exist: 'x.yaml'; run ")
+
+
+def test_a_broken_yaml_file_and_an_unknown_subcommand_are_named(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    line = assert_one_error(run_main(capsys, "fit", "--config", str(broken)))
+    assert line.startswith("error: --config: the file is not valid YAML (while parsing a flow sequence line 1,")
+    line = assert_one_error(run_main(capsys, "fitt", "--config", str(broken)))
+    assert "invalid choice: 'fitt'" in line and "run `lightning-peft --help`" in line
