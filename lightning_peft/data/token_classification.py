@@ -156,13 +156,12 @@ class TokenClassificationDataModule(LabelledDataModule):
                     raise LightningPeftError(f"{self._where(dataset, split, row)}: empty tag ({tag!r}); every word "
                                              "needs a tag (O outside entities)")
         scheme = self.tag_scheme
-        if scheme != "IO" and not any(is_prefixed(tag) and tag != OUTSIDE for tags in dataset[column] for tag in tags):
-            bare = sorted({tag for tags in dataset[column] for tag in tags if tag != OUTSIDE})
-            if bare and all("-" not in tag for tag in bare):
-                rank_zero_warn(f"{self.describe(split)}: tags {bare[:4]} have no B-/I- prefix (IO tagging); converted "
-                               "to IOB2, consecutive words of one type forming one entity (set data.tag_scheme: IO to "
-                               "silence this)")
-                scheme = "IO"
+        entity_tags = sorted({tag for tags in dataset[column] for tag in tags} - {OUTSIDE})
+        if scheme != "IO" and entity_tags and all("-" not in tag for tag in entity_tags):
+            rank_zero_warn(f"{self.describe(split)}: tags {entity_tags[:4]} have no B-/I- prefix (IO tagging); "
+                           "converted to IOB2, consecutive words of one type forming one entity (set data.tag_scheme: "
+                           "IO to silence this)")
+            scheme = "IO"
         convert = {"IOB1": iob1_to_iob2, "IO": io_to_iob2}.get(scheme)
         if convert is not None:
             dataset = dataset.map(lambda batch: {column: [convert(row) for row in batch[column]]}, batched=True,
