@@ -31,7 +31,7 @@ class RunCheckpoint(ModelCheckpoint):
     Stopping goes through Lightning's own signal handling: SIGTERM makes the loops raise ``SIGTERMException`` once
     the running batch is done, and a first Ctrl-C is turned into the same SIGTERM (a second one stops at once,
     without a checkpoint). The checkpoint then holds the loops' progress, the training data's position in the epoch
-    (see :class:`~lightning_peft.data.sampling.ResumableDataLoader`) and the random number generators' states, which
+    (``TextDataModule.state_dict``) and the random number generators' states, which
     are restored before the next training batch, so dropout continues where it stopped.
 
     Takes every ``ModelCheckpoint`` argument; the CLI's ``checkpoint`` group is this class.

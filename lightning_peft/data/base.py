@@ -307,8 +307,7 @@ class TextDataModule(LightningDataModule):
         return PassthroughCollator(self.build_collator(), self.passthrough_columns)
 
     # -- loaders ----------------------------------------------------------------------------------------
-    def _loader(self, split: str, batch_size: int, sampler: Any = None, loader_class: type = DataLoader,
-                **kwargs: Any) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, sampler: Any = None, loader_class: type = DataLoader) -> DataLoader:
         return loader_class(
             self.datasets[split],
             batch_size=batch_size,
@@ -316,7 +315,6 @@ class TextDataModule(LightningDataModule):
             collate_fn=self.collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -327,9 +325,7 @@ class TextDataModule(LightningDataModule):
         )
         if self._train_position is not None:
             self._train_sampler.resume_at(*self._train_position)
-        return self._loader(
-            "train", self.batch_size, self._train_sampler, ResumableDataLoader, batches_done=self._batches_done
-        )
+        return self._loader("train", self.batch_size, self._train_sampler, ResumableDataLoader)
 
     def _batches_done(self) -> int:
         """Training batches run so far in the current epoch (0 outside a fit)."""
@@ -337,9 +333,9 @@ class TextDataModule(LightningDataModule):
         return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
 
     def state_dict(self) -> dict[str, int]:
-        """Where training stands in the epoch, saved in checkpoints. Lightning also saves the train loader's own
-        state, but restores it only into a loader built after the restore, and ours is usually built before it
-        (``configure_optimizers`` asks for ``estimated_stepping_batches``), so the datamodule carries it too."""
+        """Where training stands in the epoch, saved in checkpoints. The datamodule carries it rather than the train
+        loader: Lightning restores a loader's state only into a loader built after the restore, and ours is
+        usually built before it (``configure_optimizers`` asks for ``estimated_stepping_batches``)."""
         if self._train_sampler is None:
             return {}
         return {"train_epoch": self._train_sampler.epoch, "train_batches_done": self._batches_done()}

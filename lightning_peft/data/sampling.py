@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -77,26 +77,18 @@ class EpochSeededSampler(Sampler[int]):
 
 
 class ResumableDataLoader(DataLoader):
-    """A training ``DataLoader`` over an :class:`EpochSeededSampler` that Lightning can checkpoint mid-epoch: its
-    state is the epoch and how many of its batches the training loop has run (``batches_done``, read from the
-    trainer: the loader itself cannot tell, since Lightning fetches a batch ahead), and a loaded state makes the
-    next pass skip exactly those batches. (Under DDP Lightning replaces the sampler with a distributed one, and a
-    resumed run restarts the epoch, as Lightning's own loaders do.)
+    """A training ``DataLoader`` that Lightning treats as resumable mid-epoch (no "not resumable" warning, no epoch
+    restarted from its start). Its position is not its own state: the datamodule saves the epoch and the batches
+    already run and points its :class:`EpochSeededSampler` past them (``TextDataModule.state_dict``), because
+    Lightning restores a loader's state only into loaders built after the restore, and ours is built before it.
 
     Example::
 
-        loader = ResumableDataLoader(dataset, batch_size=32, sampler=EpochSeededSampler(lengths, 32),
-                                     batches_done=lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        loader = ResumableDataLoader(dataset, batch_size=32, sampler=EpochSeededSampler(lengths, 32))
     """
 
-    def __init__(self, *args: Any, batches_done: Callable[[], int], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.batches_done = batches_done
+    def state_dict(self) -> dict[str, Any]:
+        return {}
 
-    def state_dict(self) -> dict[str, int]:
-        epoch = self.sampler.epoch if isinstance(self.sampler, EpochSeededSampler) else -1
-        return {"epoch": epoch, "batches_done": int(self.batches_done())}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if isinstance(self.sampler, EpochSeededSampler) and state.get("epoch", -1) >= 0:
-            self.sampler.resume_at(state["epoch"], state["batches_done"] * self.batch_size)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore here (see the class docstring)."""
