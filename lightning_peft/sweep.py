@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
+from lightning_peft.checkpoints import load_checkpoint
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import METRICS_KEY
 from lightning_peft.figures import plotting, save_figure
@@ -262,7 +262,7 @@ class LocalSweep:
         last = self.trial_directory(number) / "checkpoints" / "last.ckpt"
         if not last.is_file() or last.stat().st_mtime < started_at:
             return None
-        value = torch.load(last, map_location="cpu", weights_only=True).get(METRICS_KEY, {}).get(self.spec.metric)
+        value = load_checkpoint(last, f"trial {number} checkpoint").get(METRICS_KEY, {}).get(self.spec.metric)
         return None if value is None else float(value)
 
     # -- results ------------------------------------------------------------------------------------------

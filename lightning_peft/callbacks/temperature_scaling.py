@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_peft.calibration import fit_temperature
+from lightning_peft.checkpoints import load_checkpoint
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import atomic_file, weights_from
 from lightning_peft.tasks.classification import SequenceClassifier
@@ -61,7 +61,7 @@ class TemperatureScaling(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
         if best and Path(best).is_file():
-            with weights_from(pl_module, torch.load(best, map_location="cpu", weights_only=True)):
+            with weights_from(pl_module, load_checkpoint(best, "TemperatureScaling: best checkpoint")):
                 logits, labels = self.validation_logits(trainer, pl_module)
         else:
             logits, labels = self.validation_logits(trainer, pl_module)
@@ -104,7 +104,7 @@ class TemperatureScaling(Callback):
 
 def store_temperature(checkpoint_path: Path, temperature: float) -> None:
     """Write ``temperature`` into a Lightning checkpoint's state dict, atomically (temporary file + rename)."""
-    checkpoint: dict[str, Any] = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(checkpoint_path, "TemperatureScaling: checkpoint")
     checkpoint["state_dict"][TEMPERATURE_KEY] = torch.tensor(temperature)
     with atomic_file(checkpoint_path) as tmp:
         torch.save(checkpoint, tmp)

@@ -9,6 +9,7 @@ from typing import Any
 from datasets import Dataset
 from transformers import DataCollatorWithPadding
 
+from lightning_peft.data.base import is_blank
 from lightning_peft.data.labelled import LabelledDataModule
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.types import ProblemType
@@ -99,7 +100,7 @@ class ClassificationDataModule(LabelledDataModule):
         dataset = self.decode_class_labels(dataset, self.label_column, split)
         if self.problem_type == "multi_label_classification":  # an empty string is a row with no labels
             for row, value in enumerate(dataset[self.label_column]):
-                if value is None or (isinstance(value, float) and math.isnan(value)):
+                if is_blank(value) and not isinstance(value, str):
                     raise LightningPeftError(
                         f"{self.describe(split)} row {row}: no label (column {self.label_column!r}: {value!r}); give "
                         f"its labels joined by {self.label_separator!r}, an empty string for none, or remove the row"
