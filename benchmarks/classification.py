@@ -77,7 +77,7 @@ def run_lightning_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from lightning_peft import BackboneConfig, ClassificationDataModule, SequenceClassifier
+    from lightning_peft import BackboneConfig, ClassificationDataModule, SequenceClassifier, TrainingConfig
 
     grouped, window, micro_batch_size, packing = OURS[args.worker]
     pl.seed_everything(args.seed, verbose=False)
@@ -88,8 +88,8 @@ def run_lightning_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any
     )
     model = SequenceClassifier(
         BackboneConfig(pretrained_model_name_or_path=args.model), lora_config(), labels=dm.labels,
-        optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.01), micro_batch_size=micro_batch_size,
-        sequence_packing=packing,
+        optimizer=partial(torch.optim.AdamW, weight_decay=0.01),
+        training=TrainingConfig(lr=args.lr, micro_batch_size=micro_batch_size, sequence_packing=packing),
     )
     checkpoint = ModelCheckpoint(dirpath=workdir / "ckpt", save_top_k=1)
     seconds = timed_fit(

@@ -51,14 +51,15 @@ def run_lightning_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any
     import lightning.pytorch as pl
     import torch
 
-    from lightning_peft import BackboneConfig, ClassificationDataModule, SequenceClassifier
+    from lightning_peft import BackboneConfig, ClassificationDataModule, SequenceClassifier, TrainingConfig
     from lightning_peft.strategies import PeftFSDPStrategy
 
     pl.seed_everything(args.seed, verbose=False)
     dm = ClassificationDataModule(tokenizer=args.model, train_file=args.train_file, text_column="sentence",
                                   max_length=args.max_length, batch_size=args.batch_size, seed=args.seed)
     model = SequenceClassifier(BackboneConfig(pretrained_model_name_or_path=args.model), lora_config(),
-                               labels=dm.labels, optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.01))
+                               labels=dm.labels, optimizer=partial(torch.optim.AdamW, weight_decay=0.01),
+                               training=TrainingConfig(lr=args.lr))
     strategy = PeftFSDPStrategy() if args.worker == "lightning_peft_fsdp_bf16" else "auto"
     settings = {**QUIET, "accelerator": "gpu", "devices": 1}
     trainer = pl.Trainer(max_steps=args.steps, precision="bf16-mixed", strategy=strategy, gradient_clip_val=1.0,

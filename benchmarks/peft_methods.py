@@ -71,7 +71,13 @@ def run_method(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     import lightning.pytorch as pl
     import torch
 
-    from lightning_peft import BackboneConfig, ClassificationDataModule, LightningPeftError, SequenceClassifier
+    from lightning_peft import (
+        BackboneConfig,
+        ClassificationDataModule,
+        LightningPeftError,
+        SequenceClassifier,
+        TrainingConfig,
+    )
     from lightning_peft.backbone import count_parameters
     from lightning_peft.callbacks import AdaLoRAScheduler
 
@@ -84,7 +90,7 @@ def run_method(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     try:
         model = SequenceClassifier(
             BackboneConfig(pretrained_model_name_or_path=args.model), preset_peft_config(args.worker),
-            labels=dm.labels, optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=0.01),
+            labels=dm.labels, optimizer=partial(torch.optim.AdamW, weight_decay=0.01), training=TrainingConfig(lr=lr),
         )
     except LightningPeftError as err:
         return {"supported": False, "reason": str(err)}

@@ -106,7 +106,13 @@ def run_configuration(args: argparse.Namespace) -> dict[str, Any]:
     import lightning.pytorch as pl
     import torch
 
-    from lightning_peft import AdversarialTraining, BackboneConfig, ClassificationDataModule, SequenceClassifier
+    from lightning_peft import (
+        AdversarialTraining,
+        BackboneConfig,
+        ClassificationDataModule,
+        SequenceClassifier,
+        TrainingConfig,
+    )
 
     adversarial, regularization = CONFIGURATIONS[args.worker]
     pl.seed_everything(args.seed, verbose=False)
@@ -116,7 +122,8 @@ def run_configuration(args: argparse.Namespace) -> dict[str, Any]:
     )
     model = SequenceClassifier(
         BackboneConfig(pretrained_model_name_or_path=args.model), lora_config(), labels=dm.labels,
-        optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.01), regularization=regularization,
+        optimizer=partial(torch.optim.AdamW, weight_decay=0.01),
+        training=TrainingConfig(lr=args.lr, regularization=regularization),
     )
     callbacks = [AdversarialTraining(**adversarial)] if adversarial else []
     seconds = timed_fit(model, dm, args.epochs, limit_val_batches=0, callbacks=callbacks)

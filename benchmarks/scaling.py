@@ -48,7 +48,7 @@ def run_configuration(args: argparse.Namespace) -> None:
     import torch
     from lightning.pytorch.strategies import DDPStrategy
 
-    from lightning_peft import BackboneConfig, ClassificationDataModule, SequenceClassifier
+    from lightning_peft import BackboneConfig, ClassificationDataModule, SequenceClassifier, TrainingConfig
 
     processes, precision, checkpointing = CONFIGURATIONS[args.worker]
     torch.set_num_threads(max((os.cpu_count() or 2) // processes, 1))
@@ -59,7 +59,7 @@ def run_configuration(args: argparse.Namespace) -> None:
     )
     model = SequenceClassifier(
         BackboneConfig(pretrained_model_name_or_path=args.model, gradient_checkpointing=checkpointing), lora_config(),
-        labels=dm.labels, optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.01),
+        labels=dm.labels, optimizer=partial(torch.optim.AdamW, weight_decay=0.01), training=TrainingConfig(lr=args.lr),
     )
     strategy = DDPStrategy(find_unused_parameters=False) if processes > 1 else "auto"
     quiet = {key: value for key, value in QUIET.items() if key != "devices"}

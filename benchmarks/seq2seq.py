@@ -73,7 +73,13 @@ def run_lightning_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any
     import torch
     from peft import LoraConfig
 
-    from lightning_peft import BackboneConfig, JsonlPredictionWriter, Seq2SeqDataModule, Seq2SeqGenerator
+    from lightning_peft import (
+        BackboneConfig,
+        JsonlPredictionWriter,
+        Seq2SeqDataModule,
+        Seq2SeqGenerator,
+        TrainingConfig,
+    )
 
     pl.seed_everything(args.seed, verbose=False)
     test_file = args.test_file
@@ -87,7 +93,7 @@ def run_lightning_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any
         BackboneConfig(args.model, decoder_pretrained_model_name_or_path=args.model),
         LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"]),
         generation={"max_new_tokens": args.max_length, "num_beams": 1},
-        optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.01),
+        optimizer=partial(torch.optim.AdamW, weight_decay=0.01), training=TrainingConfig(lr=args.lr),
     )
     seconds = timed_fit(model, dm, args.epochs)
     output = workdir / "predictions.jsonl"

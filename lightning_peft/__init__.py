@@ -21,6 +21,7 @@ from lightning_peft.errors import LightningPeftError
 from lightning_peft.metrics import EntityF1
 from lightning_peft.regularization import Regularization
 from lightning_peft.tasks import PeftModule, Seq2SeqGenerator, SequenceClassifier, TokenClassifier
+from lightning_peft.training import TrainingConfig
 from lightning_peft.uncertainty import PredictionOptions
 
 __version__ = "0.1.0"
@@ -47,5 +48,6 @@ __all__ = [
     "TextDataModule",
     "TokenClassificationDataModule",
     "TokenClassifier",
+    "TrainingConfig",
     "load_backbone",
 ]

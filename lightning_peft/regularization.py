@@ -27,9 +27,9 @@ class Regularization:
 
     Example::
 
-        SequenceClassifier(backbone, peft, labels, regularization=Regularization(label_smoothing=0.1, rdrop_alpha=1.0))
+        TrainingConfig(regularization=Regularization(label_smoothing=0.1, rdrop_alpha=1.0))
 
-    or in YAML: ``model.init_args.regularization: {label_smoothing: 0.1, rdrop_alpha: 1.0, trainable_l2: 1.0e-4}``.
+    or in YAML: ``model.init_args.training.regularization: {label_smoothing: 0.1, rdrop_alpha: 1.0}``.
     """
 
     label_smoothing: float = 0.0
@@ -39,11 +39,14 @@ class Regularization:
     def __post_init__(self) -> None:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise LightningPeftError(
-                f"model.regularization.label_smoothing: must be in [0, 1), got {self.label_smoothing}"
+                "model.init_args.training.regularization.label_smoothing: must be in [0, 1), "
+                f"got {self.label_smoothing}"
             )
         for name in ("rdrop_alpha", "trainable_l2"):
             if getattr(self, name) < 0:
-                raise LightningPeftError(f"model.regularization.{name}: must be >= 0, got {getattr(self, name)}")
+                raise LightningPeftError(
+                    f"model.init_args.training.regularization.{name}: must be >= 0, got {getattr(self, name)}"
+                )
 
 
 def as_regularization(value: Regularization | dict[str, Any] | None) -> Regularization:

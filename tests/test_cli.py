@@ -37,7 +37,7 @@ def write_config(tmp_path: Path, tiny_bert_dir: Path, toy_data: dict[str, Path],
             "init_args": {
                 "backbone": {"pretrained_model_name_or_path": str(tiny_bert_dir)},
                 "peft": {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "target_modules": ["query", "value"]}},
-                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
+                "training": {"lr": 0.01},
             },
         },
         "data": {
@@ -212,7 +212,7 @@ def write_seq2seq_config(tmp_path: Path, tiny_bert_dir: Path, toy_pairs: dict[st
                 "peft": {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "target_modules": ["query", "value"]}},
                 "generation": {"max_new_tokens": 10},
                 "val_generation_batches": 1,
-                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}},
+                "training": {"lr": 0.003},
             },
         },
         "data": {

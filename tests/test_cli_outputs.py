@@ -69,7 +69,7 @@ def test_last_checkpoint_is_the_latest_state_even_when_the_metric_does_not_impro
                                                                                    capsys):
     config = write_config(tmp_path, tiny_bert_dir, toy_data)
     run_main(capsys, "fit", "--config", str(config), "--trainer.max_epochs", "3",
-             "--model.init_args.optimizer.init_args.lr", "0")  # nothing improves after the first epoch
+             "--model.init_args.training.lr", "0")  # nothing improves after the first epoch
     best = torch.load(tmp_path / "ckpt" / "best.ckpt", weights_only=True)
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert best["epoch"] == 0 and last["epoch"] == 2  # Lightning alone leaves last.ckpt at epoch 0

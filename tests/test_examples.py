@@ -2,14 +2,14 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from peft import LoraConfig
 
-from lightning_peft import ClassificationDataModule
+from lightning_peft import ClassificationDataModule, TrainingConfig
+from lightning_peft.batching import SequencePacking
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -29,7 +29,7 @@ def test_custom_head_subclass_trains_its_own_head(backbone, tiny_bert_dir, toy_d
     )
     model = example.MeanPoolingClassifier(
         backbone, LoraConfig(r=4, target_modules=["query", "value"]), labels=dm.labels, hidden_dim=16,
-        optimizer=partial(torch.optim.AdamW, lr=1e-2),
+        training=TrainingConfig(lr=1e-2),
     )
     head_before = [p.detach().clone() for p in model.head.parameters()]
     trainer = pl.Trainer(
@@ -39,7 +39,7 @@ def test_custom_head_subclass_trains_its_own_head(backbone, tiny_bert_dir, toy_d
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="sequence_packing")
         trainer.fit(model, datamodule=dm)
-    assert model.packing_encoder(next(iter(dm.train_dataloader()))) is not None, "the custom head trains packed"
+    assert isinstance(model.batching, SequencePacking), "the custom head trains packed"
     assert all(not torch.equal(a, b) for a, b in zip(head_before, model.head.parameters(), strict=True))
     assert not hasattr(model.model.get_base_model(), "classifier"), "the HF head is replaced, not kept beside"
     checkpoint = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=True)

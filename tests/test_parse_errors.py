@@ -50,9 +50,9 @@ def test_a_bad_key_or_type_is_named_first(case, tmp_path, tiny_bert_dir, toy_dat
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model.init_args.optimizer.init_args.lr", "-0.1"], "model.init_args.optimizer: Invalid learning rate"),
+        (["--model.init_args.training.lr", "-0.1"], "model.init_args.training.lr: must be >= 0 or null"),
         (["--trainer.max_epochs", "-3"], "trainer: `max_epochs` must be a non-negative integer"),
-        (["--model.init_args.warmup_ratio", "1.5"], "warmup_ratio: must be in [0, 1)"),
+        (["--model.init_args.training.warmup_ratio", "1.5"], "warmup_ratio: must be in [0, 1)"),
     ],
     ids=["negative-lr", "negative-epochs", "warmup-ratio"],
 )

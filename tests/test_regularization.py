@@ -9,16 +9,16 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig
 
-from lightning_peft import BackboneConfig, LightningPeftError, SequenceClassifier, TokenClassifier
+from lightning_peft import BackboneConfig, LightningPeftError, SequenceClassifier, TokenClassifier, TrainingConfig
 from lightning_peft.regularization import Regularization, squared_l2, symmetric_kl
-from tests.tasks.test_base import padded_batch
+from tests.test_batching import padded_batch
 
 
 def classifier(backbone: BackboneConfig, dropout: float = 0.0, **regularization) -> SequenceClassifier:
     backbone = dataclasses.replace(backbone, model_config={"hidden_dropout_prob": dropout})
     lora = LoraConfig(r=4, target_modules=["query", "value"], lora_dropout=dropout, init_lora_weights=False)
     torch.manual_seed(0)
-    return SequenceClassifier(backbone, lora, labels=["a", "b", "c"], regularization=regularization)
+    return SequenceClassifier(backbone, lora, labels=["a", "b", "c"], training={"regularization": regularization})
 
 
 def labelled_batch() -> dict[str, torch.Tensor]:
@@ -55,7 +55,9 @@ def test_rdrop_term_is_zero_without_dropout_and_positive_with_it(backbone):
 
 def test_rdrop_on_tagger_counts_only_labelled_positions(backbone):
     lora = LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False)
-    model = TokenClassifier(backbone, lora, labels=["O", "B-X", "I-X"], regularization={"rdrop_alpha": 1.0})
+    model = TokenClassifier(
+        backbone, lora, labels=["O", "B-X", "I-X"], training={"regularization": {"rdrop_alpha": 1.0}}
+    )
     batch = padded_batch([4, 6])
     batch["labels"] = torch.full_like(batch["input_ids"], -100)
     batch["labels"][:, 1:3] = 1
@@ -82,7 +84,7 @@ def test_trainable_l2_adds_the_squared_norm_of_trainable_weights_only(backbone):
     model.eval()
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(trainable) < len(list(model.parameters()))
-    expected = model.length_grouped_loss(batch) + 0.5 * sum(p.pow(2).sum() for p in trainable)
+    expected = model.batch_loss(batch) + 0.5 * sum(p.pow(2).sum() for p in trainable)
     with pytest.warns(UserWarning, match="self.log"):  # no trainer attached in this unit test
         torch.testing.assert_close(model.training_step(batch, 0), expected)
     assert squared_l2([torch.nn.Parameter(torch.tensor([3.0, 4.0]))]).item() == 25.0
@@ -94,19 +96,21 @@ def test_trainable_l2_adds_the_squared_norm_of_trainable_weights_only(backbone):
      ({"trainable_l2": -0.1}, "trainable_l2")],
 )
 def test_bad_values_name_the_field(options, field):
-    with pytest.raises(LightningPeftError, match=f"model.regularization.{field}"):
+    with pytest.raises(LightningPeftError, match=f"model.init_args.training.regularization.{field}"):
         Regularization(**options)
 
 
 def test_regression_refuses_label_smoothing(backbone):
     with pytest.raises(LightningPeftError, match="regression has no classes"):
-        SequenceClassifier(backbone, problem_type="regression", regularization={"label_smoothing": 0.1})
+        SequenceClassifier(backbone, problem_type="regression", training={"regularization": {"label_smoothing": 0.1}})
 
 
-def test_regularization_is_saved_as_plain_hyperparameters(backbone):
-    model = SequenceClassifier(backbone, labels=["a", "b"], regularization=Regularization(rdrop_alpha=2.0))
+def test_training_options_are_saved_as_plain_hyperparameters(backbone):
+    training = TrainingConfig(regularization=Regularization(rdrop_alpha=2.0))
+    model = SequenceClassifier(backbone, labels=["a", "b"], training=training)
     checkpoint = {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}
     model.on_save_checkpoint(checkpoint)
-    assert checkpoint["hyper_parameters"]["regularization"] == {
-        "label_smoothing": 0.0, "rdrop_alpha": 2.0, "trainable_l2": 0.0,
-    }
+    saved = checkpoint["hyper_parameters"]["training"]
+    assert saved["regularization"] == {"label_smoothing": 0.0, "rdrop_alpha": 2.0, "trainable_l2": 0.0}
+    # what load_from_checkpoint rebuilds, with the rate actually used (full fine-tuning's default here)
+    assert TrainingConfig(**saved) == dataclasses.replace(training, lr=5e-5)

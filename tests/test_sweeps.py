@@ -63,19 +63,19 @@ def test_local_sweep_runs_trials_records_crashes_and_writes_the_best_config(tmp_
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump({
         "program": "lightning-peft", "method": "grid", "metric": {"name": "val/accuracy", "goal": "maximize"},
-        "parameters": {"model.init_args.warmup_ratio": {"values": [0.0, 1.5]},  # 1.5: refused, exit 2
+        "parameters": {"model.init_args.training.warmup_ratio": {"values": [0.0, 1.5]},  # 1.5: refused, exit 2
                        "trainer.max_epochs": {"value": 1}},
         "command": ["${env}", "lightning-peft", "fit", "--config", str(config), "${args}"],
     }))
     main(["sweep", str(spec_path), "--trials", "5", "--out", str(tmp_path / "sweep")])
     rows = list(csv.DictReader((tmp_path / "sweep" / "results.csv").open()))
-    assert [(r["model.init_args.warmup_ratio"], r["status"]) for r in rows] == [("0.0", "done"),
+    assert [(r["model.init_args.training.warmup_ratio"], r["status"]) for r in rows] == [("0.0", "done"),
                                                                                 ("1.5", "failed (exit 2)")]
     assert "warmup_ratio: must be in [0, 1), got 1.5" in rows[1]["error"]
     assert 0.0 <= float(rows[0]["val/accuracy"]) <= 1.0
     assert (tmp_path / "sweep" / "trial-000" / "checkpoints" / "last.ckpt").is_file()
     best = yaml.safe_load((tmp_path / "sweep" / "best.yaml").read_text())
-    assert best["model"]["init_args"]["warmup_ratio"] == 0.0 and best["trainer"]["max_epochs"] == 1
+    assert best["model"]["init_args"]["training"]["warmup_ratio"] == 0.0 and best["trainer"]["max_epochs"] == 1
     parse_fit_config(["--config", str(tmp_path / "sweep" / "best.yaml")])  # a complete, valid fit config
     assert (tmp_path / "sweep" / "metric_vs_parameters.png").stat().st_size > 0
 
@@ -123,7 +123,7 @@ def test_bayes_search_runs_through_optuna(tmp_path, tiny_bert_dir, toy_data):
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump({
         "program": "lightning-peft", "method": "bayes", "metric": {"name": "val/loss", "goal": "minimize"},
-        "parameters": {"model.init_args.optimizer.init_args.lr": {"distribution": "log_uniform_values",
+        "parameters": {"model.init_args.training.lr": {"distribution": "log_uniform_values",
                                                                    "min": 1e-3, "max": 3e-2}},
         "command": ["${env}", "lightning-peft", "fit", "--config", str(config), "--trainer.limit_train_batches", "5",
                     "--trainer.max_epochs", "1", "${args}"],
@@ -131,4 +131,4 @@ def test_bayes_search_runs_through_optuna(tmp_path, tiny_bert_dir, toy_data):
     main(["sweep", str(spec_path), "--trials", "2", "--out", str(tmp_path / "sweep")])
     rows = list(csv.DictReader((tmp_path / "sweep" / "results.csv").open()))
     assert [r["status"] for r in rows] == ["done", "done"]
-    assert all(1e-3 <= float(r["model.init_args.optimizer.init_args.lr"]) <= 3e-2 for r in rows)
+    assert all(1e-3 <= float(r["model.init_args.training.lr"]) <= 3e-2 for r in rows)

@@ -11,7 +11,7 @@ from peft import LoraConfig
 
 from lightning_peft import LightningPeftError, PredictionOptions, SequenceClassifier
 from lightning_peft.uncertainty import CALIBRATION_FILE, dropout_on, summarise_samples
-from tests.tasks.test_base import padded_batch
+from tests.test_batching import padded_batch
 
 LABELS = ["a", "b", "c"]
 

@@ -45,7 +45,8 @@ class AdversarialTraining(Callback):
     Works with every task and PEFT method (including prompt tuning: virtual tokens are not perturbed) and with
     R-Drop and length-grouped micro-batches (each micro-batch gets its own perturbation). The perturbation is
     bounded per example, so while it runs the task trains on micro-batches rather than on packed rows (which
-    hold several examples each): ``sequence_packing`` is switched off for the fit.
+    hold several examples each): it declares ``supports_sequence_packing = False``, which the task reads when it
+    chooses its batching at the first batch.
 
     Args:
         method: ``fgm`` (a step costs about 3x a plain one: a gradient to the embeddings, then a perturbed forward
@@ -61,6 +62,8 @@ class AdversarialTraining(Callback):
 
         trainer = Trainer(callbacks=[AdversarialTraining(method="pgd", epsilon=0.1, alpha=0.03, steps=3)])
     """
+
+    supports_sequence_packing = False
 
     def __init__(
         self,
@@ -86,7 +89,6 @@ class AdversarialTraining(Callback):
         self._recorded: list[torch.Tensor] | None = None  # embedding outputs of the clean pass, when recording
         self._deltas: list[torch.Tensor] | None = None  # perturbations to add, in call order, when perturbing
         self._calls = 0  # embedding calls of the perturbed pass so far
-        self._sequence_packing: bool | None = None  # the task's setting while switched off, restored at fit end
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -95,7 +97,6 @@ class AdversarialTraining(Callback):
         self._hooks = [layer.register_forward_hook(self._on_embeddings)
                        for layer in pl_module.input_embedding_layers("AdversarialTraining")]
         pl_module.loss_terms[ADVERSARIAL_TERM] = lambda batch, loss: self.adversarial_loss(pl_module, batch, loss)
-        self._sequence_packing, pl_module.sequence_packing = pl_module.sequence_packing, False
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._recorded = []
@@ -111,9 +112,8 @@ class AdversarialTraining(Callback):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        if self._sequence_packing is not None:
+        if isinstance(pl_module, PeftModule):
             pl_module.loss_terms.pop(ADVERSARIAL_TERM, None)
-            pl_module.sequence_packing, self._sequence_packing = self._sequence_packing, None
 
     # -- the perturbation --------------------------------------------------------------------------------
     def _on_embeddings(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
@@ -131,7 +131,7 @@ class AdversarialTraining(Callback):
         """The task loss with ``deltas[i]`` added to the i-th embedding output of the pass."""
         self._deltas, self._calls = deltas, 0
         try:
-            return pl_module.length_grouped_loss(batch)
+            return pl_module.batch_loss(batch)
         finally:
             self._deltas = None
 

@@ -74,7 +74,7 @@ class TextDataModule(LightningDataModule):
         batch_size / eval_batch_size: per-device batch sizes (evaluation defaults to ``batch_size``).
         group_by_length: batch training examples of similar length together (less padding, faster, but batches
             less random); off by default, because classifiers and taggers train on packed rows, which compute
-            almost no padding whatever the batch (see ``sequence_packing``); on for seq2seq. Evaluation batches
+            almost no padding whatever the batch (see ``training.sequence_packing``); on for seq2seq. Evaluation batches
             are always length-sorted, prediction keeps the input order.
         group_by_length_window: how many random batches are pooled and sorted by length into batches; larger
             saves more padding but makes batches more length-homogeneous, which can cost accuracy; ``null``

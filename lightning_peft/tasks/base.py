@@ -17,6 +17,7 @@ from torchmetrics import MetricCollection
 from transformers import AutoModel, get_scheduler
 
 from lightning_peft.backbone import BackboneConfig, count_parameters, load_backbone, new_weights
+from lightning_peft.batching import BatchingStrategy, choose_batching
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import (
     ADAPTER_DIR,
@@ -31,16 +32,8 @@ from lightning_peft.export import (
     validation_metrics,
 )
 from lightning_peft.model_card import ModelCard, peft_hyperparameters
-from lightning_peft.packing import (
-    PackedRows,
-    find_encoder,
-    mask_dtype,
-    pack_rows,
-    position_offset,
-    unpacked_output,
-    unwrapped,
-)
-from lightning_peft.regularization import Regularization, as_regularization, squared_l2, symmetric_kl
+from lightning_peft.regularization import squared_l2, symmetric_kl
+from lightning_peft.training import TrainingConfig, as_training_config, explicit_optimizer_lr, method_name
 from lightning_peft.types import IGNORE_INDEX, Batch, LossTerm
 
 LABELS_FILE = "labels.json"
@@ -75,7 +68,7 @@ def plain_hyperparameters(hparams: dict[str, Any]) -> dict[str, Any]:
     for key, value in hparams.items():
         if isinstance(value, PeftConfig):
             value = json.loads(json.dumps(value.to_dict(), default=list))
-        elif dataclasses.is_dataclass(value) and not isinstance(value, type):  # BackboneConfig, Regularization
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):  # BackboneConfig, TrainingConfig
             value = dataclasses.asdict(value)
         elif not _is_plain(value):
             continue
@@ -105,12 +98,12 @@ def clean_tensor_name(name: str) -> str:
     return name
 
 
-def optimizer_summary(factory: Any) -> str:
+def optimizer_summary(factory: Any, lr: float) -> str:
     """``AdamW(lr=0.002, weight_decay=0.01, …)`` for an optimizer class or a ``functools.partial`` of one (what
-    ``functools.partial`` and LightningCLI's ``OptimizerCallable`` give)."""
+    ``functools.partial`` and LightningCLI's ``OptimizerCallable`` give), called with learning rate ``lr``."""
     candidates = [factory, getattr(factory, "func", None), *getattr(factory, "args", ())]
     cls = next((c for c in candidates if isinstance(c, type)), None)
-    keywords = getattr(factory, "keywords", {}) or {}
+    keywords = {**(getattr(factory, "keywords", {}) or {}), "lr": lr}
     facts = ", ".join(f"{k}={keywords[k]}" for k in OPTIMIZER_FACTS if k in keywords)
     return f"{cls.__name__ if cls else 'optimizer'}({facts})"
 
@@ -125,19 +118,9 @@ class PeftModule(LightningModule):
     Args:
         backbone: where the transformer comes from (see :class:`BackboneConfig`).
         peft: any ``peft.PeftConfig`` (LoRA, AdaLoRA, IA3, prefix tuning, …); ``None`` fine-tunes everything.
-        optimizer: optimizer factory called with parameter groups; biases and norm weights get no weight decay.
-        lr_scheduler_type: a ``transformers.get_scheduler`` name (``linear``, ``cosine``, ``constant_with_warmup``…),
-            stepped once per optimizer step.
-        warmup_ratio: fraction of the optimizer steps spent warming the learning rate up from 0.
-        micro_batch_size: compute each training batch in length-sorted micro-batches of this many rows, each
-            trimmed to its own padding (same examples and loss per optimizer step, less padding computed);
-            ``null`` runs the batch in one piece. Used where sequence packing is off or not possible.
-        regularization: label smoothing, R-Drop and L2 on the trainable weights (see :class:`Regularization`).
-        sequence_packing: compute each training batch with its examples packed end to end in a few rows, each
-            attending only to itself (see :mod:`lightning_peft.packing`): same examples and loss, almost no padding
-            computed. Checked once on the first batch: a model whose packed outputs differ from its padded ones
-            (or that cannot take packed rows: prompt tuning, no ``encoder`` module) trains in micro-batches, with
-            a warning saying why.
+        optimizer: optimizer factory called with parameter groups and the learning rate of ``training.lr``; biases
+            and norm weights get no weight decay.
+        training: learning rate and schedule, batching, regularisation (see :class:`TrainingConfig`).
 
     Example::
 
@@ -154,6 +137,9 @@ class PeftModule(LightningModule):
 
     auto_model_class: ClassVar[type] = AutoModel
     peft_task_type: ClassVar[TaskType | None] = None
+    #: whether training batches may be computed as packed rows (``training.sequence_packing``): the per-example
+    #: outputs must come from one module whose output can be unpacked (an encoder), which seq2seq decoders are not
+    supports_sequence_packing: ClassVar[bool] = True
 
     @classmethod
     def checkpoint_metric(cls, init_args: dict[str, Any]) -> tuple[str, str]:
@@ -166,37 +152,32 @@ class PeftModule(LightningModule):
         backbone: BackboneConfig,
         peft: PeftConfig | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_scheduler_type: str = "linear",
-        warmup_ratio: float = 0.0,
-        micro_batch_size: int | None = 16,
-        regularization: Regularization | None = None,
-        sequence_packing: bool = False,
+        training: TrainingConfig | None = None,
     ) -> None:
         super().__init__()
-        backbone, peft = as_backbone_config(backbone), as_peft_config(peft)
-        regularization = as_regularization(regularization)
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise LightningPeftError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio}")
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise LightningPeftError(f"micro_batch_size: must be a positive integer or null, got {micro_batch_size}")
+        backbone, peft, training = as_backbone_config(backbone), as_peft_config(peft), as_training_config(training)
+        given = explicit_optimizer_lr(optimizer)
+        if given is not None:
+            raise LightningPeftError(
+                f"model.init_args.optimizer.init_args.lr: the learning rate is set by model.init_args.training.lr "
+                f"(null: the PEFT method's default); move lr: {given} there"
+            )
         self.save_hyperparameters()
         self.backbone_config = backbone
         self.peft_config = peft
         self.optimizer_factory = optimizer
-        self.lr_scheduler_type = lr_scheduler_type
-        self.warmup_ratio = warmup_ratio
-        self.micro_batch_size = micro_batch_size
-        self.regularization = regularization
-        self.sequence_packing = sequence_packing
-        self._packing_encoder: torch.nn.Module | None = None  # where packed outputs are unpacked, once checked
-        self._packing_checked = False
+        self.training_config = training
+        self.regularization = training.regularization
+        #: how training batches are computed in this fit (packed rows, micro-batches…), chosen on its first batch
+        self.batching: BatchingStrategy | None = None
         # Checkpoints hold only the trainable weights; the frozen base is rebuilt from the backbone config.
         self.strict_loading = False
         #: terms added to every training loss, by name (callbacks register them, e.g. AdaLoRA's orthogonality or
         #: adversarial training, and the L2 regulariser); each is called with the batch and the task loss
         self.loss_terms: dict[str, LossTerm] = {}
-        if regularization.trainable_l2:
-            self.loss_terms["trainable_l2"] = lambda *_: regularization.trainable_l2 * squared_l2(self.parameters())
+        if self.regularization.trainable_l2:
+            weight = self.regularization.trainable_l2
+            self.loss_terms["trainable_l2"] = lambda *_: weight * squared_l2(self.parameters())
 
     # -- construction ---------------------------------------------------------------------------------
     def build_backbone(self, **model_kwargs: Any) -> None:
@@ -276,29 +257,20 @@ class PeftModule(LightningModule):
     def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
         return {key: value for key, value in batch.items() if key in self.model_input_keys}
 
-    def length_grouped_loss(self, batch: Batch) -> torch.Tensor:
-        """The batch's loss computed with its examples packed in a few rows (``sequence_packing``), or else in
-        length-sorted micro-batches, each trimmed to its own longest row.
+    def batch_loss(self, batch: Batch) -> torch.Tensor:
+        """The training batch's task loss, computed the fit's way (:attr:`batching`, chosen on its first batch)."""
+        if self.batching is None:
+            self.batching = choose_batching(self, batch, self.packing_blocker())
+        return self.batching.loss(self, batch)
 
-        The optimizer sees exactly the batch it was given (same examples, same mean loss), but far less
-        padding is computed: on SST-2, random batches of 32 hold 3x more padded than real tokens.
-        """
-        mask = batch["attention_mask"]
-        lengths = mask.sum(1)
-        positions = torch.arange(mask.shape[1], device=mask.device)
-        right_padded = torch.equal(mask.bool(), positions < lengths[:, None])
-        encoder = self.packing_encoder(batch) if right_padded and self.sequence_packing else None
-        if encoder is not None:
-            packed = self.pack(batch)
-            with unpacked_output(encoder, packed):
-                return self.training_loss(self.packed_batch(batch, packed))
-        if not self.micro_batch_size or len(lengths) <= self.micro_batch_size or not right_padded:
-            return self.training_loss(batch)
-        total = 0.0
-        for rows in lengths.argsort(descending=True, stable=True).split(self.micro_batch_size):
-            chunk = self.micro_batch(batch, rows, width=int(lengths[rows].max()))
-            total = total + self.training_loss(chunk) * self.loss_weight(chunk)
-        return total / max(self.loss_weight(batch), 1)
+    def packing_blocker(self) -> str | None:
+        """Why this fit cannot train on packed rows whatever the model (the task, or a callback that declares
+        ``supports_sequence_packing = False``), or ``None``."""
+        if not self.supports_sequence_packing:
+            return f"{type(self).__name__} does not support them"
+        callbacks = self.trainer.callbacks if self._trainer is not None else []
+        blocking = [type(c).__name__ for c in callbacks if getattr(c, "supports_sequence_packing", True) is False]
+        return f"{', '.join(blocking)} cannot work with packed rows" if blocking else None
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
         """The task loss of one (micro-)batch in training; with R-Drop, the mean loss of two dropout passes (one
@@ -331,72 +303,11 @@ class PeftModule(LightningModule):
             if isinstance(value, torch.Tensor)
         }
 
-    def pack(self, batch: Batch, capacity: int | None = None) -> PackedRows:
-        """``batch``'s examples packed in rows (see :func:`~lightning_peft.packing.pack_rows`) for this model."""
-        return pack_rows(batch, capacity, position_offset(self.model), mask_dtype(self.model))
-
-    def packed_batch(self, batch: Batch, packed: PackedRows) -> Batch:
-        """``batch`` with the model inputs replaced by the ``packed`` rows; other entries (labels) stay per example,
-        sequences cut to the longest example, and the per-example padding mask is kept as ``token_mask``."""
-        rows = torch.arange(packed.num_examples, device=batch["input_ids"].device)
-        per_example = self.micro_batch(batch, rows, packed.width)
-        return {**per_example, "token_mask": per_example["attention_mask"], **packed.inputs}
-
     @staticmethod
     def token_mask(batch: Batch) -> torch.Tensor:
         """Which positions of each example are real tokens (examples × positions), also in packed training, where
         ``attention_mask`` is the packed rows' attention mask; what a custom head pools with."""
         return batch.get("token_mask", batch["attention_mask"])
-
-    def packing_encoder(self, batch: Batch) -> torch.nn.Module | None:
-        """The module whose output is unpacked when training on packed rows, or ``None`` where packing does not
-        reproduce the padded forward of this model. Decided on the first call (one warning when it falls back)."""
-        if not self._packing_checked:
-            self._packing_checked = True
-            problem = self._packing_problem(batch)
-            if problem:
-                rank_zero_warn(f"sequence_packing: {problem}; training uses length-sorted micro-batches instead "
-                               "(set model.init_args.sequence_packing: false to silence this)")
-            else:
-                self._packing_encoder = find_encoder(self.model)
-        return self._packing_encoder
-
-    def _packing_problem(self, batch: Batch) -> str | None:
-        """Why this model cannot train on packed rows, or ``None`` when it can: its outputs for the batch's first
-        examples, packed into one row, must equal their padded outputs."""
-        name = type(unwrapped(self.model)).__name__
-        if isinstance(self.model, PeftModel) and self.model.active_peft_config.is_prompt_learning:
-            return "prompt and prefix tuning add virtual tokens to every row, not to every packed example"
-        encoder = find_encoder(self.model)
-        if encoder is None:
-            return f"{name} has no `encoder` (or `transformer`) module whose output could be unpacked"
-        rows = torch.arange(min(8, self.batch_size_of(batch)), device=batch["input_ids"].device)
-        sample = self.micro_batch(batch, rows, int(batch["attention_mask"][rows].sum(1).max()))
-        packed = self.pack(sample, capacity=int(sample["attention_mask"].sum()))  # all in one row: positions
-        # must restart and attention stop at every example
-        modes = {module: module.training for module in self.modules()}
-        self.eval()
-        try:
-            with torch.no_grad():
-                padded_logits = self(sample)  # outside the except: a failing padded forward is not a packing issue
-                try:
-                    with unpacked_output(encoder, packed):
-                        packed_logits = self(self.packed_batch(sample, packed))
-                except Exception as err:  # any failure on packed rows (Longformer: IndexError) means: do not pack
-                    return f"{name} fails on packed rows ({type(err).__name__}: {err})"
-        finally:
-            for module, training in modes.items():
-                module.train(training)
-        if padded_logits.dim() == 3:  # per-token outputs: compare real tokens only
-            real = sample["attention_mask"].bool()
-            padded_logits, packed_logits = padded_logits[real], packed_logits[real]
-        difference = float((padded_logits.float() - packed_logits.float()).abs().max())
-        scale = max(float(padded_logits.float().abs().max()), 1.0)
-        device_type = batch["input_ids"].device.type
-        exact = next(self.model.parameters()).dtype == torch.float32 and not torch.is_autocast_enabled(device_type)
-        if difference > (1e-3 if exact else 5e-2) * scale:
-            return f"{name} gives other outputs on packed rows than on padded ones (max difference {difference:.3g})"
-        return None
 
     def prepare_batch(self, batch: Batch) -> Batch:
         """Adjust a training or evaluation batch before the loss (e.g. drop a leading label token); as is here."""
@@ -405,7 +316,7 @@ class PeftModule(LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """The task loss plus every registered :attr:`loss_terms` (each also logged as ``train/<name>``)."""
         batch = self.prepare_batch(batch)
-        task_loss = self.length_grouped_loss(batch)
+        task_loss = self.batch_loss(batch)
         size = self.batch_size_of(batch)
         self.log("train/loss", task_loss, prog_bar=True, batch_size=size)
         loss = task_loss
@@ -451,23 +362,36 @@ class PeftModule(LightningModule):
                 (no_decay if param.ndim < 2 else decay).append(param)
         groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
         try:
-            optimizer = self.optimizer_factory(groups)
+            optimizer = self.optimizer_factory(groups, lr=self.learning_rate)
         except (TypeError, ValueError) as err:  # torch's own checks: "Invalid learning rate: -0.1", …
             raise LightningPeftError(f"model.init_args.optimizer: {err}") from err
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = get_scheduler(
-            self.lr_scheduler_type,
+            self.training_config.lr_scheduler_type,
             optimizer,
-            num_warmup_steps=math.ceil(self.warmup_ratio * total_steps),
+            num_warmup_steps=math.ceil(self.training_config.warmup_ratio * total_steps),
             num_training_steps=total_steps,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    @property
+    def learning_rate(self) -> float:
+        """The peak learning rate: ``training.lr``, or the PEFT method's default when that is ``null``."""
+        return self.training_config.learning_rate(self.peft_config)
+
+    def resolved_training_options(self) -> dict[str, Any]:
+        """:attr:`training_config` as plain data, with the learning rate actually used."""
+        return {**self.training_config.as_dict(), "lr": self.learning_rate}
+
     def on_fit_start(self) -> None:
+        self.batching = None  # chosen again: this fit's callbacks may differ
         trainable, total = count_parameters(self)
         rank_zero_info(
             f"trainable params: {trainable:,} || all params: {total:,} || trainable: {100 * trainable / total:.4f}%"
         )
+        source = "model.init_args.training.lr" if self.training_config.lr is not None else (
+            f"the default for {method_name(self.peft_config)}; set model.init_args.training.lr to change it")
+        rank_zero_info(f"learning rate: {self.learning_rate:g} ({source})")
 
     # -- adapter-only checkpoints ---------------------------------------------------------------------
     def task_buffer_keys(self) -> set[str]:
@@ -496,6 +420,7 @@ class PeftModule(LightningModule):
         hparams = plain_hyperparameters(checkpoint.get("hyper_parameters", {}))
         if isinstance(hparams.get("backbone"), dict):  # running remote code is the loader's own decision
             hparams["backbone"] = {**hparams["backbone"], "trust_remote_code": False}
+        hparams["training"] = self.resolved_training_options()  # the rate used, also where it was a default
         checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if k not in self.inference_arguments}
         if self.rank_pattern:
             checkpoint[RANK_PATTERN_KEY] = self.rank_pattern
@@ -607,7 +532,9 @@ class PeftModule(LightningModule):
         hparams = plain_hyperparameters(dict(self.hparams))
         skipped = ("backbone", "peft", "labels", *self.inference_arguments)
         hparams = {k: v for k, v in hparams.items() if k not in skipped and k[0] != "_"}
-        hparams["optimizer"] = optimizer_summary(self.optimizer_factory)
+        hparams.pop("training", None)
+        hparams.update(self.resolved_training_options())
+        hparams["optimizer"] = optimizer_summary(self.optimizer_factory, self.learning_rate)
         labels = self.model_config_kwargs().get("id2label")
         base = self.backbone_config.pretrained_model_name_or_path
         return ModelCard(

@@ -32,8 +32,9 @@ from lightning_peft.calibration import (
 )
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.model_card import ModelCard
-from lightning_peft.regularization import Regularization, symmetric_kl
+from lightning_peft.regularization import symmetric_kl
 from lightning_peft.tasks.base import LABELS_FILE, PeftModule, label_config
+from lightning_peft.training import TrainingConfig
 from lightning_peft.types import Batch, ProblemType
 from lightning_peft.uncertainty import (
     CALIBRATION_FILE,
@@ -104,22 +105,16 @@ class SequenceClassifier(PeftModule):
         problem_type: ProblemType = "single_label_classification",
         threshold: float = 0.5,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_scheduler_type: str = "linear",
-        warmup_ratio: float = 0.0,
-        micro_batch_size: int | None = 16,
-        regularization: Regularization | None = None,
+        training: TrainingConfig | None = None,
         prediction: PredictionOptions | None = None,
-        sequence_packing: bool = True,
     ) -> None:
-        super().__init__(
-            backbone, peft, optimizer, lr_scheduler_type, warmup_ratio, micro_batch_size, regularization,
-            sequence_packing=sequence_packing,
-        )
+        super().__init__(backbone, peft, optimizer, training)
         if problem_type == "regression":
             labels = None
             if self.regularization.label_smoothing:
                 raise LightningPeftError(
-                    "model.regularization.label_smoothing: regression has no classes to smooth; set it to 0"
+                    "model.init_args.training.regularization.label_smoothing: regression has no classes to smooth; "
+                    "set it to 0"
                 )
         elif not labels:
             raise LightningPeftError(

@@ -17,8 +17,8 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM, GenerationConfig, Pr
 from lightning_peft.backbone import BackboneConfig, load_tokenizer
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.metrics.generation import generation_metrics
-from lightning_peft.regularization import Regularization
 from lightning_peft.tasks.base import PeftModule
+from lightning_peft.training import TrainingConfig
 from lightning_peft.types import IGNORE_INDEX, Batch
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -111,6 +111,7 @@ class Seq2SeqGenerator(PeftModule):
     auto_model_class = AutoModelForSeq2SeqLM
     peft_task_type = TaskType.SEQ_2_SEQ_LM
     sequence_keys = ("input_ids", "attention_mask")
+    supports_sequence_packing = False  # the decoder's cross-attention would need per-example encoder masks
 
     def __init__(
         self,
@@ -120,14 +121,9 @@ class Seq2SeqGenerator(PeftModule):
         val_generation_batches: int | None = 8,
         metrics_lowercase: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_scheduler_type: str = "linear",
-        warmup_ratio: float = 0.0,
-        micro_batch_size: int | None = 16,
-        regularization: Regularization | None = None,
+        training: TrainingConfig | None = None,
     ) -> None:
-        super().__init__(
-            backbone, peft, optimizer, lr_scheduler_type, warmup_ratio, micro_batch_size, regularization
-        )
+        super().__init__(backbone, peft, optimizer, training)
         if val_generation_batches is not None and val_generation_batches < 0:
             raise LightningPeftError(
                 f"model.val_generation_batches: must be a non-negative integer or null, got {val_generation_batches}"

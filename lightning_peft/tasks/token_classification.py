@@ -15,8 +15,8 @@ from lightning_peft.backbone import BackboneConfig
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.metrics.entities import OUTSIDE, extract_entities
 from lightning_peft.metrics.entity_f1 import EntityF1
-from lightning_peft.regularization import Regularization
 from lightning_peft.tasks.base import PeftModule, label_config
+from lightning_peft.training import TrainingConfig
 from lightning_peft.types import IGNORE_INDEX, Batch
 
 
@@ -58,16 +58,9 @@ class TokenClassifier(PeftModule):
         peft: PeftConfig | None = None,
         labels: list[str] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_scheduler_type: str = "linear",
-        warmup_ratio: float = 0.0,
-        micro_batch_size: int | None = 16,
-        regularization: Regularization | None = None,
-        sequence_packing: bool = True,
+        training: TrainingConfig | None = None,
     ) -> None:
-        super().__init__(
-            backbone, peft, optimizer, lr_scheduler_type, warmup_ratio, micro_batch_size, regularization,
-            sequence_packing=sequence_packing,
-        )
+        super().__init__(backbone, peft, optimizer, training)
         if not labels:
             raise LightningPeftError("model.labels: a tagger needs its tag set (the CLI links it from the datamodule)")
         self.labels = list(labels)

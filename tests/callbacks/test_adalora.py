@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-from functools import partial
 
 import lightning.pytorch as pl
 import pytest
@@ -10,7 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from peft import AdaLoraConfig, PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from lightning_peft import ClassificationDataModule, LightningPeftError, SequenceClassifier
+from lightning_peft import ClassificationDataModule, LightningPeftError, SequenceClassifier, TrainingConfig
 from lightning_peft.callbacks import AdaLoRAScheduler
 from lightning_peft.callbacks.adalora import adalora_model, orthogonal_regulariser, rank_table
 
@@ -46,7 +45,7 @@ def test_allocates_once_per_optimizer_step_on_peft_s_cubic_schedule(
 ):
     pl.seed_everything(0)
     dm = toy(tiny_bert_dir, toy_data)
-    model = SequenceClassifier(backbone, adalora(), labels=dm.labels, optimizer=partial(torch.optim.AdamW, lr=1e-2))
+    model = SequenceClassifier(backbone, adalora(), labels=dm.labels, training=TrainingConfig(lr=1e-2))
     tuner = adalora_model(model)
     steps = []
     allocate = tuner.update_and_allocate
@@ -68,7 +67,7 @@ def test_allocates_once_per_optimizer_step_on_peft_s_cubic_schedule(
 def test_ranks_end_uneven_and_the_export_reloads_with_plain_peft(backbone, tiny_bert_dir, toy_data, tmp_path):
     pl.seed_everything(0)
     dm = toy(tiny_bert_dir, toy_data)
-    model = SequenceClassifier(backbone, adalora(), labels=dm.labels, optimizer=partial(torch.optim.AdamW, lr=1e-2))
+    model = SequenceClassifier(backbone, adalora(), labels=dm.labels, training=TrainingConfig(lr=1e-2))
     trainer = pl.Trainer(
         max_epochs=2, callbacks=[AdaLoRAScheduler(heatmap=True)], default_root_dir=str(tmp_path),
         enable_checkpointing=False, limit_val_batches=0, **QUIET,

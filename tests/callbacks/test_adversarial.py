@@ -7,8 +7,9 @@ import torch
 from peft import LoraConfig
 
 from lightning_peft import LightningPeftError, SequenceClassifier, TokenClassifier
+from lightning_peft.batching import MicroBatches
 from lightning_peft.callbacks.adversarial import AdversarialTraining, per_example_unit, project
-from tests.tasks.test_base import padded_batch
+from tests.test_batching import padded_batch
 
 
 def model_and_batch(backbone, peft: bool, task: str = "classification"):
@@ -16,12 +17,13 @@ def model_and_batch(backbone, peft: bool, task: str = "classification"):
     lora = LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False) if peft else None
     batch = padded_batch([5, 9, 3, 7, 4])
     if task == "classification":
-        model = SequenceClassifier(backbone, lora, labels=["a", "b"], micro_batch_size=2)
+        model = SequenceClassifier(backbone, lora, labels=["a", "b"], training={"micro_batch_size": 2})
         batch["labels"] = torch.tensor([0, 1, 1, 0, 1])
     else:
-        model = TokenClassifier(backbone, lora, labels=["O", "B-X", "I-X"], micro_batch_size=2)
+        model = TokenClassifier(backbone, lora, labels=["O", "B-X", "I-X"], training={"micro_batch_size": 2})
         batch["labels"] = torch.randint(0, 3, batch["input_ids"].shape).masked_fill(batch["attention_mask"] == 0, -100)
     model.eval()  # no dropout: the same clean function before and after
+    model.batching = MicroBatches(2)  # what a fit with this callback chooses (it declares no packed rows)
     return model, batch
 
 
@@ -34,11 +36,10 @@ def test_perturbation_changes_the_loss_and_leaves_embeddings_exact(backbone, met
     weights = embeddings.weight.detach().clone()
     clean_logits = model(batch).detach()
     callback = AdversarialTraining(method=method, epsilon=0.5, alpha=0.2, steps=3)
-    assert model.sequence_packing
+    assert not callback.supports_sequence_packing, "perturbations are bounded per example: no packed rows"
     callback.on_fit_start(None, model)
-    assert not model.sequence_packing, "perturbations are bounded per example: no packed rows while it runs"
     callback.on_train_batch_start(None, model, batch, 0)
-    clean_loss = model.length_grouped_loss(batch)  # three micro-batches of at most 2 rows
+    clean_loss = model.batch_loss(batch)  # three micro-batches of at most 2 rows
     adversarial = model.loss_terms["adversarial"](batch, clean_loss)
     assert adversarial.item() > clean_loss.item() + 1e-4, "an ascent step on the loss must raise it"
     (clean_loss + adversarial).backward()
@@ -47,7 +48,7 @@ def test_perturbation_changes_the_loss_and_leaves_embeddings_exact(backbone, met
     assert torch.equal(embeddings.weight, weights), "embedding weights are never modified"
     assert torch.equal(model(batch), clean_logits), "outside the step the hook passes outputs through"
     callback.on_fit_end(None, model)
-    assert "adversarial" not in model.loss_terms and not embeddings._forward_hooks and model.sequence_packing
+    assert "adversarial" not in model.loss_terms and not embeddings._forward_hooks
     assert torch.equal(model(batch), clean_logits)
 
 
@@ -56,7 +57,7 @@ def test_works_for_tagging(backbone):
     callback = AdversarialTraining(method="fgm", epsilon=0.5)
     callback.on_fit_start(None, model)
     callback.on_train_batch_start(None, model, batch, 0)
-    clean_loss = model.length_grouped_loss(batch)
+    clean_loss = model.batch_loss(batch)
     assert model.loss_terms["adversarial"](batch, clean_loss).item() > clean_loss.item()
 
 
@@ -100,7 +101,9 @@ def test_fit_from_yaml_with_pgd_rdrop_and_l2_logs_each_term(tmp_path, tiny_bert_
     config["trainer"]["callbacks"] = [
         {"class_path": "lightning_peft.callbacks.AdversarialTraining", "init_args": {"method": "pgd", "steps": 2}}
     ]
-    config["model"]["init_args"]["regularization"] = {"rdrop_alpha": 1.0, "trainable_l2": 1e-3, "label_smoothing": 0.1}
+    config["model"]["init_args"]["training"]["regularization"] = {
+        "rdrop_alpha": 1.0, "trainable_l2": 1e-3, "label_smoothing": 0.1,
+    }
     config_path.write_text(yaml.safe_dump(config))
     main(["fit", "--config", str(config_path)])
     header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
@@ -121,12 +124,13 @@ def test_works_with_other_peft_methods(backbone, method):
               else IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"],
                              init_ia3_weights=False))
     model = SequenceClassifier(backbone, config, labels=["a", "b"]).eval()
+    model.batching = MicroBatches(16)  # what a fit with this callback chooses
     batch = padded_batch([5, 9, 3])
     batch["labels"] = torch.tensor([0, 1, 1])
     callback = AdversarialTraining(method="pgd", epsilon=0.5, steps=2)
     callback.on_fit_start(None, model)
     callback.on_train_batch_start(None, model, batch, 0)
-    clean_loss = model.length_grouped_loss(batch)
+    clean_loss = model.batch_loss(batch)
     adversarial = model.loss_terms["adversarial"](batch, clean_loss)
     assert adversarial.item() > clean_loss.item()
     adversarial.backward()
@@ -138,7 +142,7 @@ def test_works_for_seq2seq_with_rdrop(tiny_t5_dir):
 
     torch.manual_seed(0)
     lora = LoraConfig(r=4, target_modules=["q", "v"], init_lora_weights=False, lora_dropout=0.3)
-    model = Seq2SeqGenerator(BackboneConfig(str(tiny_t5_dir)), lora, regularization={"rdrop_alpha": 1.0})
+    model = Seq2SeqGenerator(BackboneConfig(str(tiny_t5_dir)), lora, training={"regularization": {"rdrop_alpha": 1.0}})
     model.train()
     batch = padded_batch([5, 9, 3], vocab=20)
     batch.pop("token_type_ids")
@@ -147,7 +151,7 @@ def test_works_for_seq2seq_with_rdrop(tiny_t5_dir):
     callback = AdversarialTraining(method="fgm", epsilon=0.5)
     callback.on_fit_start(None, model)
     callback.on_train_batch_start(None, model, batch, 0)
-    clean_loss = model.length_grouped_loss(batch)  # R-Drop: two dropout passes inside
+    clean_loss = model.batch_loss(batch)  # R-Drop: two dropout passes inside
     adversarial = model.loss_terms["adversarial"](batch, clean_loss)
     assert torch.isfinite(adversarial) and adversarial.item() > 0
     (clean_loss + adversarial).backward()
@@ -158,11 +162,10 @@ def test_an_exception_during_fit_surfaces_and_the_task_is_restored(backbone):
     model, batch = model_and_batch(backbone, peft=True)
     callback = AdversarialTraining()
     callback.on_exception(None, model, RuntimeError("before fit start"))  # nothing to undo yet
-    assert model.sequence_packing
     callback.on_fit_start(None, model)
     callback.on_exception(None, model, RuntimeError("in a training step"))
     embeddings = model.model.get_input_embeddings()
-    assert "adversarial" not in model.loss_terms and not embeddings._forward_hooks and model.sequence_packing
+    assert "adversarial" not in model.loss_terms and not embeddings._forward_hooks
 
 
 def test_a_plain_lightning_module_gets_the_clear_error():

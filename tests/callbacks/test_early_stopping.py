@@ -29,7 +29,7 @@ def test_preset_follows_the_checkpoint_metric_and_patience_counts_validation_run
     counter = CountValidations()
     # lr 0: the monitored accuracy never improves on the first validation run, so the 4th one stops the fit
     cli = LightningPeftCLI(
-        args=["fit", *args, "--model.init_args.optimizer.init_args.lr", "0"],
+        args=["fit", *args, "--model.init_args.training.lr", "0"],
         trainer_defaults={"callbacks": [counter]}, save_config_callback=None,
     )
     stopper = cli.trainer.early_stopping_callback

@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -12,10 +11,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from peft import LoraConfig
 
-from lightning_peft import ClassificationDataModule, LightningPeftError, SequenceClassifier
+from lightning_peft import ClassificationDataModule, LightningPeftError, SequenceClassifier, TrainingConfig
 from tests.conftest import write_csv
 
-ADAM = partial(torch.optim.AdamW, lr=1e-2)
+LR = TrainingConfig(lr=1e-2)
 
 
 def make_trainer(root: Path, **kwargs) -> pl.Trainer:
@@ -37,7 +36,7 @@ def test_learns_the_toy_task(backbone, tiny_bert_dir, toy_data, tmp_path):
     pl.seed_everything(0)
     dm = toy_dm(tiny_bert_dir, toy_data)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense"])
-    model = SequenceClassifier(backbone, lora, labels=dm.labels, optimizer=partial(torch.optim.AdamW, lr=5e-3))
+    model = SequenceClassifier(backbone, lora, labels=dm.labels, training=TrainingConfig(lr=5e-3))
     trainer = make_trainer(tmp_path, max_epochs=12)
     before = trainer.validate(model, datamodule=dm, verbose=False)[0]
     trainer.fit(model, datamodule=dm)
@@ -51,7 +50,7 @@ def test_learns_the_toy_task(backbone, tiny_bert_dir, toy_data, tmp_path):
 
 def test_optimizer_groups_and_warmup_schedule(backbone, lora, tiny_bert_dir, toy_data, tmp_path):
     dm = toy_dm(tiny_bert_dir, toy_data)
-    model = SequenceClassifier(backbone, lora, labels=dm.labels, optimizer=ADAM, warmup_ratio=0.5)
+    model = SequenceClassifier(backbone, lora, labels=dm.labels, training=TrainingConfig(lr=1e-2, warmup_ratio=0.5))
     trainer = make_trainer(tmp_path, max_epochs=2)
     trainer.fit(model, datamodule=dm)
     optimizer = trainer.optimizers[0]
@@ -63,7 +62,7 @@ def test_optimizer_groups_and_warmup_schedule(backbone, lora, tiny_bert_dir, toy
     # linear schedule: warm-up over the first half of the 40 optimizer steps, then decay to 0
     assert trainer.global_step == 40 and optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
     with pytest.raises(LightningPeftError, match="warmup_ratio"):
-        SequenceClassifier(backbone, lora, labels=["a", "b"], warmup_ratio=1.5)
+        SequenceClassifier(backbone, lora, labels=["a", "b"], training={"warmup_ratio": 1.5})
 
 
 @pytest.mark.parametrize("problem_type", ["multi_label_classification", "regression"])
@@ -78,7 +77,7 @@ def test_other_heads_train_and_predict(backbone, lora, tiny_bert_dir, tmp_path, 
         tokenizer=str(tiny_bert_dir), train_file=str(train), validation_file=str(train), predict_file=str(predict),
         problem_type=problem_type, batch_size=4,
     )
-    model = SequenceClassifier(backbone, lora, labels=dm.labels, problem_type=problem_type, optimizer=ADAM)
+    model = SequenceClassifier(backbone, lora, labels=dm.labels, problem_type=problem_type, training=LR)
     trainer = make_trainer(tmp_path, max_epochs=3)
     trainer.fit(model, datamodule=dm)
     metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
@@ -112,7 +111,7 @@ class StopAfterEpoch(pl.Callback):
 def fit_with_checkpoints(backbone, lora, tiny_bert_dir, toy_data, root: Path, stop_after=None, ckpt_path=None):
     pl.seed_everything(1)
     dm = toy_dm(tiny_bert_dir, toy_data)
-    model = SequenceClassifier(backbone, lora, labels=dm.labels, optimizer=ADAM, warmup_ratio=0.2)
+    model = SequenceClassifier(backbone, lora, labels=dm.labels, training=TrainingConfig(lr=1e-2, warmup_ratio=0.2))
     callbacks = [ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)]
     callbacks += [StopAfterEpoch(stop_after)] if stop_after else []
     trainer = make_trainer(root, max_epochs=4, callbacks=callbacks, enable_checkpointing=True)
@@ -167,7 +166,7 @@ def test_checkpoint_for_another_label_set_is_refused(backbone, lora, tiny_bert_d
 
 def test_export_loads_with_plain_peft_and_transformers(backbone, lora, tiny_bert_dir, toy_data, tmp_path):
     dm = toy_dm(tiny_bert_dir, toy_data)
-    model = SequenceClassifier(backbone, lora, labels=dm.labels, optimizer=ADAM)
+    model = SequenceClassifier(backbone, lora, labels=dm.labels, training=LR)
     make_trainer(tmp_path, max_epochs=1).fit(model, datamodule=dm)
     export_dir = model.export(tmp_path / "export", tokenizer=dm.tokenizer) / "adapter"
     model.eval()

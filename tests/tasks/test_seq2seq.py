@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-from functools import partial
-
 import lightning.pytorch as pl
 import pytest
 import torch
 from peft import LoraConfig
 
-from lightning_peft import BackboneConfig, LightningPeftError, Seq2SeqDataModule, Seq2SeqGenerator
+from lightning_peft import BackboneConfig, LightningPeftError, Seq2SeqDataModule, Seq2SeqGenerator, TrainingConfig
+from lightning_peft.batching import MicroBatches
 
 QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
 
@@ -64,7 +63,7 @@ def test_training_lowers_the_loss_and_test_generates_text(which, lr, request, to
     peft = LoraConfig(r=4, lora_alpha=8) if which == "tiny_t5" else None
     model = Seq2SeqGenerator(
         backbone, peft, generation={"max_new_tokens": 12},
-        optimizer=partial(torch.optim.AdamW, lr=lr), val_generation_batches=0,
+        training=TrainingConfig(lr=lr), val_generation_batches=0,
     )
     dm = pairs(backbone, toy_pairs)
     before = pl.Trainer(**QUIET).validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
@@ -95,12 +94,13 @@ def test_generation_stops_at_the_end_token(bert2bert, lora, toy_pairs):
 
 def test_micro_batches_give_the_full_batch_loss(tiny_t5, toy_pairs):
     pl.seed_everything(0)
-    model = Seq2SeqGenerator(tiny_t5, None, micro_batch_size=3).eval()
+    model = Seq2SeqGenerator(tiny_t5, None, training={"micro_batch_size": 3}).eval()
     dm = pairs(tiny_t5, toy_pairs)
     dm.setup("fit")
     batch = model.prepare_batch(next(iter(dm.train_dataloader())))
     whole = model.compute_loss(model(batch), batch)
-    assert torch.allclose(model.length_grouped_loss(batch), whole, atol=1e-5)
+    assert torch.allclose(model.batch_loss(batch), whole, atol=1e-5)
+    assert isinstance(model.batching, MicroBatches) and model.batching.size == 3  # seq2seq does not pack
 
 
 def test_validation_generates_on_batches_spread_over_the_epoch(tiny_t5, toy_pairs, monkeypatch):
@@ -116,7 +116,7 @@ def test_validation_generates_on_batches_spread_over_the_epoch(tiny_t5, toy_pair
 
 def test_adapter_only_checkpoint_restores_the_warm_started_model(tmp_path, bert2bert, lora, toy_pairs):
     pl.seed_everything(0)
-    model = Seq2SeqGenerator(bert2bert, lora, optimizer=partial(torch.optim.AdamW, lr=1e-2))
+    model = Seq2SeqGenerator(bert2bert, lora, training=TrainingConfig(lr=1e-2))
     dm = pairs(bert2bert, toy_pairs)
     trainer = pl.Trainer(max_steps=3, enable_checkpointing=False, limit_val_batches=0, **QUIET)
     trainer.fit(model, datamodule=dm)

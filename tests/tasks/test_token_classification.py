@@ -24,7 +24,7 @@ def write_ner_config(tmp_path: Path, tiny_bert_dir: Path, toy_ner: dict[str, Pat
                     "class_path": "peft.LoraConfig",
                     "init_args": {"r": 8, "target_modules": ["query", "key", "value", "dense"]},
                 },
-                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.005}},
+                "training": {"lr": 0.005},
                 **model_overrides,
             },
         },

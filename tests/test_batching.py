@@ -1,12 +1,15 @@
-"""PeftModule mechanics shared by every task: sequence packing and length-grouped micro-batches."""
+"""Batching strategies: packed rows, length-sorted micro-batches and one padded pass give the same loss."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 from peft import LoraConfig
 
 from lightning_peft import LightningPeftError, SequenceClassifier, TokenClassifier
+from lightning_peft.batching import MicroBatches, PaddedPass, SequencePacking, choose_batching, pack
 
 
 def padded_batch(lengths: list[int], vocab: int = 40, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -21,10 +24,13 @@ def padded_batch(lengths: list[int], vocab: int = 40, seed: int = 0) -> dict[str
 
 
 def loss_and_grads(model, batch, micro_batch_size, packing=False):
-    model.micro_batch_size = micro_batch_size
-    model.sequence_packing = packing
+    """The loss and gradients of ``batch`` computed the way ``choose_batching`` picks for these settings."""
+    model.training_config = dataclasses.replace(
+        model.training_config, micro_batch_size=micro_batch_size, sequence_packing=packing
+    )
+    model.batching = None  # chosen again on this batch
     model.zero_grad()
-    loss = model.length_grouped_loss(batch)
+    loss = model.batch_loss(batch)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -60,6 +66,7 @@ def assert_same_loss_and_grads(model, batch, **way):
 def test_micro_batches_give_the_full_batch_loss_and_gradients(backbone, task):
     model, batch = task_and_batch(backbone, task, [3, 17, 5, 9, 2, 12, 7, 4, 15, 6])
     assert_same_loss_and_grads(model, batch, micro_batch_size=3)
+    assert isinstance(model.batching, MicroBatches) and model.batching.size == 3
 
 
 @pytest.mark.parametrize("task", ["classification", "tagging"])
@@ -69,22 +76,23 @@ def test_packed_rows_give_the_full_batch_loss_and_gradients(backbone, task):
     model.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape),
                                           with_kwargs=True)
     assert_same_loss_and_grads(model, batch, micro_batch_size=None, packing=True)
-    assert model.packing_encoder(batch) is not None
+    assert isinstance(model.batching, SequencePacking) and isinstance(model.batching.fallback, PaddedPass)
     # the padded pass, the one-row packing check (8 examples: 59 tokens) and the packed pass: 80 tokens in 5 rows of 17
     assert calls[-3:] == [torch.Size([8, 17]), torch.Size([1, 59]), torch.Size([5, 17])]
 
 
 def test_packed_rows_with_rdrop_give_the_full_batch_loss(backbone):
-    model, batch = task_and_batch(backbone, "tagging", [3, 11, 5, 2, 9], regularization={"rdrop_alpha": 1.0})
+    rdrop = {"regularization": {"rdrop_alpha": 1.0}}
+    model, batch = task_and_batch(backbone, "tagging", [3, 11, 5, 2, 9], training=rdrop)
     assert_same_loss_and_grads(model, batch, micro_batch_size=None, packing=True)
 
 
 def test_packing_gives_eager_attention_an_additive_mask(backbone):
     model, batch = task_and_batch(backbone, "classification", [3, 9, 5, 2, 7])
     model.model.get_base_model().set_attn_implementation("eager")
-    assert model.pack(batch).inputs["attention_mask"].dtype == torch.float32
+    assert pack(model, batch).inputs["attention_mask"].dtype == torch.float32
     assert_same_loss_and_grads(model, batch, micro_batch_size=None, packing=True)
-    assert model.packing_encoder(batch) is not None
+    assert isinstance(model.batching, SequencePacking)
 
 
 def test_packing_reproduces_roberta_style_position_ids(tmp_path):
@@ -99,18 +107,18 @@ def test_packing_reproduces_roberta_style_position_ids(tmp_path):
     RobertaModel(config).save_pretrained(tmp_path)
     model, batch = task_and_batch(BackboneConfig(str(tmp_path)), "classification", [3, 9, 5, 2])
     assert_same_loss_and_grads(model, batch, micro_batch_size=None, packing=True)
-    assert model.packing_encoder(batch) is not None
+    assert isinstance(model.batching, SequencePacking)
 
 
 def test_packing_falls_back_to_micro_batches_when_outputs_differ(backbone, monkeypatch):
-    import lightning_peft.tasks.base as base
+    import lightning_peft.batching as batching
 
-    monkeypatch.setattr(base, "position_offset", lambda model: 3)  # positions shifted: the check must notice
+    monkeypatch.setattr(batching, "position_offset", lambda model: 3)  # positions shifted: the check must notice
     model, batch = task_and_batch(backbone, "classification", [3, 17, 5, 9, 2, 12])
     with pytest.warns(UserWarning, match=r"sequence_packing: BertForSequenceClassification gives other outputs on "
-                                         r"packed rows .*; training uses length-sorted micro-batches instead"):
+                                         r"packed rows .*; training uses length-sorted micro-batches of 2 rows"):
         assert_same_loss_and_grads(model, batch, micro_batch_size=2, packing=True)
-    assert model.packing_encoder(batch) is None
+    assert isinstance(model.batching, MicroBatches)
 
 
 def test_packing_falls_back_when_the_model_rejects_packed_rows(tmp_path):
@@ -126,7 +134,7 @@ def test_packing_falls_back_when_the_model_rejects_packed_rows(tmp_path):
     with pytest.warns(UserWarning, match=r"sequence_packing: LongformerForSequenceClassification fails on packed "
                                          r"rows \(IndexError"):  # its attention takes only a 2-D padding mask
         assert_same_loss_and_grads(model, batch, micro_batch_size=2, packing=True)
-    assert model.packing_encoder(batch) is None
+    assert isinstance(model.batching, MicroBatches)
 
 
 def test_prompt_tuning_trains_without_packing(backbone):
@@ -135,7 +143,8 @@ def test_prompt_tuning_trains_without_packing(backbone):
     model = SequenceClassifier(backbone, PromptTuningConfig(num_virtual_tokens=3), labels=["a", "b"])
     batch = {**padded_batch([4, 2, 3]), "labels": torch.tensor([0, 1, 0])}
     with pytest.warns(UserWarning, match="prompt and prefix tuning add virtual tokens to every row"):
-        assert model.length_grouped_loss(batch).isfinite()
+        assert model.batch_loss(batch).isfinite()
+    assert isinstance(model.batching, MicroBatches)
 
 
 def test_micro_batches_skip_left_padded_batches(backbone):
@@ -144,16 +153,15 @@ def test_micro_batches_skip_left_padded_batches(backbone):
     batch["attention_mask"] = batch["attention_mask"].flip(1)
     batch["input_ids"] = batch["input_ids"].flip(1)
     batch["labels"] = torch.tensor([0, 1, 0])
-    model.micro_batch_size = 1
     calls = []
     model.register_forward_hook(lambda *args: calls.append(1))
-    model.length_grouped_loss(batch)
+    MicroBatches(1).loss(model, batch)
     assert len(calls) == 1, "left padding cannot be trimmed from the right: one pass over the whole batch"
 
 
 def test_micro_batch_size_must_be_positive(backbone):
     with pytest.raises(LightningPeftError, match="micro_batch_size"):
-        SequenceClassifier(backbone, labels=["a", "b"], micro_batch_size=0)
+        SequenceClassifier(backbone, labels=["a", "b"], training={"micro_batch_size": 0})
 
 
 @pytest.mark.parametrize("way", [{"micro_batch_size": None}, {"micro_batch_size": 3},
@@ -167,3 +175,20 @@ def test_the_tagger_optimises_the_hf_trainer_loss(backbone, way):
         hf_loss = model.model(**batch).loss
     loss, _ = loss_and_grads(model, batch, **way)
     torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_a_callback_that_cannot_work_with_packed_rows_declares_it(backbone, caplog):
+    """The task asks its callbacks (``supports_sequence_packing = False``) and says in the log why it does not pack;
+    the callback never touches the task's settings."""
+    import logging
+
+    from lightning_peft.callbacks import AdversarialTraining
+
+    model, batch = task_and_batch(backbone, "classification", [3, 9, 5, 2, 7])
+    trainer = type("Trainer", (), {"callbacks": [AdversarialTraining()]})()
+    model._trainer = trainer
+    with caplog.at_level(logging.INFO):
+        strategy = choose_batching(model, batch, model.packing_blocker())
+    assert isinstance(strategy, MicroBatches) and model.training_config.sequence_packing
+    assert ("training batches: length-sorted micro-batches of 16 rows (AdversarialTraining cannot work with packed "
+            "rows)") in caplog.text

@@ -1,0 +1,220 @@
+"""Batching strategies: the ways a training batch's loss is computed, chosen once per fit.
+
+Every strategy gives the optimizer exactly the batch it was given — same examples, same mean loss — and differs
+only in how much padding the transformer computes:
+
+- :class:`PaddedPass`: the padded batch in one forward pass;
+- :class:`MicroBatches`: length-sorted micro-batches, each trimmed to its own longest row;
+- :class:`SequencePacking`: the examples laid end to end in a few rows (see :mod:`lightning_peft.packing`).
+
+:func:`choose_batching` picks one on the first training batch of a fit; a task computes its training loss with
+``strategy.loss(task, batch)``. R-Drop, label smoothing and the other regularisers live in the task's
+``training_loss``, so they compose with every strategy.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from peft import PeftModel
+
+from lightning_peft.packing import (
+    PackedRows,
+    find_encoder,
+    mask_dtype,
+    pack_rows,
+    position_offset,
+    unpacked_output,
+    unwrapped,
+)
+from lightning_peft.training import TrainingConfig
+from lightning_peft.types import Batch
+
+
+class BatchedTask(Protocol):
+    """What a strategy needs from a task (``PeftModule`` provides it)."""
+
+    model: torch.nn.Module
+    training_config: TrainingConfig
+
+    def __call__(self, batch: Batch) -> torch.Tensor: ...
+
+    def training_loss(self, batch: Batch) -> torch.Tensor: ...
+
+    def loss_weight(self, batch: Batch) -> int: ...
+
+    def micro_batch(self, batch: Batch, rows: torch.Tensor, width: int) -> Batch: ...
+
+    def batch_size_of(self, batch: Batch) -> int: ...
+
+    def modules(self) -> Iterator[torch.nn.Module]: ...
+
+    def eval(self) -> torch.nn.Module: ...
+
+
+class BatchingStrategy(ABC):
+    """One way to compute a training batch's loss (the task's ``training_loss`` over the batch's examples)."""
+
+    @abstractmethod
+    def loss(self, task: BatchedTask, batch: Batch) -> torch.Tensor:
+        """The batch's mean training loss, as ``task.training_loss`` of the whole padded batch would give it."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """What the log says about it, e.g. ``length-sorted micro-batches of 16 rows``."""
+
+
+def is_right_padded(mask: torch.Tensor) -> bool:
+    """Whether every row of an attention mask is its real tokens followed by padding (what slicing needs)."""
+    lengths = mask.sum(1)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return torch.equal(mask.bool(), positions < lengths[:, None])
+
+
+class PaddedPass(BatchingStrategy):
+    """The padded batch in one forward pass, as the HF ``Trainer`` computes it.
+
+    Example::
+
+        loss = PaddedPass().loss(task, batch)  # == task.training_loss(batch)
+    """
+
+    def loss(self, task: BatchedTask, batch: Batch) -> torch.Tensor:
+        return task.training_loss(batch)
+
+    def describe(self) -> str:
+        return "one padded pass per batch"
+
+
+class MicroBatches(BatchingStrategy):
+    """Length-sorted micro-batches of ``size`` rows, each trimmed to its longest row; their losses are weighted by
+    the task's loss units (examples, labelled tokens), so the result is the whole batch's mean loss.
+
+    Example::
+
+        loss = MicroBatches(16).loss(task, batch)
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def loss(self, task: BatchedTask, batch: Batch) -> torch.Tensor:
+        lengths = batch["attention_mask"].sum(1)
+        if len(lengths) <= self.size or not is_right_padded(batch["attention_mask"]):
+            return task.training_loss(batch)
+        total = 0.0
+        for rows in lengths.argsort(descending=True, stable=True).split(self.size):
+            chunk = task.micro_batch(batch, rows, width=int(lengths[rows].max()))
+            total = total + task.training_loss(chunk) * task.loss_weight(chunk)
+        return total / max(task.loss_weight(batch), 1)
+
+    def describe(self) -> str:
+        return f"length-sorted micro-batches of {self.size} rows"
+
+
+class SequencePacking(BatchingStrategy):
+    """The batch's examples packed end to end in a few rows, each attending only to itself; ``encoder``'s output is
+    put back per example before the task's head, so the head, loss and metrics run unchanged. A batch that is not
+    right-padded goes to ``fallback``.
+
+    Example::
+
+        strategy = SequencePacking(find_encoder(task.model), fallback=MicroBatches(16))
+        loss = strategy.loss(task, batch)
+    """
+
+    def __init__(self, encoder: torch.nn.Module, fallback: BatchingStrategy) -> None:
+        self.encoder = encoder
+        self.fallback = fallback
+
+    def loss(self, task: BatchedTask, batch: Batch) -> torch.Tensor:
+        if not is_right_padded(batch["attention_mask"]):
+            return self.fallback.loss(task, batch)
+        packed = pack(task, batch)
+        with unpacked_output(self.encoder, packed):
+            return task.training_loss(packed_batch(task, batch, packed))
+
+    def describe(self) -> str:
+        return "packed rows"
+
+
+def pack(task: BatchedTask, batch: Batch, capacity: int | None = None) -> PackedRows:
+    """``batch``'s examples packed in rows (see :func:`~lightning_peft.packing.pack_rows`) for the task's model."""
+    return pack_rows(batch, capacity, position_offset(task.model), mask_dtype(task.model))
+
+
+def packed_batch(task: BatchedTask, batch: Batch, packed: PackedRows) -> Batch:
+    """``batch`` with the model inputs replaced by the ``packed`` rows; other entries (labels) stay per example,
+    sequences cut to the longest example, and the per-example padding mask is kept as ``token_mask``."""
+    rows = torch.arange(packed.num_examples, device=batch["input_ids"].device)
+    per_example = task.micro_batch(batch, rows, packed.width)
+    return {**per_example, "token_mask": per_example["attention_mask"], **packed.inputs}
+
+
+def choose_batching(task: BatchedTask, batch: Batch, blocker: str | None = None) -> BatchingStrategy:
+    """The strategy for this fit, from ``task.training_config`` and the first training ``batch``, logged once.
+
+    Packed rows when ``sequence_packing`` is on, nothing blocks it (``blocker``: why the task or a callback cannot
+    use them) and the model's outputs on one packed row equal its padded outputs (else a warning says why);
+    otherwise micro-batches of ``micro_batch_size`` rows, or one padded pass when that is ``null``.
+    """
+    options = task.training_config
+    fallback: BatchingStrategy = MicroBatches(options.micro_batch_size) if options.micro_batch_size else PaddedPass()
+    strategy, reason = fallback, None
+    if options.sequence_packing:
+        reason = blocker
+        if reason is None:
+            problem = packing_problem(task, batch)
+            if problem:
+                rank_zero_warn(f"sequence_packing: {problem}; training uses {fallback.describe()} instead "
+                               "(set model.init_args.training.sequence_packing: false to silence this)")
+                reason = problem
+            else:
+                strategy = SequencePacking(find_encoder(task.model), fallback)
+    rank_zero_info(f"training batches: {strategy.describe()}" + (f" ({reason})" if reason else ""))
+    return strategy
+
+
+def packing_problem(task: BatchedTask, batch: Batch) -> str | None:
+    """Why the task's model cannot train on packed rows, or ``None`` when it can: its outputs for the batch's first
+    examples, packed into one row, must equal their padded outputs."""
+    model = task.model
+    name = type(unwrapped(model)).__name__
+    if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
+        return "prompt and prefix tuning add virtual tokens to every row, not to every packed example"
+    encoder = find_encoder(model)
+    if encoder is None:
+        return f"{name} has no `encoder` (or `transformer`) module whose output could be unpacked"
+    if not is_right_padded(batch["attention_mask"]):
+        return "the training batches are not right-padded"
+    rows = torch.arange(min(8, task.batch_size_of(batch)), device=batch["input_ids"].device)
+    sample = task.micro_batch(batch, rows, int(batch["attention_mask"][rows].sum(1).max()))
+    packed = pack(task, sample, capacity=int(sample["attention_mask"].sum()))  # all in one row: positions must
+    # restart and attention stop at every example
+    modes = {module: module.training for module in task.modules()}
+    task.eval()
+    try:
+        with torch.no_grad():
+            padded_logits = task(sample)  # outside the except: a failing padded forward is not a packing issue
+            try:
+                with unpacked_output(encoder, packed):
+                    packed_logits = task(packed_batch(task, sample, packed))
+            except Exception as err:  # any failure on packed rows (Longformer: IndexError) means: do not pack
+                return f"{name} fails on packed rows ({type(err).__name__}: {err})"
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    if padded_logits.dim() == 3:  # per-token outputs: compare real tokens only
+        real = sample["attention_mask"].bool()
+        padded_logits, packed_logits = padded_logits[real], packed_logits[real]
+    difference = float((padded_logits.float() - packed_logits.float()).abs().max())
+    scale = max(float(padded_logits.float().abs().max()), 1.0)
+    device_type = batch["input_ids"].device.type
+    exact = next(model.parameters()).dtype == torch.float32 and not torch.is_autocast_enabled(device_type)
+    if difference > (1e-3 if exact else 5e-2) * scale:
+        return f"{name} gives other outputs on packed rows than on padded ones (max difference {difference:.3g})"
+    return None
