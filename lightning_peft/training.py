@@ -22,10 +22,10 @@ DEFAULT_LEARNING_RATES: dict[str, float] = {
     FULL_FINE_TUNING: 5e-5,
     PeftType.LORA.value: 2e-3,
     PeftType.ADALORA.value: 1e-2,
-    PeftType.IA3.value: 5e-3,
+    PeftType.IA3.value: 2e-2,
     PeftType.LOHA.value: 3e-3,
     PeftType.LOKR.value: 3e-3,
-    PeftType.VERA.value: 5e-3,
+    PeftType.VERA.value: 5e-2,
     PeftType.PROMPT_TUNING.value: 3e-2,
     PeftType.P_TUNING.value: 3e-3,
     PeftType.PREFIX_TUNING.value: 1e-2,
@@ -53,7 +53,7 @@ class TrainingConfig:
 
     Args:
         lr: the peak learning rate; ``null`` takes the PEFT method's default (:data:`DEFAULT_LEARNING_RATES`: LoRA
-            2e-3, AdaLoRA 1e-2, IA3 5e-3, prompt tuning 3e-2, full fine-tuning 5e-5, …), logged at fit start and
+            2e-3, AdaLoRA 1e-2, IA3 2e-2, prompt tuning 3e-2, full fine-tuning 5e-5, …), logged at fit start and
             written to the model card. The optimizer's own ``lr`` is not used.
         lr_scheduler_type: a ``transformers.get_scheduler`` name (``linear``, ``cosine``, ``constant_with_warmup``…),
             stepped once per optimizer step.
