@@ -18,14 +18,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from peft import PeftModel
 from peft.utils import SAFETENSORS_WEIGHTS_NAME as SAFETENSORS_FILE
 from peft.utils import ModulesToSaveWrapper
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
+from lightning_peft.adapter_checkpoint import METRICS_KEY, rank_pattern, set_rank_pattern
 from lightning_peft.checkpoints import load_checkpoint
 from lightning_peft.errors import LightningPeftError
+from lightning_peft.model_card import task_model_card
 
 if TYPE_CHECKING:
     from lightning_peft.tasks.base import PeftModule
@@ -33,15 +36,6 @@ if TYPE_CHECKING:
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 CARD_FILE = "README.md"
-METRICS_KEY = "metrics"  # checkpoint entry: the val/ metrics logged when it was written (see PeftModule)
-
-
-def validation_metrics(callback_metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The scalar ``val/`` metrics among a trainer's ``callback_metrics``: what checkpoints and model cards state."""
-    return {name: float(value) for name, value in callback_metrics.items()
-            if name.startswith("val/") and value.numel() == 1}
-
-
 class CannotMerge(LightningPeftError):
     """The PEFT method cannot be folded into the base weights (the message says why)."""
 
@@ -202,13 +196,13 @@ def swapped_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> It
 @contextmanager
 def weights_from(module: PeftModule, checkpoint: dict[str, Any]) -> Iterator[None]:
     """Within the block, ``module`` holds the checkpoint's weights (and rank pattern); its own are restored after."""
-    own_rank_pattern = module.rank_pattern
+    own_rank_pattern = rank_pattern(module.model)
     module.on_load_checkpoint(checkpoint)
     try:
         with swapped_state(module, checkpoint["state_dict"]):
             yield
     finally:
-        module.rank_pattern = own_rank_pattern
+        set_rank_pattern(module.model, own_rank_pattern)
 
 
 #: LoRA initialisations that move part of each targeted weight into the adapter, changing the base weights
@@ -274,5 +268,66 @@ def export_checkpoint(
     training = {"checkpoint": ckpt_path.name, "epoch": checkpoint.get("epoch"),
                 "optimizer steps": checkpoint.get("global_step")}
     with weights_from(module, checkpoint):
-        return module.export(directory, tokenizer=tokenizer, merge=merge, metrics=checkpoint.get(METRICS_KEY, {}),
-                             data=data, training=training, overwrite=overwrite, field=field)
+        return module.export(directory, tokenizer, merge, metrics=checkpoint.get(METRICS_KEY, {}), data=data,
+                             training=training, overwrite=overwrite, field=field)
+
+
+def export_task(
+    task: PeftModule,
+    directory: str | Path,
+    tokenizer: Any | None = None,
+    merge: bool = False,
+    metrics: dict[str, float] | None = None,
+    data: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    field: str = "export_dir",
+) -> Path:
+    """Write ``task``'s model in Hugging Face formats, atomically, and return the directory.
+
+    An existing ``directory`` is replaced only when it is an earlier export (or empty), unless ``overwrite``;
+    otherwise, and when the disk refuses the write, a :class:`LightningPeftError` names ``field``.
+
+    ``adapter/``: the adapter (``save_pretrained``), loadable by ``peft.AutoPeftModelFor*`` and by
+    ``transformers.AutoModelFor*.from_pretrained(adapter, **labels)``; ``merged/`` (with ``merge``, or always
+    without PEFT): a full model for plain ``transformers``; ``README.md``: the model card, stating ``metrics``,
+    ``data`` and ``training`` facts. The tokenizer (when given) and the task's ``save_extras`` files go in each.
+
+    Example::
+
+        export_task(model, "runs/sst2/export", tokenizer, merge=True)  # what model.export(...) calls
+    """
+    directory = Path(directory)
+    is_adapter = isinstance(task.model, PeftModel)
+    merged_note = ""
+    with atomic_directory(directory, field, overwrite) as tmp:
+        if is_adapter:
+            save_adapter(task.model, tmp / ADAPTER_DIR, task.initial_adapter_state)
+            _save_alongside(task, tmp / ADAPTER_DIR, tokenizer)
+        if merge or not is_adapter:
+            try:
+                full = merged_model(task.model)
+            except CannotMerge as err:
+                merged_note = f"Not written: {err}."
+                rank_zero_warn(f"export: no {MERGED_DIR}/ — {err}")
+            else:
+                full.save_pretrained(tmp / MERGED_DIR)
+                _save_alongside(task, tmp / MERGED_DIR, tokenizer)
+                merged_note = (
+                    "A full model with the adapter merged into its weights; no peft needed:\n\n"
+                    f"```python\n{task.merged_loading_snippet(directory / MERGED_DIR)}\n```"
+                )
+        loading = (task.loading_snippet(directory / ADAPTER_DIR) if is_adapter
+                   else task.merged_loading_snippet(directory / MERGED_DIR))
+        card = task_model_card(task, loading, merged_note if is_adapter else "", metrics or {}, data or {},
+                               training or {}).render()
+        (tmp / CARD_FILE).write_text(card)
+        if is_adapter:
+            (tmp / ADAPTER_DIR / CARD_FILE).write_text(card)  # replaces peft's blank template
+    return directory
+
+
+def _save_alongside(task: PeftModule, directory: Path, tokenizer: Any | None) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    task.save_extras(directory)

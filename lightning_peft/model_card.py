@@ -5,9 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from peft import PeftConfig
+from peft import PeftConfig, PeftModel
+
+from lightning_peft.adapter_checkpoint import plain_hyperparameters
+from lightning_peft.backbone import count_parameters
+from lightning_peft.training import optimizer_summary
+
+if TYPE_CHECKING:
+    from lightning_peft.tasks.base import PeftModule
 
 #: peft config fields that are bookkeeping, not hyper-parameters
 _PEFT_BOOKKEEPING = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
@@ -96,3 +103,38 @@ def peft_hyperparameters(config: PeftConfig) -> dict[str, Any]:
     if getattr(config, "rank_pattern", None):
         chosen["rank_pattern"] = "final ranks per module, in adapter/adapter_config.json"
     return chosen
+
+
+def task_model_card(
+    task: PeftModule, loading: str, merged: str, metrics: dict[str, float], data: dict[str, Any],
+    training: dict[str, Any],
+) -> ModelCard:
+    """The model card of ``task``'s export: its method, parameters, labels, training options (with the learning rate
+    used and the task's :meth:`~lightning_peft.tasks.base.PeftModule.card_training_facts`), ``metrics``, ``data``
+    and the ``loading`` / ``merged`` notes."""
+    peft_config = task.model.active_peft_config if isinstance(task.model, PeftModel) else None
+    method = peft_config.peft_type.value if peft_config else "full fine-tuning"
+    trainable, total = count_parameters(task)
+    hparams = plain_hyperparameters(dict(task.hparams))
+    skipped = ("backbone", "peft", "labels", "training", *task.inference_arguments)
+    hparams = {k: v for k, v in hparams.items() if k not in skipped and k[0] != "_"}
+    hparams.update(task.resolved_training_options())
+    hparams["optimizer"] = optimizer_summary(task.optimizer_factory, task.learning_rate)
+    labels = task.model_config_kwargs().get("id2label")
+    base = task.backbone_config.pretrained_model_name_or_path
+    name = type(task).__name__
+    return ModelCard(
+        title=f"{name} ({method}) on {base or 'a randomly initialised model'}",
+        base_model=base,
+        task=f"{name} ({task.auto_model_class.__name__})",
+        peft_method=method,
+        peft_hyperparameters=peft_hyperparameters(peft_config) if peft_config else {},
+        parameters=f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)",
+        labels=list(labels.values()) if labels else None,
+        training={**training, **hparams, **task.card_training_facts()},
+        metrics=metrics,
+        data=data,
+        loading=loading,
+        merged=merged,
+        tags=[method.lower(), name],
+    )

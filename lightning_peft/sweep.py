@@ -24,9 +24,9 @@ from typing import Any
 
 import yaml
 
+from lightning_peft.adapter_checkpoint import METRICS_KEY
 from lightning_peft.checkpoints import load_checkpoint
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.export import METRICS_KEY
 from lightning_peft.figures import plotting, save_figure
 
 

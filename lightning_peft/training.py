@@ -121,3 +121,16 @@ def explicit_optimizer_lr(factory: Any) -> float | None:
     if default is not None and keywords["lr"] == default.default:
         return None
     return float(keywords["lr"])
+
+
+OPTIMIZER_FACTS = ("lr", "weight_decay", "betas", "momentum")
+
+
+def optimizer_summary(factory: Any, lr: float) -> str:
+    """``AdamW(lr=0.002, weight_decay=0.01, …)`` for an optimizer class or a ``functools.partial`` of one (what
+    ``functools.partial`` and LightningCLI's ``OptimizerCallable`` give), called with learning rate ``lr``."""
+    candidates = [factory, getattr(factory, "func", None), *getattr(factory, "args", ())]
+    cls = next((c for c in candidates if isinstance(c, type)), None)
+    keywords = {**(getattr(factory, "keywords", {}) or {}), "lr": lr}
+    facts = ", ".join(f"{k}={keywords[k]}" for k in OPTIMIZER_FACTS if k in keywords)
+    return f"{cls.__name__ if cls else 'optimizer'}({facts})"

@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
+from lightning_peft.adapter_checkpoint import METRICS_KEY
 from lightning_peft.cli import main
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.export import METRICS_KEY
 from lightning_peft.sweep import LocalSweep, SweepSpec, grid, parse_fit_config, random_suggest
 from tests.test_cli import write_config
 

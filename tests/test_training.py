@@ -9,6 +9,7 @@ import torch
 from peft import BOFTConfig, IA3Config, LoraConfig, PromptTuningConfig
 
 from lightning_peft import ClassificationDataModule, LightningPeftError, SequenceClassifier, TrainingConfig
+from lightning_peft.model_card import task_model_card
 from lightning_peft.training import default_learning_rate, explicit_optimizer_lr
 
 
@@ -65,5 +66,5 @@ def test_fit_uses_logs_and_saves_the_learning_rate(backbone, lora, tiny_bert_dir
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     saved = torch.load(tmp_path / "model.ckpt", weights_only=True)["hyper_parameters"]["training"]
     assert saved["lr"] == lr  # the rate used, also where it was the method's default
-    card = model.model_card(tmp_path, {}, {}, {}, "")
+    card = task_model_card(model, "", "", {}, {}, {})
     assert card.training["lr"] == lr and card.training["optimizer"].startswith(f"AdamW(lr={lr}, weight_decay=0.05")

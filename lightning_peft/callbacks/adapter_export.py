@@ -9,9 +9,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_peft.adapter_checkpoint import validation_metrics
 from lightning_peft.data.base import TextDataModule
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.export import check_replaceable, export_checkpoint, validation_metrics
+from lightning_peft.export import check_replaceable, export_checkpoint
 from lightning_peft.tasks.base import PeftModule
 
 EXPORT_DIR = "export"

@@ -1,43 +1,36 @@
-"""``PeftModule``: what every task shares — backbone, optimisation, adapter-only checkpoints, logging."""
+"""``PeftModule``: what every task shares — backbone, loss, metrics, training and evaluation steps."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from peft import PeftConfig, PeftModel, TaskType, get_peft_config
+from lightning.pytorch.utilities import rank_zero_info
+from peft import PeftConfig, TaskType, get_peft_config
 from torchmetrics import MetricCollection
 from transformers import AutoModel, get_scheduler
 
+from lightning_peft.adapter_checkpoint import (
+    adapter_only_checkpoint,
+    check_and_restore,
+    plain_hyperparameters,
+    validation_metrics,
+)
 from lightning_peft.backbone import BackboneConfig, count_parameters, load_backbone, new_weights
 from lightning_peft.batching import BatchingStrategy, choose_batching
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.export import (
-    ADAPTER_DIR,
-    CARD_FILE,
-    MERGED_DIR,
-    METRICS_KEY,
-    CannotMerge,
-    atomic_directory,
-    initial_adapter_state,
-    merged_model,
-    save_adapter,
-    validation_metrics,
-)
-from lightning_peft.model_card import ModelCard, peft_hyperparameters
+from lightning_peft.export import export_task, initial_adapter_state
 from lightning_peft.regularization import squared_l2, symmetric_kl
 from lightning_peft.training import TrainingConfig, as_training_config, explicit_optimizer_lr, method_name
 from lightning_peft.types import IGNORE_INDEX, Batch, LossTerm
 
 LABELS_FILE = "labels.json"
-RANK_PATTERN_KEY = "rank_pattern"  # checkpoint entry: AdaLoRA's learnt ranks
 
 
 def label_config(labels: list[str]) -> dict[str, Any]:
@@ -57,63 +50,14 @@ def as_peft_config(value: PeftConfig | dict[str, Any] | None) -> PeftConfig | No
     return get_peft_config(value) if isinstance(value, dict) else value
 
 
-def plain_hyperparameters(hparams: dict[str, Any]) -> dict[str, Any]:
-    """Hyper-parameters as plain data, so checkpoints load with ``torch.load(weights_only=True)``.
+class PeftModule(LightningModule, ABC):
+    """Base task: a (PEFT-wrapped) transformer, its loss and metrics, trained with AdamW and a schedule.
 
-    Backbone and PEFT configs become dicts (the constructor accepts those); other objects, such as an
-    optimizer factory, are dropped, so ``load_from_checkpoint`` falls back to their defaults (a resumed
-    fit restores the optimizer from its saved state anyway).
-    """
-    plain = {}
-    for key, value in hparams.items():
-        if isinstance(value, PeftConfig):
-            value = json.loads(json.dumps(value.to_dict(), default=list))
-        elif dataclasses.is_dataclass(value) and not isinstance(value, type):  # BackboneConfig, TrainingConfig
-            value = dataclasses.asdict(value)
-        elif not _is_plain(value):
-            continue
-        plain[key] = value
-    return plain
-
-
-def _is_plain(value: Any) -> bool:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
-    return False
-
-
-OPTIMIZER_FACTS = ("lr", "weight_decay", "betas", "momentum")
-#: prefixes that FSDP and activation checkpointing put in front of wrapped modules' parameter names
-WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-
-
-def clean_tensor_name(name: str) -> str:
-    """``name`` as the unwrapped module calls it: what checkpoints hold (torch's own helper is private)."""
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
-def optimizer_summary(factory: Any, lr: float) -> str:
-    """``AdamW(lr=0.002, weight_decay=0.01, …)`` for an optimizer class or a ``functools.partial`` of one (what
-    ``functools.partial`` and LightningCLI's ``OptimizerCallable`` give), called with learning rate ``lr``."""
-    candidates = [factory, getattr(factory, "func", None), *getattr(factory, "args", ())]
-    cls = next((c for c in candidates if isinstance(c, type)), None)
-    keywords = {**(getattr(factory, "keywords", {}) or {}), "lr": lr}
-    facts = ", ".join(f"{k}={keywords[k]}" for k in OPTIMIZER_FACTS if k in keywords)
-    return f"{cls.__name__ if cls else 'optimizer'}({facts})"
-
-
-class PeftModule(LightningModule):
-    """Base task: a (PEFT-wrapped) transformer, AdamW with warmup/decay, adapter-only checkpoints.
-
-    Subclasses set ``auto_model_class`` and ``peft_task_type``, call :meth:`build_backbone` in their
-    ``__init__``, and implement :meth:`forward` (batch → logits), :meth:`compute_loss` and
-    :meth:`build_metrics`. Metrics are logged as ``val/<name>`` and ``test/<name>``.
+    Subclasses set ``auto_model_class`` and ``peft_task_type``, call :meth:`build_backbone` in their ``__init__``,
+    and implement :meth:`forward` (batch → logits), :meth:`compute_loss`, :meth:`build_metrics` and
+    :meth:`update_metrics`. Metrics are logged as ``val/<name>`` and ``test/<name>``. How a training batch is
+    computed is a :mod:`~lightning_peft.batching` strategy; checkpoints keep only the adapter
+    (:mod:`~lightning_peft.adapter_checkpoint`); exports are :func:`~lightning_peft.export.export_task`'s job.
 
     Args:
         backbone: where the transformer comes from (see :class:`BackboneConfig`).
@@ -140,6 +84,13 @@ class PeftModule(LightningModule):
     #: whether training batches may be computed as packed rows (``training.sequence_packing``): the per-example
     #: outputs must come from one module whose output can be unpacked (an encoder), which seq2seq decoders are not
     supports_sequence_packing: ClassVar[bool] = True
+    #: constructor arguments that only steer inference (e.g. MC dropout): left out of checkpoints, because
+    #: LightningCLI lets a checkpoint's hyper-parameters override the command line of ``test`` / ``predict``
+    inference_arguments: ClassVar[tuple[str, ...]] = ()
+    #: batch entries whose second dimension is the (right-padded) sequence, trimmed with it in micro-batches
+    sequence_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids")
+    #: batch entries passed to the transformer by :meth:`model_inputs`
+    model_input_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
     @classmethod
     def checkpoint_metric(cls, init_args: dict[str, Any]) -> tuple[str, str]:
@@ -194,8 +145,9 @@ class PeftModule(LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
+    @abstractmethod
     def build_metrics(self) -> MetricCollection:
-        raise NotImplementedError
+        """The task's metrics (cloned as ``val/`` and ``test/``)."""
 
     def untrained_weights(self) -> list[str]:
         """Weights that no pretrained checkpoint supplied (a new head, …) and that this module will use as they are:
@@ -203,14 +155,17 @@ class PeftModule(LightningModule):
         return list(self._new_weights)
 
     # -- steps ----------------------------------------------------------------------------------------
+    @abstractmethod
     def forward(self, batch: Batch) -> torch.Tensor:
-        raise NotImplementedError
+        """Batch → logits (per example, or per token)."""
 
+    @abstractmethod
     def compute_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        raise NotImplementedError
+        """The task loss of ``logits``, averaged over :meth:`loss_weight`'s units."""
 
+    @abstractmethod
     def update_metrics(self, metrics: MetricCollection, logits: torch.Tensor, batch: Batch) -> None:
-        raise NotImplementedError
+        """Add a batch's predictions to ``metrics``."""
 
     def input_embeddings(self, owner: str) -> torch.nn.Module:
         """The model's input-embedding layer (``get_input_embeddings()``), or a clear error naming ``owner`` (the
@@ -240,19 +195,9 @@ class PeftModule(LightningModule):
     def batch_size_of(batch: Batch) -> int:
         return int(batch["input_ids"].shape[0])
 
-    #: constructor arguments that only steer inference (e.g. MC dropout): left out of checkpoints, because
-    #: LightningCLI lets a checkpoint's hyper-parameters override the command line of ``test`` / ``predict``
-    inference_arguments: ClassVar[tuple[str, ...]] = ()
-
-    #: batch entries whose second dimension is the (right-padded) sequence, trimmed with it in micro-batches
-    sequence_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids")
-
     def loss_weight(self, batch: Batch) -> int:
         """How many units :meth:`compute_loss` averages over (examples here; labelled tokens for taggers)."""
         return self.batch_size_of(batch)
-
-    #: batch entries passed to the transformer by :meth:`model_inputs`
-    model_input_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
     def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
         return {key: value for key, value in batch.items() if key in self.model_input_keys}
@@ -394,117 +339,31 @@ class PeftModule(LightningModule):
         rank_zero_info(f"learning rate: {self.learning_rate:g} ({source})")
 
     # -- adapter-only checkpoints ---------------------------------------------------------------------
-    def task_buffer_keys(self) -> set[str]:
-        """State-dict names of the task's own buffers (outside the transformer, e.g. a fitted temperature): kept in
-        adapter-only checkpoints with the trainable weights."""
-        return {clean_tensor_name(name) for name, _ in self.named_buffers() if not name.startswith("model.")}
-
-    def trainable_state_keys(self) -> set[str]:
-        """State-dict names of the trainable weights, without FSDP / activation-checkpointing wrapper prefixes
-        (under FSDP, ``named_parameters`` sees the wrappers but checkpoints hold the original names)."""
-        return {clean_tensor_name(name) for name, param in self.named_parameters() if param.requires_grad}
-
-    @property
-    def rank_pattern(self) -> dict[str, Any] | None:
-        """The active adapter's ``rank_pattern`` (AdaLoRA's learnt ranks), ``None`` without one."""
-        config = self.model.active_peft_config if isinstance(self.model, PeftModel) else None
-        return getattr(config, "rank_pattern", None)
-
-    @rank_pattern.setter
-    def rank_pattern(self, value: dict[str, Any] | None) -> None:
-        if value is not None and isinstance(self.model, PeftModel):
-            self.model.active_peft_config.rank_pattern = value
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep plain hyper-parameters, the trainable weights, the rank pattern and the latest ``val/`` metrics."""
+        """Keep plain hyper-parameters (with the learning rate used), the trainable weights, the rank pattern and the
+        latest ``val/`` metrics (see :mod:`lightning_peft.adapter_checkpoint`)."""
         hparams = plain_hyperparameters(checkpoint.get("hyper_parameters", {}))
         if isinstance(hparams.get("backbone"), dict):  # running remote code is the loader's own decision
             hparams["backbone"] = {**hparams["backbone"], "trust_remote_code": False}
-        hparams["training"] = self.resolved_training_options()  # the rate used, also where it was a default
+        hparams["training"] = self.resolved_training_options()
         checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if k not in self.inference_arguments}
-        if self.rank_pattern:
-            checkpoint[RANK_PATTERN_KEY] = self.rank_pattern
-        if self._trainer is not None:
-            checkpoint[METRICS_KEY] = validation_metrics(self.trainer.callback_metrics)
-        if not self.backbone_config.is_pretrained:
-            return  # a randomly initialised base cannot be rebuilt: keep all of it
-        keep = self.trainable_state_keys() | self.task_buffer_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        metrics = validation_metrics(self.trainer.callback_metrics) if self._trainer is not None else None
+        adapter_only_checkpoint(self, checkpoint, metrics, keep_base=not self.backbone_config.is_pretrained)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose weights do not fit this model (one clear error instead of a size-mismatch
-        traceback from ``load_state_dict``); restore AdaLoRA's rank pattern."""
-        state = checkpoint.get("state_dict", {})
-        missing = sorted(self.trainable_state_keys() - set(state))
-        if missing:
-            raise LightningPeftError(
-                f"checkpoint lacks {len(missing)} trainable weights of this model (e.g. {missing[0]!r}): "
-                "it was written for a different model, PEFT method or label set"
-            )
-        self.rank_pattern = checkpoint.get(RANK_PATTERN_KEY)
-        own = self.state_dict()
-        for name, value in state.items():
-            if name in own and isinstance(value, torch.Tensor) and value.shape != own[name].shape:
-                raise LightningPeftError(
-                    f"checkpoint weight {name!r} has shape {tuple(value.shape)} but this model's has "
-                    f"{tuple(own[name].shape)}: it was written for a different model, PEFT method or label set"
-                )
+        """Refuse a checkpoint whose weights do not fit this model; restore AdaLoRA's rank pattern."""
+        check_and_restore(self, checkpoint)
 
     # -- export ---------------------------------------------------------------------------------------
     def model_config_kwargs(self) -> dict[str, Any]:
         """Config keys a loader must pass to ``from_pretrained`` to rebuild the head (labels, problem type)."""
         return {}
 
-    def export(
-        self,
-        directory: str | Path,
-        tokenizer: Any | None = None,
-        merge: bool = False,
-        metrics: dict[str, float] | None = None,
-        data: dict[str, Any] | None = None,
-        training: dict[str, Any] | None = None,
-        overwrite: bool = False,
-        field: str = "export_dir",
-    ) -> Path:
-        """Write the model in Hugging Face formats, atomically, and return the directory.
-
-        An existing ``directory`` is replaced only when it is an earlier export (or empty), unless ``overwrite``;
-        otherwise, and when the disk refuses the write, a :class:`LightningPeftError` names ``field``.
-
-        ``adapter/``: the adapter (``save_pretrained``), loadable by ``peft.AutoPeftModelFor*`` and by
-        ``transformers.AutoModelFor*.from_pretrained(adapter, **labels)``; ``merged/`` (with ``merge``, or always
-        without PEFT): a full model for plain ``transformers``; ``README.md``: the model card, stating ``metrics``,
-        ``data`` and ``training`` facts. The tokenizer (when given) and the :meth:`save_extras` files go in each.
-        """
-        directory = Path(directory)
-        merged_note = ""
-        with atomic_directory(directory, field, overwrite) as tmp:
-            if isinstance(self.model, PeftModel):
-                save_adapter(self.model, tmp / ADAPTER_DIR, self.initial_adapter_state)
-                self._save_alongside(tmp / ADAPTER_DIR, tokenizer)
-            if merge or not isinstance(self.model, PeftModel):
-                try:
-                    full = merged_model(self.model)
-                except CannotMerge as err:
-                    merged_note = f"Not written: {err}."
-                    rank_zero_warn(f"export: no {MERGED_DIR}/ — {err}")
-                else:
-                    full.save_pretrained(tmp / MERGED_DIR)
-                    self._save_alongside(tmp / MERGED_DIR, tokenizer)
-                    merged_note = (
-                        "A full model with the adapter merged into its weights; no peft needed:\n\n"
-                        f"```python\n{self.merged_loading_snippet(directory / MERGED_DIR)}\n```"
-                    )
-            card = self.model_card(directory, metrics or {}, data or {}, training or {}, merged_note).render()
-            (tmp / CARD_FILE).write_text(card)
-            if (tmp / ADAPTER_DIR).is_dir():
-                (tmp / ADAPTER_DIR / CARD_FILE).write_text(card)  # replaces peft's blank template
-        return directory
-
-    def _save_alongside(self, directory: Path, tokenizer: Any | None) -> None:
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
-        self.save_extras(directory)
+    def export(self, directory: str | Path, tokenizer: Any | None = None, merge: bool = False,
+               **facts: Any) -> Path:
+        """Write the model in Hugging Face formats, atomically (see :func:`lightning_peft.export.export_task`, which
+        takes the model card's ``metrics``, ``data`` and ``training`` facts, ``overwrite`` and ``field``)."""
+        return export_task(self, directory, tokenizer, merge, **facts)
 
     def save_extras(self, directory: Path) -> None:
         """Files :meth:`export` writes beside the model: ``labels.json`` with :meth:`model_config_kwargs`."""
@@ -521,35 +380,6 @@ class PeftModule(LightningModule):
         auto = self.auto_model_class.__name__
         return f"from transformers import {auto}\nmodel = {auto}.from_pretrained({str(merged_dir)!r})"
 
-    def model_card(
-        self, directory: Path, metrics: dict[str, float], data: dict[str, Any], training: dict[str, Any],
-        merged_note: str,
-    ) -> ModelCard:
-        """The export's model card; subclasses may add to it."""
-        peft_config = self.model.active_peft_config if isinstance(self.model, PeftModel) else None
-        method = peft_config.peft_type.value if peft_config else "full fine-tuning"
-        trainable, total = count_parameters(self)
-        hparams = plain_hyperparameters(dict(self.hparams))
-        skipped = ("backbone", "peft", "labels", *self.inference_arguments)
-        hparams = {k: v for k, v in hparams.items() if k not in skipped and k[0] != "_"}
-        hparams.pop("training", None)
-        hparams.update(self.resolved_training_options())
-        hparams["optimizer"] = optimizer_summary(self.optimizer_factory, self.learning_rate)
-        labels = self.model_config_kwargs().get("id2label")
-        base = self.backbone_config.pretrained_model_name_or_path
-        return ModelCard(
-            title=f"{type(self).__name__} ({method}) on {base or 'a randomly initialised model'}",
-            base_model=base,
-            task=f"{type(self).__name__} ({self.auto_model_class.__name__})",
-            peft_method=method,
-            peft_hyperparameters=peft_hyperparameters(peft_config) if peft_config else {},
-            parameters=f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)",
-            labels=list(labels.values()) if labels else None,
-            training={**training, **hparams},
-            metrics=metrics,
-            data=data,
-            loading=self.loading_snippet(directory / ADAPTER_DIR) if peft_config
-            else self.merged_loading_snippet(directory / MERGED_DIR),
-            merged=merged_note if peft_config else "",
-            tags=[method.lower(), type(self).__name__],
-        )
+    def card_training_facts(self) -> dict[str, Any]:
+        """Facts of this task that the model card adds to its training section (e.g. a fitted temperature)."""
+        return {}

@@ -31,7 +31,6 @@ from lightning_peft.calibration import (
     reliability_bins,
 )
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.model_card import ModelCard
 from lightning_peft.regularization import symmetric_kl
 from lightning_peft.tasks.base import LABELS_FILE, PeftModule, label_config
 from lightning_peft.training import TrainingConfig
@@ -87,6 +86,7 @@ class SequenceClassifier(PeftModule):
 
     auto_model_class = AutoModelForSequenceClassification
     peft_task_type = TaskType.SEQ_CLS
+    inference_arguments = ("prediction",)
 
     @classmethod
     def checkpoint_metric(cls, init_args: dict[str, Any]) -> tuple[str, str]:
@@ -95,7 +95,6 @@ class SequenceClassifier(PeftModule):
         return {"regression": ("val/loss", "min"), "multi_label_classification": ("val/f1", "max")}.get(
             problem_type, ("val/accuracy", "max")
         )
-    inference_arguments = ("prediction",)
 
     def __init__(
         self,
@@ -348,13 +347,8 @@ class SequenceClassifier(PeftModule):
             calibration = {"temperature": float(self.temperature), "usage": "probabilities = softmax(logits / T)"}
             (directory / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2) + "\n")
 
-    def model_card(
-        self, directory: Path, metrics: dict[str, float], data: dict[str, Any], training: dict[str, Any],
-        merged_note: str,
-    ) -> ModelCard:
-        card = super().model_card(directory, metrics, data, training, merged_note)
-        if self.is_temperature_scaled:
-            card.training["temperature"] = (
-                f"{float(self.temperature):.4f} (fitted on validation; divide the logits by it: {CALIBRATION_FILE})"
-            )
-        return card
+    def card_training_facts(self) -> dict[str, Any]:
+        if not self.is_temperature_scaled:
+            return {}
+        return {"temperature": f"{float(self.temperature):.4f} (fitted on validation; divide the logits by it: "
+                               f"{CALIBRATION_FILE})"}

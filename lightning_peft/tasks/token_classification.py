@@ -46,11 +46,12 @@ class TokenClassifier(PeftModule):
     auto_model_class = AutoModelForTokenClassification
     peft_task_type = TaskType.TOKEN_CLS
 
+    sequence_keys = (*PeftModule.sequence_keys, "labels")
+
     @classmethod
     def checkpoint_metric(cls, init_args: dict[str, Any]) -> tuple[str, str]:
         """Entity F1: with rare entities the loss, dominated by ``O`` tokens, bottoms out before F1 peaks."""
         return "val/f1", "max"
-    sequence_keys = (*PeftModule.sequence_keys, "labels")
 
     def __init__(
         self,
