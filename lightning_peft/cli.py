@@ -266,6 +266,18 @@ def standalone(cli_class: type[LightningPeftCLI], args: list[str], **kwargs: Any
         return cli_class(args=args, run=False, save_config_callback=None, **kwargs)
 
 
+def parse_fit_config(args: list[str]) -> tuple[Any, Any]:
+    """The parser and the parsed, linked ``fit`` configuration for ``args``, without building anything (what a
+    local sweep checks its trials with)."""
+
+    class ParseOnly(LightningPeftCLI):
+        def instantiate_classes(self) -> None:
+            pass
+
+    cli = standalone(ParseOnly, args, seed_everything_default=False)
+    return cli.parser, cli.config
+
+
 class CheckpointCLI(LightningPeftCLI):
     """Base of the commands that rebuild the model from the config and work from ``--ckpt_path``."""
 
@@ -364,7 +376,7 @@ def main(args: list[str] | None = None) -> None:
             html_path, json_path = standalone(ExplainCLI, argv[1:]).run_explain()
             print(f"explanation written to {html_path} and {json_path}")
         elif argv and argv[0] == "sweep":
-            sweep_main(argv[1:])
+            sweep_main(argv[1:], parse_fit_config)
         else:
             LightningPeftCLI(args=args)
     except argparse.ArgumentError as err:

@@ -26,17 +26,13 @@ from peft import PeftModel
 
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import atomic_file
-from lightning_peft.metrics.entities import extract_entities
-from lightning_peft.tasks.base import PeftModule
-from lightning_peft.tasks.classification import SequenceClassifier
-from lightning_peft.tasks.token_classification import TokenClassifier
+from lightning_peft.types import ExplainableTask
 
 INTEGRATED_GRADIENTS = "integrated_gradients"
 ATTENTION_ROLLOUT = "attention_rollout"
 METHODS = (INTEGRATED_GRADIENTS, ATTENTION_ROLLOUT)
 HTML_FILE, JSON_FILE = "explanation.html", "explanation.json"
 
-TargetFunction = Callable[[torch.Tensor], torch.Tensor]  # logits [B, …] → the explained score [B]
 
 
 @dataclass
@@ -112,7 +108,7 @@ def _coloured_tokens(tokens: Sequence[str], scores: Sequence[float], signed: boo
 
 # -- the explanation ----------------------------------------------------------------------------------------
 def explain(
-    module: PeftModule,
+    module: ExplainableTask,
     tokenizer: Any,
     text: str,
     methods: Sequence[str] = METHODS,
@@ -120,8 +116,9 @@ def explain(
     n_steps: int = 50,
     max_length: int = 512,
 ) -> Explanation:
-    """Attributions of ``module``'s decision on ``text`` (a :class:`SequenceClassifier` or :class:`TokenClassifier`;
-    a tagger gets one attribution per predicted entity, its input split into words on whitespace).
+    """Attributions of ``module``'s decision on ``text``: the task tokenizes it and names the decisions to explain
+    (``explanation_encoding`` / ``attribution_targets``: a classifier's label, one attribution per entity a tagger
+    predicts, its input split into words on whitespace).
 
     Args:
         methods: any of ``integrated_gradients`` (needs ``captum``) and ``attention_rollout``.
@@ -135,27 +132,14 @@ def explain(
         raise LightningPeftError(f"explain --n_steps: must be a positive integer, got {n_steps}")
     if not text.strip():
         raise LightningPeftError("explain --input: the text is empty")
-    if not isinstance(module, (SequenceClassifier, TokenClassifier)):
-        raise LightningPeftError(
-            f"explain: attributions are implemented for SequenceClassifier and TokenClassifier, not "
-            f"{type(module).__name__}"
-        )
+    encoding = module.explanation_encoding(tokenizer, text, max_length)  # refuses a task without attributions
     embeddings = module.input_embeddings("explain")
     module.eval()
-    if isinstance(module, TokenClassifier):
-        words = text.split()
-        encoding = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length,
-                             return_tensors="pt")
-    else:
-        encoding = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
     batch = {k: v.to(module.device) for k, v in encoding.items() if k in module.sequence_keys}
     tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
     with torch.no_grad():
         logits = module(batch).float()
-    if isinstance(module, TokenClassifier):
-        prediction, targets = _tagger_targets(module, logits, encoding.word_ids(), words)
-    else:
-        prediction, targets = _classifier_targets(module, logits, target)
+    prediction, targets = module.attribution_targets(logits, encoding, text, target)
     explanation = Explanation(text=text, tokens=tokens, prediction=prediction)
     for name, target_function, rows, entity in targets:
         scores: dict[str, list[float]] = {}
@@ -170,54 +154,9 @@ def explain(
     return explanation
 
 
-def _classifier_targets(
-    module: SequenceClassifier, logits: torch.Tensor, target: str | None
-) -> tuple[dict[str, Any], list[tuple[str, TargetFunction, list[int], None]]]:
-    labels = module.labels or ["score"]
-    predicted = int(logits[0].argmax())
-    if target is None:
-        index = predicted
-    elif target in labels:
-        index = labels.index(target)
-    else:
-        raise LightningPeftError(f"explain --target: {target!r} is not one of the model's labels {labels}")
-    if module.problem_type == "single_label_classification":
-        probabilities = (logits[0] / module.temperature).softmax(-1).tolist()
-        prediction = {"label": labels[predicted], "probabilities": dict(zip(labels, probabilities, strict=True))}
-    else:
-        prediction = {"logits": dict(zip(labels, logits[0].tolist(), strict=True))}
-    return prediction, [(f"{labels[index]} (logit)", lambda out: out[:, index], [0], None)]
-
-
-def _tagger_targets(
-    module: TokenClassifier, logits: torch.Tensor, word_ids: list[int | None], words: list[str]
-) -> tuple[dict[str, Any], list[tuple[str, TargetFunction, list[int], dict[str, Any]]]]:
-    first_token: dict[int, int] = {}
-    for position, word in enumerate(word_ids):
-        if word is not None and word not in first_token:
-            first_token[word] = position
-    tag_ids = logits[0].argmax(-1)
-    tags = [module.labels[int(tag_ids[first_token[w]])] if w in first_token else "O" for w in range(len(words))]
-    entities = [
-        {"type": e.type, "start": e.start, "end": e.end, "text": " ".join(words[e.start : e.end + 1])}
-        for e in extract_entities(tags)
-    ]
-    targets = []
-    for entity in entities:
-        positions = [first_token[w] for w in range(entity["start"], entity["end"] + 1) if w in first_token]
-        tag_of = [int(tag_ids[p]) for p in positions]
-        subtokens = [p for p, w in enumerate(word_ids) if w is not None and entity["start"] <= w <= entity["end"]]
-
-        def score(out: torch.Tensor, positions: list[int] = positions, tag_of: list[int] = tag_of) -> torch.Tensor:
-            return sum(out[:, p, t] for p, t in zip(positions, tag_of, strict=True))
-
-        targets.append((f"{entity['type']}: {entity['text']}", score, subtokens, entity))
-    return {"words": words, "tags": tags, "entities": entities}, targets
-
-
 def integrated_gradients(
-    module: PeftModule, embeddings: torch.nn.Module, tokenizer: Any, batch: dict[str, torch.Tensor],
-    target_function: TargetFunction, n_steps: int,
+    module: ExplainableTask, embeddings: torch.nn.Module, tokenizer: Any, batch: dict[str, torch.Tensor],
+    target_function: Callable[[torch.Tensor], torch.Tensor], n_steps: int,
 ) -> tuple[list[float], float]:
     """Per-token integrated gradients of ``target_function(logits)`` on the embedding output, and the convergence
     delta (sum of attributions minus the difference of the target between input and baseline)."""
@@ -246,7 +185,7 @@ def integrated_gradients(
     return attributions.sum(-1)[0].tolist(), float(delta.reshape(-1)[0])
 
 
-def attention_rollout(module: PeftModule, batch: dict[str, torch.Tensor], rows: list[int]) -> list[float]:
+def attention_rollout(module: ExplainableTask, batch: dict[str, torch.Tensor], rows: list[int]) -> list[float]:
     """Attention rollout relevance of every token for the explained positions ``rows`` (mean of their rows)."""
     base = module.model.get_base_model() if isinstance(module.model, PeftModel) else module.model
     previous = base.config._attn_implementation

@@ -29,6 +29,9 @@ from lightning_peft.checkpoints import load_checkpoint
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.figures import plotting, save_figure
 
+#: ``fit`` arguments → (parser, parsed config), nothing built (``lightning_peft.cli.parse_fit_config``)
+ConfigParser = Callable[[list[str]], tuple[Any, Any]]
+
 
 @dataclass
 class Trial:
@@ -144,11 +147,17 @@ class LocalSweep:
 
     Example::
 
-        LocalSweep(SweepSpec.load(Path("configs/sweeps/quickstart.yaml")), trials=2, out=Path("runs/sweep")).run()
+        from lightning_peft.cli import parse_fit_config
+
+        spec = SweepSpec.load(Path("configs/sweeps/quickstart.yaml"))
+        LocalSweep(spec, trials=2, out=Path("runs/sweep"), parse_config=parse_fit_config).run()
+
+    ``parse_config`` turns ``fit`` arguments into (parser, config) without building anything; the CLI passes its
+    own, so this module never imports the CLI that runs it.
     """
 
-    def __init__(self, spec: SweepSpec, trials: int, out: Path, method: str | None = None, seed: int = 0,
-                 overwrite: bool = False) -> None:
+    def __init__(self, spec: SweepSpec, trials: int, out: Path, parse_config: ConfigParser, method: str | None = None,
+                 seed: int = 0, overwrite: bool = False) -> None:
         self.spec = spec
         self.trials = trials
         self.out = out
@@ -157,7 +166,8 @@ class LocalSweep:
         self.seed = seed
         if self.method not in ("grid", "random", "bayes"):
             raise LightningPeftError(f"--method: {self.method!r} is not one of grid, random, bayes")
-        _, self.base_config = parse_fit_config(spec.fit_args)
+        self.parse_config = parse_config
+        _, self.base_config = parse_config(spec.fit_args)
 
     @property
     def maximise(self) -> bool:
@@ -289,7 +299,7 @@ class LocalSweep:
             print("\nno trial produced the metric; see output.log in each trial directory")
             return
         best_args = [*self.spec.fit_args, *(f"--{n}={v}" for n, v in best.params.items())]
-        parser, config = parse_fit_config(best_args)
+        parser, config = self.parse_config(best_args)
         config.pop("config", None)
         (self.out / "best.yaml").write_text(parser.dump(config, skip_none=False))
         best_yaml = self.out / "best.yaml"
@@ -322,19 +332,7 @@ def format_params(params: dict[str, Any]) -> str:
                      for n, v in params.items())
 
 
-def parse_fit_config(args: list[str]) -> tuple[Any, Any]:
-    """The parser and the parsed, linked ``fit`` configuration for ``args``, without building anything."""
-    from lightning_peft.cli import LightningPeftCLI, standalone
-
-    class ParseOnly(LightningPeftCLI):
-        def instantiate_classes(self) -> None:
-            pass
-
-    cli = standalone(ParseOnly, args, seed_everything_default=False)
-    return cli.parser, cli.config
-
-
-def sweep_main(argv: list[str]) -> None:
+def sweep_main(argv: list[str], parse_config: ConfigParser) -> None:
     """``lightning-peft sweep SPEC --trials N [--method grid|random|bayes] [--out DIR] [--seed S]``."""
     parser = argparse.ArgumentParser(prog="lightning-peft sweep", description=__doc__)
     parser.add_argument("spec", type=Path, help="a W&B sweep spec, e.g. configs/sweeps/quickstart.yaml")
@@ -349,4 +347,4 @@ def sweep_main(argv: list[str]) -> None:
         raise LightningPeftError(f"--trials: must be at least 1, got {args.trials}")
     spec = SweepSpec.load(args.spec)
     out = args.out or Path("runs") / "sweeps" / args.spec.stem
-    LocalSweep(spec, args.trials, out, args.method, args.seed, overwrite=args.overwrite == "true").run()
+    LocalSweep(spec, args.trials, out, parse_config, args.method, args.seed, overwrite=args.overwrite == "true").run()

@@ -126,6 +126,5 @@ def test_generators_are_refused(tiny_t5_dir, tokenizer):
     from lightning_peft import BackboneConfig, Seq2SeqGenerator
 
     model = Seq2SeqGenerator(BackboneConfig(str(tiny_t5_dir)))
-    with pytest.raises(LightningPeftError, match="implemented for SequenceClassifier and TokenClassifier, not "
-                                                 "Seq2SeqGenerator"):
+    with pytest.raises(LightningPeftError, match="explain: Seq2SeqGenerator does not name the decisions to attribute"):
         explain(model, tokenizer, "translate this")

@@ -14,9 +14,9 @@ import torch
 import yaml
 
 from lightning_peft.adapter_checkpoint import METRICS_KEY
-from lightning_peft.cli import main
+from lightning_peft.cli import main, parse_fit_config
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.sweep import LocalSweep, SweepSpec, grid, parse_fit_config, random_suggest
+from lightning_peft.sweep import LocalSweep, SweepSpec, grid, random_suggest
 from tests.test_cli import write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_local_sweep_runs_trials_records_crashes_and_writes_the_best_config(tmp_
 def test_a_trial_reads_only_the_checkpoint_it_wrote(tmp_path, tiny_bert_dir, toy_data):
     config = write_config(tmp_path, tiny_bert_dir, toy_data)
     spec = SweepSpec(tmp_path / "spec.yaml", "grid", "val/accuracy", "maximize", {}, ["--config", str(config)])
-    sweep = LocalSweep(spec, trials=1, out=tmp_path / "sweep")
+    sweep = LocalSweep(spec, trials=1, out=tmp_path / "sweep", parse_config=parse_fit_config)
     planted = sweep.trial_directory(0) / "checkpoints" / "last.ckpt"
     planted.parent.mkdir(parents=True)
     torch.save({"state_dict": {}, METRICS_KEY: {"val/accuracy": 0.99}}, planted)

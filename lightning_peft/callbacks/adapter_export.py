@@ -10,10 +10,9 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_peft.adapter_checkpoint import validation_metrics
-from lightning_peft.data.base import TextDataModule
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import check_replaceable, export_checkpoint
-from lightning_peft.tasks.base import PeftModule
+from lightning_peft.types import ExportableTask, TokenizedData
 
 EXPORT_DIR = "export"
 FIELD = "AdapterExport.dirpath"  # how errors about the export directory name it
@@ -53,7 +52,7 @@ class AdapterExport(Callback):
         self._best: tuple[Any, ...] | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if not isinstance(pl_module, PeftModule):
+        if not isinstance(pl_module, ExportableTask):
             raise LightningPeftError(
                 f"AdapterExport: the model must be a lightning_peft PeftModule, got {type(pl_module).__name__}"
             )
@@ -126,9 +125,9 @@ def _log_artifact(trainer: Trainer, directory: Path, metrics: dict[str, float]) 
 
 def _tokenizer(trainer: Trainer) -> Any | None:
     datamodule = getattr(trainer, "datamodule", None)
-    return datamodule.tokenizer if isinstance(datamodule, TextDataModule) else None
+    return datamodule.tokenizer if isinstance(datamodule, TokenizedData) else None
 
 
 def _data_facts(trainer: Trainer) -> dict[str, Any]:
     datamodule = getattr(trainer, "datamodule", None)
-    return datamodule.card_facts() if isinstance(datamodule, TextDataModule) else {}
+    return datamodule.card_facts() if isinstance(datamodule, TokenizedData) else {}

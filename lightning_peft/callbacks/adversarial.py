@@ -8,8 +8,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.tasks.base import PeftModule
-from lightning_peft.types import Batch
+from lightning_peft.types import Batch, LossTermTask
 
 ADVERSARIAL_TERM = "adversarial"
 
@@ -92,7 +91,7 @@ class AdversarialTraining(Callback):
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not isinstance(pl_module, PeftModule):
+        if not isinstance(pl_module, LossTermTask):
             raise LightningPeftError(f"AdversarialTraining: needs a lightning-peft task, got {type(pl_module)}")
         self._hooks = [layer.register_forward_hook(self._on_embeddings)
                        for layer in pl_module.input_embedding_layers("AdversarialTraining")]
@@ -112,7 +111,7 @@ class AdversarialTraining(Callback):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        if isinstance(pl_module, PeftModule):
+        if isinstance(pl_module, LossTermTask):
             pl_module.loss_terms.pop(ADVERSARIAL_TERM, None)
 
     # -- the perturbation --------------------------------------------------------------------------------
@@ -127,7 +126,7 @@ class AdversarialTraining(Callback):
             return output + self._deltas[self._calls - 1].to(output.dtype)
         return None
 
-    def perturbed_loss(self, pl_module: PeftModule, batch: Batch, deltas: list[torch.Tensor]) -> torch.Tensor:
+    def perturbed_loss(self, pl_module: LossTermTask, batch: Batch, deltas: list[torch.Tensor]) -> torch.Tensor:
         """The task loss with ``deltas[i]`` added to the i-th embedding output of the pass."""
         self._deltas, self._calls = deltas, 0
         try:
@@ -135,7 +134,7 @@ class AdversarialTraining(Callback):
         finally:
             self._deltas = None
 
-    def adversarial_loss(self, pl_module: PeftModule, batch: Batch, clean_loss: torch.Tensor) -> torch.Tensor:
+    def adversarial_loss(self, pl_module: LossTermTask, batch: Batch, clean_loss: torch.Tensor) -> torch.Tensor:
         """``weight`` × the task loss at the FGM / PGD perturbation of the clean pass's embedding outputs."""
         recorded, self._recorded = self._recorded, None
         if not recorded:

@@ -14,7 +14,7 @@ from lightning_peft.calibration import fit_temperature
 from lightning_peft.checkpoints import load_checkpoint
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import atomic_file, weights_from
-from lightning_peft.tasks.classification import SequenceClassifier
+from lightning_peft.types import CalibratedTask
 
 TEMPERATURE_KEY = "temperature"  # state-dict entry of the task's temperature buffer
 
@@ -46,7 +46,7 @@ class TemperatureScaling(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not isinstance(pl_module, SequenceClassifier) or not pl_module.is_single_label:
+        if not isinstance(pl_module, CalibratedTask) or not pl_module.is_single_label:
             raise LightningPeftError(
                 "TemperatureScaling: calibrates single-label classifiers (SequenceClassifier with problem_type "
                 f"single_label_classification), not {type(pl_module).__name__}"
@@ -82,7 +82,7 @@ class TemperatureScaling(Callback):
 
     @staticmethod
     @torch.no_grad()
-    def validation_logits(trainer: Trainer, pl_module: SequenceClassifier) -> tuple[torch.Tensor, torch.Tensor]:
+    def validation_logits(trainer: Trainer, pl_module: LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (before any temperature) and labels of the whole validation split, in evaluation mode."""
         dataloader = trainer.datamodule.val_dataloader() if trainer.datamodule else trainer.val_dataloaders
         if isinstance(dataloader, (list, tuple)):

@@ -28,7 +28,7 @@ from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import export_task, initial_adapter_state
 from lightning_peft.regularization import squared_l2, symmetric_kl
 from lightning_peft.training import TrainingConfig, as_training_config, explicit_optimizer_lr, method_name
-from lightning_peft.types import IGNORE_INDEX, Batch, LossTerm
+from lightning_peft.types import IGNORE_INDEX, AttributionTarget, Batch, LossTerm
 
 LABELS_FILE = "labels.json"
 
@@ -190,6 +190,21 @@ class PeftModule(LightningModule, ABC):
         tied = [m for m in self.model.modules() if m is not embeddings and weight is not None
                 and isinstance(m, torch.nn.Embedding) and m.weight is weight]
         return [embeddings, *tied]
+
+    # -- explanations (lightning_peft.explain) ----------------------------------------------------------
+    def explanation_encoding(self, tokenizer: Any, text: str, max_length: int) -> Any:
+        """``text`` tokenized as a batch of one for ``explain``; a task without attributions refuses here."""
+        raise LightningPeftError(
+            f"explain: {type(self).__name__} does not name the decisions to attribute (attributions are implemented "
+            "for SequenceClassifier and TokenClassifier; a task adds them with explanation_encoding and "
+            "attribution_targets)"
+        )
+
+    def attribution_targets(self, logits: torch.Tensor, encoding: Any, text: str,
+                            target: str | None) -> tuple[dict[str, Any], list[AttributionTarget]]:
+        """The prediction on ``text`` (``logits`` of ``encoding``) and the decisions ``explain`` attributes; ``target``
+        names one (a label), where the task allows it."""
+        raise NotImplementedError
 
     @staticmethod
     def batch_size_of(batch: Batch) -> int:

@@ -34,7 +34,7 @@ from lightning_peft.errors import LightningPeftError
 from lightning_peft.regularization import symmetric_kl
 from lightning_peft.tasks.base import LABELS_FILE, PeftModule, label_config
 from lightning_peft.training import TrainingConfig
-from lightning_peft.types import Batch, ProblemType
+from lightning_peft.types import AttributionTarget, Batch, ProblemType
 from lightning_peft.uncertainty import (
     CALIBRATION_FILE,
     PredictionOptions,
@@ -346,6 +346,28 @@ class SequenceClassifier(PeftModule):
         if self.is_temperature_scaled:
             calibration = {"temperature": float(self.temperature), "usage": "probabilities = softmax(logits / T)"}
             (directory / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2) + "\n")
+
+    def explanation_encoding(self, tokenizer: Any, text: str, max_length: int) -> Any:
+        return tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+
+    def attribution_targets(self, logits: torch.Tensor, encoding: Any, text: str,
+                            target: str | None) -> tuple[dict[str, Any], list[AttributionTarget]]:
+        """The predicted label and its probabilities; explained: the logit of ``target`` (default: the predicted
+        label)."""
+        labels = self.labels or ["score"]
+        predicted = int(logits[0].argmax())
+        if target is None:
+            index = predicted
+        elif target in labels:
+            index = labels.index(target)
+        else:
+            raise LightningPeftError(f"explain --target: {target!r} is not one of the model's labels {labels}")
+        if self.problem_type == "single_label_classification":
+            probabilities = (logits[0] / self.temperature).softmax(-1).tolist()
+            prediction = {"label": labels[predicted], "probabilities": dict(zip(labels, probabilities, strict=True))}
+        else:
+            prediction = {"logits": dict(zip(labels, logits[0].tolist(), strict=True))}
+        return prediction, [AttributionTarget(f"{labels[index]} (logit)", lambda out: out[:, index], [0])]
 
     def card_training_facts(self) -> dict[str, Any]:
         if not self.is_temperature_scaled:

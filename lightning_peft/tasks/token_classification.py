@@ -17,7 +17,7 @@ from lightning_peft.metrics.entities import OUTSIDE, extract_entities
 from lightning_peft.metrics.entity_f1 import EntityF1
 from lightning_peft.tasks.base import PeftModule, label_config
 from lightning_peft.training import TrainingConfig
-from lightning_peft.types import IGNORE_INDEX, Batch
+from lightning_peft.types import IGNORE_INDEX, AttributionTarget, Batch
 
 
 class TokenClassifier(PeftModule):
@@ -86,6 +86,37 @@ class TokenClassifier(PeftModule):
 
     def loss_weight(self, batch: Batch) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def explanation_encoding(self, tokenizer: Any, text: str, max_length: int) -> Any:
+        """``text`` split into words on whitespace, tokenized as the datamodule does."""
+        return tokenizer(text.split(), is_split_into_words=True, truncation=True, max_length=max_length,
+                         return_tensors="pt")
+
+    def attribution_targets(self, logits: torch.Tensor, encoding: Any, text: str,
+                            target: str | None) -> tuple[dict[str, Any], list[AttributionTarget]]:
+        """Words, tags and entities; explained: each predicted entity (the sum of its words' tag logits)."""
+        words, word_ids = text.split(), encoding.word_ids()
+        first_token: dict[int, int] = {}
+        for position, word in enumerate(word_ids):
+            if word is not None and word not in first_token:
+                first_token[word] = position
+        tag_ids = logits[0].argmax(-1)
+        tags = [self.labels[int(tag_ids[first_token[w]])] if w in first_token else OUTSIDE for w in range(len(words))]
+        entities = [
+            {"type": e.type, "start": e.start, "end": e.end, "text": " ".join(words[e.start : e.end + 1])}
+            for e in extract_entities(tags)
+        ]
+        targets = []
+        for entity in entities:
+            positions = [first_token[w] for w in range(entity["start"], entity["end"] + 1) if w in first_token]
+            tag_of = [int(tag_ids[p]) for p in positions]
+            subtokens = [p for p, w in enumerate(word_ids) if w is not None and entity["start"] <= w <= entity["end"]]
+
+            def score(out: torch.Tensor, positions: list[int] = positions, tag_of: list[int] = tag_of) -> torch.Tensor:
+                return sum(out[:, p, t] for p, t in zip(positions, tag_of, strict=True))
+
+            targets.append(AttributionTarget(f"{entity['type']}: {entity['text']}", score, subtokens, entity))
+        return {"words": words, "tags": tags, "entities": entities}, targets
 
     def decode(self, logits: torch.Tensor, batch: Batch) -> list[list[int]]:
         """One tag id per sub-token position."""
