@@ -32,7 +32,7 @@ from lightning_peft.checkpoints import check_checkpoint_matches, load_checkpoint
 from lightning_peft.data.base import TextDataModule
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.explain import METHODS, explain
-from lightning_peft.export import export_checkpoint, weights_from
+from lightning_peft.export import export_checkpoint, push_export, weights_from
 from lightning_peft.parse_errors import describe_parse_error
 from lightning_peft.sweep import sweep_main
 from lightning_peft.tasks.base import PeftModule
@@ -306,15 +306,22 @@ class ExportCLI(CheckpointCLI):
             "atomically; anything else is refused without --overwrite)",
         )
         parser.add_argument("--merge", type=bool, default=False, help="also write merged/, a full transformers model")
+        parser.add_argument("--push_to_hub", type=str | None, default=None,
+                            help="then upload the export to this Hub repo id (created if needed): the adapter at its "
+                            "root, merged/ beside it, the model card as README.md")
+        parser.add_argument("--private", type=bool | None, default=None, help="create the --push_to_hub repo private")
 
-    def run_export(self) -> Path:
-        """What :class:`~lightning_peft.callbacks.AdapterExport` writes at fit end, from ``--ckpt_path``."""
+    def run_export(self) -> tuple[Path, str | None]:
+        """What :class:`~lightning_peft.callbacks.AdapterExport` writes at fit end, from ``--ckpt_path``; then the
+        upload, with ``--push_to_hub`` (its commit URL, else ``None``)."""
         datamodule = self.text_datamodule
-        return export_checkpoint(
+        directory = export_checkpoint(
             self.model, self.config["ckpt_path"], self.config["export_dir"],
             tokenizer=datamodule.tokenizer if datamodule else None, merge=self.config["merge"],
             data=datamodule.card_facts() if datamodule else None, overwrite=self.config["overwrite"],
         )
+        repo_id = self.config["push_to_hub"]
+        return directory, push_export(directory, repo_id, self.config["private"]) if repo_id else None
 
 
 class ExplainCLI(CheckpointCLI):
@@ -371,7 +378,8 @@ def main(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     try:
         if argv and argv[0] == "export":
-            print(f"exported to {standalone(ExportCLI, argv[1:]).run_export()}")
+            directory, pushed = standalone(ExportCLI, argv[1:]).run_export()
+            print(f"exported to {directory}" + (f"; pushed: {pushed}" if pushed else ""))
         elif argv and argv[0] == "explain":
             html_path, json_path = standalone(ExplainCLI, argv[1:]).run_explain()
             print(f"explanation written to {html_path} and {json_path}")

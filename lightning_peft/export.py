@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from lightning.pytorch.utilities import rank_zero_warn
 from peft import PeftModel
 from peft.utils import SAFETENSORS_WEIGHTS_NAME as SAFETENSORS_FILE
@@ -331,3 +333,40 @@ def _save_alongside(task: PeftModule, directory: Path, tokenizer: Any | None) ->
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     task.save_extras(directory)
+
+
+def hub_operations(directory: Path) -> list[CommitOperationAdd]:
+    """The files of an export as the Hub repository holds them: the adapter's files at the root (so
+    ``AutoPeftModelFor*.from_pretrained(repo_id)`` loads it; without PEFT, the merged model's), the merged model
+    under ``merged/`` (``from_pretrained(repo_id, subfolder="merged")``), the model card as the root README.md."""
+    root = directory / ADAPTER_DIR if (directory / ADAPTER_DIR).is_dir() else directory / MERGED_DIR
+    sources = [(root, "")]
+    if root.name == ADAPTER_DIR and (directory / MERGED_DIR).is_dir():
+        sources.append((directory / MERGED_DIR, f"{MERGED_DIR}/"))
+    return [CommitOperationAdd(path_in_repo=prefix + path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+            for folder, prefix in sources for path in sorted(folder.rglob("*")) if path.is_file()]
+
+
+def push_export(directory: str | Path, repo_id: str, private: bool | None = None, field: str = "--push_to_hub") -> str:
+    """Upload the export in ``directory`` to the Hub repository ``repo_id`` (created if needed) in one commit, laid
+    out by :func:`hub_operations`; returns the commit's URL. Failures (no network, no token, no permission) raise
+    one :class:`LightningPeftError` naming ``field``; the export stays on disk either way.
+
+    Example::
+
+        push_export("runs/sst2/export", "my-org/minilm-sst2-lora")
+    """
+    directory = Path(directory)
+    if not (directory / CARD_FILE).is_file():
+        raise LightningPeftError(f"{field}: {str(directory)!r} is not an export (no {CARD_FILE}); export first")
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.create_commit(repo_id, hub_operations(directory),
+                                   commit_message=f"lightning-peft export ({directory.name})")
+    except (HfHubHTTPError, OfflineModeIsEnabled, OSError, ValueError) as err:
+        raise LightningPeftError(
+            f"{field}: uploading {str(directory)!r} to {repo_id!r} failed ({type(err).__name__}: {err}); the export "
+            "is intact on disk — check the repo id and your token (`hf auth login` or HF_TOKEN), or push it later"
+        ) from err
+    return commit.commit_url

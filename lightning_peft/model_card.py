@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from huggingface_hub import EvalResult, ModelCardData
+from huggingface_hub import ModelCard as HubModelCard
 from peft import PeftConfig, PeftModel
 
 from lightning_peft.adapter_checkpoint import plain_hyperparameters
@@ -25,7 +28,9 @@ _PEFT_CORE = {"r", "lora_alpha", "target_modules", "init_r", "target_r", "num_vi
 
 @dataclass
 class ModelCard:
-    """The facts a model card states; :meth:`render` turns them into Markdown with Hub metadata.
+    """The facts a model card states; :meth:`render` turns them into Markdown with Hub metadata: YAML front matter
+    from ``huggingface_hub``'s ``ModelCardData`` (library, base model, tags, pipeline tag, and the metrics as a
+    ``model-index`` the Hub shows), then the tables.
 
     Example::
 
@@ -47,13 +52,28 @@ class ModelCard:
     loading: str = ""
     merged: str = ""
     tags: list[str] = field(default_factory=list)
+    pipeline_tag: str | None = None
+    #: the validation data the metrics were measured on, as the model index names it
+    dataset: str = "validation split"
+
+    def card_data(self) -> ModelCardData:
+        """The front matter: what the Hub indexes."""
+        results = [
+            EvalResult(task_type=self.pipeline_tag, dataset_type=self.dataset, dataset_name=self.dataset,
+                       dataset_split="validation", metric_type=name.removeprefix("val/"), metric_name=name,
+                       metric_value=round(float(value), 6))
+            for name, value in self.metrics.items()
+        ] if self.pipeline_tag else []
+        return ModelCardData(
+            library_name="transformers" if self.peft_method == "full fine-tuning" else "peft",
+            base_model=self.base_model or None,
+            tags=["lightning-peft", *self.tags],
+            pipeline_tag=self.pipeline_tag,
+            model_name=self.title if results else None,
+            eval_results=results or None,
+        )
 
     def render(self) -> str:
-        library = "transformers" if self.peft_method == "full fine-tuning" else "peft"
-        front = ["---", f"library_name: {library}"]
-        if self.base_model:
-            front.append(f"base_model: {self.base_model}")
-        front += ["tags:", *(f"- {tag}" for tag in ["lightning-peft", *self.tags]), "---", ""]
         model = {"base model": self.base_model or "randomly initialised (config only)", "task": self.task,
                  "PEFT method": self.peft_method, "parameters": self.parameters}
         if self.labels is not None:
@@ -70,7 +90,8 @@ class ModelCard:
         ]
         if self.merged:
             sections.append(f"## Merged model\n\n{self.merged}")
-        return "\n".join(front) + "\n\n".join(s for s in sections if s) + "\n"
+        body = "\n\n".join(s for s in sections if s)
+        return str(HubModelCard(f"---\n{self.card_data().to_yaml()}\n---\n\n{body}\n"))
 
 
 def _section(title: str, rows: dict[str, Any], empty: str = "") -> str:
@@ -137,4 +158,6 @@ def task_model_card(
         loading=loading,
         merged=merged,
         tags=[method.lower(), name],
+        pipeline_tag=task.pipeline_tag,
+        dataset=str(data.get("dataset") or Path(str(data.get("validation file") or "validation split")).name),
     )

@@ -85,6 +85,14 @@ def test_export_layout_and_model_card(tiny_bert_dir, tmp_path):
                  "| optimizer steps | 12 |", "| labels | neg, pos |",
                  f"AutoPeftModelForSequenceClassification.from_pretrained('{export / 'adapter'}', num_labels=2"):
         assert fact in card, fact
+    from huggingface_hub import ModelCard
+
+    front = ModelCard.load(export / "README.md").data  # the Hub's own parser reads the front matter
+    assert front.library_name == "peft" and front.pipeline_tag == "text-classification"
+    assert "lightning-peft" in front.tags and front.base_model == str(tiny_bert_dir)
+    [result] = front.eval_results  # the metrics as a model-index
+    assert (result.metric_name, result.metric_type, result.metric_value) == ("val/accuracy", "accuracy", 0.75)
+    assert result.dataset_split == "validation" and result.task_type == "text-classification"
 
 
 def test_methods_that_cannot_merge_say_why(tiny_bert_dir, tmp_path):
@@ -161,3 +169,62 @@ def test_an_impossible_export_path_is_one_clear_error(tmp_path, where):
     target = tmp_path / "file.txt" / "export" if where == "under-a-file" else Path("/proc/lightning-peft/export")
     with pytest.raises(LightningPeftError, match="export_dir: cannot write"), atomic_directory(target) as tmp:
         (tmp / "new.txt").write_text("new")
+
+
+class RecordingHub:
+    """Stands in for ``huggingface_hub.HfApi``: records the repo and the commit instead of uploading."""
+
+    calls: list = []
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        self.calls.append(("create_repo", repo_id, private, exist_ok))
+
+    def create_commit(self, repo_id, operations, commit_message):
+        operations = list(operations)
+        for operation in operations:  # what upload would read: every file exists and is inside the export
+            assert Path(operation.path_or_fileobj).is_file()
+        self.calls.append(("create_commit", repo_id, sorted(op.path_in_repo for op in operations)))
+        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/abc"})()
+
+
+def test_push_to_hub_uploads_the_export_in_one_commit(tiny_bert_dir, tmp_path, monkeypatch):
+    import lightning_peft.export as export_module
+
+    monkeypatch.setattr(export_module, "HfApi", RecordingHub)
+    RecordingHub.calls = []
+    module = build("classification", tiny_bert_dir)
+    export = module.export(tmp_path / "export", merge=True)
+    url = export_module.push_export(export, "me/tiny-lora", private=True)
+    assert url == "https://huggingface.co/me/tiny-lora/commit/abc"
+    (_, repo, private, exist_ok), (_, _, paths) = RecordingHub.calls
+    assert (repo, private, exist_ok) == ("me/tiny-lora", True, True)
+    # the adapter at the root (AutoPeftModel loads the repo id), the merged model beside it, no marker file
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "labels.json",
+            "merged/config.json", "merged/model.safetensors"} <= set(paths)
+    assert not any(EXPORT_MARKER in p for p in paths)
+
+
+def test_push_to_hub_failures_are_one_error_and_keep_the_export(tiny_bert_dir, tmp_path, monkeypatch):
+    from lightning_peft.export import push_export
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here: the real client refuses at once
+    export = build("classification", tiny_bert_dir).export(tmp_path / "export")
+    with pytest.raises(LightningPeftError, match=r"--push_to_hub: uploading .* to 'me/tiny-lora' failed .*; the export "
+                                                 r"is intact on disk"):
+        push_export(export, "me/tiny-lora")
+    assert (export / "adapter" / "adapter_model.safetensors").is_file()
+    with pytest.raises(LightningPeftError, match="is not an export"):
+        push_export(tmp_path, "me/tiny-lora")
+
+
+def test_cli_export_pushes_with_push_to_hub(fitted, tmp_path, monkeypatch, capsys):
+    import lightning_peft.export as export_module
+    from lightning_peft.cli import main
+
+    monkeypatch.setattr(export_module, "HfApi", RecordingHub)
+    RecordingHub.calls = []
+    main(["export", "--config", str(fitted["config"]), "--ckpt_path", str(fitted["ckpt"] / "best.ckpt"),
+          "--export_dir", str(tmp_path / "export"), "--push_to_hub", "me/toy-lora"])
+    assert "pushed: https://huggingface.co/me/toy-lora/commit/abc" in capsys.readouterr().out
+    assert [call[:2] for call in RecordingHub.calls] == [("create_repo", "me/toy-lora"),
+                                                         ("create_commit", "me/toy-lora")]

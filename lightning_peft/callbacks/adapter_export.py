@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_peft.adapter_checkpoint import validation_metrics
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.export import check_replaceable, export_checkpoint
+from lightning_peft.export import check_replaceable, export_checkpoint, push_export
 from lightning_peft.types import ExportableTask, TokenizedData
 
 EXPORT_DIR = "export"
@@ -34,6 +34,9 @@ class AdapterExport(Callback):
         on_best: export on every new best checkpoint as well as at fit end.
         overwrite: replace ``dirpath`` even when it holds something other than an earlier export; by default such a
             directory (or a file at that path) stops the fit before training, with an error naming it.
+        push_to_hub: a Hub repo id: the fit-end export is also uploaded there (created if needed; see
+            :func:`~lightning_peft.export.push_export`), from the global-zero process.
+        private: create the ``push_to_hub`` repo private.
 
     With a ``WandbLogger`` whose ``log_model`` is set, each export is also logged as a W&B artifact of type
     ``model`` (aliases ``latest`` and ``best``).
@@ -44,7 +47,9 @@ class AdapterExport(Callback):
     """
 
     def __init__(self, dirpath: str | None = None, merge: bool = False, on_best: bool = False,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, push_to_hub: str | None = None, private: bool | None = None) -> None:
+        self.push_to_hub = push_to_hub
+        self.private = private
         self.dirpath = dirpath
         self.merge = merge
         self.on_best = on_best
@@ -91,7 +96,7 @@ class AdapterExport(Callback):
             directory = export_checkpoint(pl_module, best_path, self.directory(trainer), tokenizer, self.merge, data,
                                           overwrite=self.overwrite, field=FIELD)
             rank_zero_info(f"best checkpoint {best_path} exported to {directory}")
-            _log_artifact(trainer, directory, {})
+            self._published(trainer, directory, {})
             return
         metrics = validation_metrics(trainer.callback_metrics)
         training = {"checkpoint": "none (final weights)", "epoch": trainer.current_epoch,
@@ -99,7 +104,14 @@ class AdapterExport(Callback):
         directory = pl_module.export(self.directory(trainer), tokenizer=tokenizer, merge=self.merge, metrics=metrics,
                                      data=data, training=training, overwrite=self.overwrite, field=FIELD)
         rank_zero_info(f"no best checkpoint to export: final weights exported to {directory}")
+        self._published(trainer, directory, metrics)
+
+    def _published(self, trainer: Trainer, directory: Path, metrics: dict[str, float]) -> None:
+        """After the fit-end export: a W&B artifact (see :func:`_log_artifact`) and the Hub upload, when asked."""
         _log_artifact(trainer, directory, metrics)
+        if self.push_to_hub:
+            url = push_export(directory, self.push_to_hub, self.private, field="AdapterExport.push_to_hub")
+            rank_zero_info(f"export pushed to the Hub: {url}")
 
     @staticmethod
     def _best_of(trainer: Trainer) -> tuple[Any, ...] | None:

@@ -81,6 +81,8 @@ class PeftModule(LightningModule, ABC):
 
     auto_model_class: ClassVar[type] = AutoModel
     peft_task_type: ClassVar[TaskType | None] = None
+    #: the Hub's pipeline tag for exports (model cards index their metrics under it); ``None``: not indexed
+    pipeline_tag: ClassVar[str | None] = None
     #: whether training batches may be computed as packed rows (``training.sequence_packing``): the per-example
     #: outputs must come from one module whose output can be unpacked (an encoder), which seq2seq decoders are not
     supports_sequence_packing: ClassVar[bool] = True

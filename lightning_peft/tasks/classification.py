@@ -86,6 +86,7 @@ class SequenceClassifier(PeftModule):
 
     auto_model_class = AutoModelForSequenceClassification
     peft_task_type = TaskType.SEQ_CLS
+    pipeline_tag = "text-classification"
     inference_arguments = ("prediction",)
 
     @classmethod

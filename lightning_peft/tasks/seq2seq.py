@@ -110,6 +110,7 @@ class Seq2SeqGenerator(PeftModule):
 
     auto_model_class = AutoModelForSeq2SeqLM
     peft_task_type = TaskType.SEQ_2_SEQ_LM
+    pipeline_tag = "text2text-generation"
     sequence_keys = ("input_ids", "attention_mask")
     supports_sequence_packing = False  # the decoder's cross-attention would need per-example encoder masks
 

@@ -45,6 +45,7 @@ class TokenClassifier(PeftModule):
 
     auto_model_class = AutoModelForTokenClassification
     peft_task_type = TaskType.TOKEN_CLS
+    pipeline_tag = "token-classification"
 
     sequence_keys = (*PeftModule.sequence_keys, "labels")
 
