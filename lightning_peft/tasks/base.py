@@ -196,17 +196,20 @@ class PeftModule(LightningModule, ABC):
     # -- explanations (lightning_peft.explain) ----------------------------------------------------------
     def explanation_encoding(self, tokenizer: Any, text: str, max_length: int) -> Any:
         """``text`` tokenized as a batch of one for ``explain``; a task without attributions refuses here."""
-        raise LightningPeftError(
-            f"explain: {type(self).__name__} does not name the decisions to attribute (attributions are implemented "
-            "for SequenceClassifier and TokenClassifier; a task adds them with explanation_encoding and "
-            "attribution_targets)"
-        )
+        raise self._no_attributions()
 
     def attribution_targets(self, logits: torch.Tensor, encoding: Any, text: str,
                             target: str | None) -> tuple[dict[str, Any], list[AttributionTarget]]:
         """The prediction on ``text`` (``logits`` of ``encoding``) and the decisions ``explain`` attributes; ``target``
         names one (a label), where the task allows it."""
-        raise NotImplementedError
+        raise self._no_attributions()
+
+    def _no_attributions(self) -> LightningPeftError:
+        return LightningPeftError(
+            f"explain: {type(self).__name__} does not name the decisions to attribute (attributions are implemented "
+            "for SequenceClassifier and TokenClassifier; a task adds them with explanation_encoding and "
+            "attribution_targets)"
+        )
 
     @staticmethod
     def batch_size_of(batch: Batch) -> int:
