@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +22,7 @@ from lightning_peft.data.sampling import EpochSeededSampler, ResumableDataLoader
 from lightning_peft.errors import LightningPeftError
 
 SPLITS = ("train", "validation", "test", "predict")
+DEFAULT_ORDER_SEED = 42  # training order without a data seed or a run seed
 STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ("predict",)}
 _READERS: dict[str, tuple[str, dict[str, Any]]] = {
     ".csv": ("csv", {}),
@@ -81,7 +83,8 @@ class TextDataModule(LightningDataModule):
             sorts the whole split (see :class:`~lightning_peft.data.sampling.EpochSeededSampler`).
         limit_train_samples / limit_eval_samples: keep the first N rows of train / of validation and test.
         num_workers: DataLoader worker processes.
-        seed: seed of the per-epoch training order.
+        seed: seed of the per-epoch training order; ``null`` (the default) takes the run's seed
+            (``seed_everything``), so another run seed also draws another order (42 without one).
     """
 
     def __init__(
@@ -102,7 +105,7 @@ class TextDataModule(LightningDataModule):
         limit_train_samples: int | None = None,
         limit_eval_samples: int | None = None,
         num_workers: int = 0,
-        seed: int = 42,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.tokenizer_name_or_path = tokenizer
@@ -321,11 +324,18 @@ class TextDataModule(LightningDataModule):
         """Batches in :class:`EpochSeededSampler` order, resumable mid-epoch (see :class:`ResumableDataLoader`)."""
         lengths = [len(ids) for ids in self.datasets["train"]["input_ids"]]
         self._train_sampler = EpochSeededSampler(
-            lengths, self.batch_size, self.group_by_length, window=self.group_by_length_window, seed=self.seed
+            lengths, self.batch_size, self.group_by_length, window=self.group_by_length_window, seed=self.order_seed
         )
         if self._train_position is not None:
             self._train_sampler.resume_at(*self._train_position)
         return self._loader("train", self.batch_size, self._train_sampler, ResumableDataLoader)
+
+    @property
+    def order_seed(self) -> int:
+        """``seed``, or the run's seed (``seed_everything`` sets ``PL_GLOBAL_SEED``), or 42."""
+        if self.seed is not None:
+            return self.seed
+        return int(os.environ.get("PL_GLOBAL_SEED", DEFAULT_ORDER_SEED))
 
     def _batches_done(self) -> int:
         """Training batches run so far in the current epoch (0 outside a fit)."""

@@ -202,3 +202,20 @@ def test_unlabelled_class_label_rows_are_refused(tiny_bert_dir):
     dm = make_dm(tiny_bert_dir, labels=["neg", "pos"])
     with pytest.raises(LightningPeftError, match=r"row 1: empty label \(column 'label': None\)"):
         dm.prepare_split(data, "test")
+
+
+def test_the_training_order_follows_the_run_seed_unless_one_is_given(tiny_bert_dir, toy_data, monkeypatch):
+    import lightning.pytorch as pl
+
+    def first_batch(**kwargs) -> list[int]:
+        dm = ClassificationDataModule(tokenizer=str(tiny_bert_dir), train_file=str(toy_data["train"]), batch_size=8,
+                                      **kwargs)
+        dm.setup("fit")
+        return next(iter(dm.train_dataloader()))["input_ids"][:, 1].tolist()
+
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    assert first_batch() == first_batch(seed=42)  # no run seed: the old fixed order
+    pl.seed_everything(7)
+    assert first_batch() == first_batch(seed=7) != first_batch(seed=42)  # a new run seed draws a new order
+    pl.seed_everything(8)
+    assert first_batch(seed=7) != first_batch() and first_batch(seed=7) == first_batch(seed=7)
