@@ -109,14 +109,20 @@ def as_training_config(value: TrainingConfig | dict[str, Any] | None) -> Trainin
     return TrainingConfig(**value) if isinstance(value, dict) else value
 
 
+def optimizer_class(factory: Any) -> type | None:
+    """The optimizer class behind a factory: the class itself, or the one a ``functools.partial`` wraps (directly,
+    or as LightningCLI's ``OptimizerCallable`` does, as its first positional argument); ``None`` for a lambda."""
+    candidates = [factory, getattr(factory, "func", None), *getattr(factory, "args", ())]
+    return next((c for c in candidates if isinstance(c, type)), None)
+
+
 def explicit_optimizer_lr(factory: Any) -> float | None:
     """The ``lr`` an optimizer factory (a class, ``functools.partial`` or LightningCLI's ``OptimizerCallable``) was
     given, unless it is the optimizer class's own default (which LightningCLI fills in): ``None`` otherwise."""
     keywords = getattr(factory, "keywords", None) or {}
     if "lr" not in keywords:
         return None
-    cls = next((c for c in (getattr(factory, "func", None), *getattr(factory, "args", ())) if isinstance(c, type)),
-               None)
+    cls = optimizer_class(factory)
     default = inspect.signature(cls).parameters.get("lr") if cls is not None else None
     if default is not None and keywords["lr"] == default.default:
         return None
@@ -129,8 +135,7 @@ OPTIMIZER_FACTS = ("lr", "weight_decay", "betas", "momentum")
 def optimizer_summary(factory: Any, lr: float) -> str:
     """``AdamW(lr=0.002, weight_decay=0.01, …)`` for an optimizer class or a ``functools.partial`` of one (what
     ``functools.partial`` and LightningCLI's ``OptimizerCallable`` give), called with learning rate ``lr``."""
-    candidates = [factory, getattr(factory, "func", None), *getattr(factory, "args", ())]
-    cls = next((c for c in candidates if isinstance(c, type)), None)
+    cls = optimizer_class(factory)
     keywords = {**(getattr(factory, "keywords", {}) or {}), "lr": lr}
     facts = ", ".join(f"{k}={keywords[k]}" for k in OPTIMIZER_FACTS if k in keywords)
     return f"{cls.__name__ if cls else 'optimizer'}({facts})"

@@ -26,7 +26,7 @@ from lightning_peft.backbone import BackboneConfig, count_parameters, load_backb
 from lightning_peft.batching import BatchingStrategy, choose_batching
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import export_task, initial_adapter_state
-from lightning_peft.regularization import squared_l2, symmetric_kl
+from lightning_peft.regularization import Regularization, squared_l2, symmetric_kl
 from lightning_peft.training import TrainingConfig, as_training_config, explicit_optimizer_lr, method_name
 from lightning_peft.types import IGNORE_INDEX, AttributionTarget, Batch, LossTerm
 
@@ -120,7 +120,6 @@ class PeftModule(LightningModule, ABC):
         self.peft_config = peft
         self.optimizer_factory = optimizer
         self.training_config = training
-        self.regularization = training.regularization
         #: how training batches are computed in this fit (packed rows, micro-batches…), chosen on its first batch
         self.batching: BatchingStrategy | None = None
         # Checkpoints hold only the trainable weights; the frozen base is rebuilt from the backbone config.
@@ -254,6 +253,11 @@ class PeftModule(LightningModule, ABC):
         example, or per labelled position for sequence outputs (``labels`` ≠ -100)."""
         mask = batch["labels"] != IGNORE_INDEX if logits_a.dim() == 3 else None
         return symmetric_kl(logits_a, logits_b, mask)
+
+    @property
+    def regularization(self) -> Regularization:
+        """The training loss's regularisers (``training.regularization``)."""
+        return self.training_config.regularization
 
     @property
     def label_smoothing(self) -> float:
