@@ -295,16 +295,17 @@ class PeftModule(LightningModule, ABC):
             loss = loss + value
         return loss
 
-    def _evaluation_step(self, batch: Batch, stage: str, metrics: MetricCollection | None) -> torch.Tensor:
+    def _evaluation_step(self, batch: Batch, stage: str,
+                         metrics: MetricCollection | None) -> tuple[torch.Tensor, Batch]:
         """Log the batch's loss as ``<stage>/loss`` and, unless ``metrics`` is ``None``, update the metrics; return
-        the logits."""
+        the logits and the batch as :meth:`prepare_batch` made it."""
         batch = self.prepare_batch(batch)
         logits = self(batch)
         loss = self.compute_loss(logits, batch)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=self.batch_size_of(batch), sync_dist=True)
         if metrics is not None:
             self.update_metrics(metrics, logits, batch)
-        return logits
+        return logits, batch
 
     def _log_epoch_metrics(self, metrics: MetricCollection, prog_bar: bool) -> None:
         # compute() syncs the metric states across processes; metrics may return dicts (e.g. per-type F1)

@@ -208,7 +208,7 @@ class SequenceClassifier(PeftModule):
         return float(self.temperature) != 1.0
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        logits = self._evaluation_step(batch, "test", self.test_metrics)
+        logits, _ = self._evaluation_step(batch, "test", self.test_metrics)
         if self.is_single_label:
             logits, labels = logits.float(), batch["labels"]
             self.test_confidences.update(logits, labels)

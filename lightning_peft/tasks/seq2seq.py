@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -11,17 +9,13 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from peft import PeftConfig, TaskType
-from torchmetrics import MetricCollection
-from transformers import AutoConfig, AutoModelForSeq2SeqLM, GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-from lightning_peft.backbone import BackboneConfig, load_tokenizer
+from lightning_peft.backbone import BackboneConfig
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.metrics.generation import generation_metrics
-from lightning_peft.tasks.base import PeftModule
+from lightning_peft.tasks.generation import TextGenerator
 from lightning_peft.training import TrainingConfig
 from lightning_peft.types import IGNORE_INDEX, Batch
-
-DEFAULT_MAX_NEW_TOKENS = 128
 
 
 def check_generation_head(spec: BackboneConfig) -> None:
@@ -47,56 +41,18 @@ def check_generation_head(spec: BackboneConfig) -> None:
         )
 
 
-def build_generation_config(base: GenerationConfig, overrides: dict[str, Any]) -> GenerationConfig:
-    """``base`` (the model's generation defaults) updated with ``overrides``, checked by transformers; without a
-    length limit in either, ``max_new_tokens`` is 128 (transformers' own default of 20 tokens cuts most outputs)."""
-    known = set(GenerationConfig().to_dict())
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise LightningPeftError(
-            f"model.generation: unknown option {unknown[0]!r}; use GenerationConfig fields such as num_beams, "
-            "max_new_tokens, length_penalty, no_repeat_ngram_size, do_sample"
-        )
-    config = copy.deepcopy(base)
-    try:
-        config.update(**overrides)
-    except ValueError as err:
-        raise LightningPeftError(f"model.generation: {str(err).strip().splitlines()[0]}") from err
-    if "max_length" not in overrides and "max_new_tokens" not in overrides and config.max_new_tokens is None:
-        config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
-    if config.num_return_sequences not in (None, 1):
-        raise LightningPeftError(
-            "model.generation.num_return_sequences: one output per source is written and scored; set it to 1"
-        )
-    try:
-        config.validate(strict=True)
-    except ValueError as err:
-        raise LightningPeftError(f"model.generation: {str(err).strip().splitlines()[0]}") from err
-    if config.decoder_start_token_id is None and config.bos_token_id is None:
-        raise LightningPeftError(
-            "model.backbone: the model defines no decoder_start_token_id; set it in backbone.model_config"
-        )
-    return config
-
-
-class Seq2SeqGenerator(PeftModule):
+class Seq2SeqGenerator(TextGenerator):
     """Sequence-to-sequence generation (translation, summarisation) with any ``AutoModelForSeq2SeqLM`` or an
     ``EncoderDecoderModel`` warm-started from encoder checkpoints (``backbone.decoder_pretrained_model_name_or_path``).
 
-    Training minimises the teacher-forced cross-entropy over target tokens (padding ignored). Validation logs
-    ``val/loss`` on every batch and generates on ``val_generation_batches`` batches spread over the (length-sorted)
-    validation set for ``val/bleu``, ``val/chrf``, ``val/rouge1|2|L``; test generates on every batch; predict
-    returns ``{source, prediction}`` records.
+    Training minimises the teacher-forced cross-entropy over target tokens (padding ignored). Evaluation and
+    generation metrics: see :class:`~lightning_peft.tasks.generation.TextGenerator`; predict returns
+    ``{source, prediction}`` records.
 
     Labels must not begin with the decoder start token, which the model prepends itself; a leading one (BERT-style
     tokenizers start every text with ``[CLS]``, the start token of a warm-started BERT decoder) is dropped.
 
-    Args:
-        generation: ``transformers.GenerationConfig`` options (``num_beams``, ``max_new_tokens``, ``length_penalty``,
-            ``no_repeat_ngram_size``, …) over the model's own defaults.
-        val_generation_batches: how many validation batches to generate on per validation run (``null``: all).
-        metrics_lowercase: compute BLEU and chrF case-insensitively.
-        Other arguments: see :class:`~lightning_peft.tasks.base.PeftModule`.
+    Args: see :class:`~lightning_peft.tasks.generation.TextGenerator`.
 
     Example::
 
@@ -121,27 +77,18 @@ class Seq2SeqGenerator(PeftModule):
         generation: dict[str, Any] | None = None,
         val_generation_batches: int | None = 8,
         metrics_lowercase: bool = False,
+        generation_seed: int = 0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         training: TrainingConfig | None = None,
     ) -> None:
-        super().__init__(backbone, peft, optimizer, training)
-        if val_generation_batches is not None and val_generation_batches < 0:
-            raise LightningPeftError(
-                f"model.val_generation_batches: must be a non-negative integer or null, got {val_generation_batches}"
-            )
-        self.val_generation_batches = val_generation_batches
-        self.metrics_lowercase = metrics_lowercase
+        super().__init__(backbone, peft, generation, val_generation_batches, metrics_lowercase, generation_seed,
+                         optimizer, training)
         check_generation_head(self.backbone_config)
         self.build_backbone()
-        self.generation_config = build_generation_config(self.model.generation_config, dict(generation or {}))
-
-    @cached_property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        """Decodes generated ids; the same tokenizer the datamodule encodes with (the backbone's)."""
-        return load_tokenizer(self.backbone_config.tokenizer_name_or_path, "model.backbone.tokenizer")
-
-    def build_metrics(self) -> MetricCollection:
-        return generation_metrics(lowercase=self.metrics_lowercase)
+        if self.generation_config.decoder_start_token_id is None and self.generation_config.bos_token_id is None:
+            raise LightningPeftError(
+                "model.backbone: the model defines no decoder_start_token_id; set it in backbone.model_config"
+            )
 
     # -- teacher-forced loss ----------------------------------------------------------------------------
     @property
@@ -178,11 +125,6 @@ class Seq2SeqGenerator(PeftModule):
         chunk["labels"] = chunk["labels"][:, :target_width]
         return chunk
 
-    def save_extras(self, directory: Path) -> None:
-        """Also ``generation_config.json``: the decoding settings and the decoder start / end / pad ids."""
-        super().save_extras(directory)
-        self.generation_config.save_pretrained(directory)
-
     def loading_snippet(self, adapter_dir: Path) -> str:
         """For a warm-started encoder-decoder, rebuild the base from its two checkpoints, then add the adapter."""
         decoder = self.backbone_config.decoder_pretrained_model_name_or_path
@@ -206,32 +148,12 @@ class Seq2SeqGenerator(PeftModule):
         )
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=True, clean_up_tokenization_spaces=True)
 
-    def update_metrics(self, metrics: MetricCollection, logits: torch.Tensor, batch: Batch) -> None:
-        metrics.update(self.generate(batch), [[reference] for reference in batch["reference"]])
-
-    def generates_in_validation(self, batch_idx: int) -> bool:
-        """Whether validation batch ``batch_idx`` is one of the ``val_generation_batches`` spread over the epoch."""
-        if self.val_generation_batches is None:
-            return True
-        if self.val_generation_batches == 0:
-            return False
-        total = self.trainer.num_val_batches[0] if self.trainer.num_val_batches else 0
-        if total == float("inf") or total <= self.val_generation_batches:
-            return batch_idx < self.val_generation_batches
-        stride = int(total) // self.val_generation_batches
-        return batch_idx % stride == 0 and batch_idx // stride < self.val_generation_batches
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        metrics = self.val_metrics if self.generates_in_validation(batch_idx) else None
-        self._evaluation_step(batch, "val", metrics)
-
-    def on_validation_epoch_end(self) -> None:
-        if self.val_metrics["bleu"].update_called:
-            self._log_epoch_metrics(self.val_metrics, prog_bar=True)
+    def token_scores(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits, batch["labels"]
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
         """One ``{source, prediction}`` record per example."""
-        predictions = self.generate(batch)
+        predictions = self.seeded_generate(batch, batch_idx)
         return [
             {"source": source, "prediction": prediction}
             for source, prediction in zip(batch["source"], predictions, strict=True)

@@ -143,7 +143,7 @@ def test_encoder_only_backbone_without_decoder_is_refused(backbone, lora):
     [
         ({"beams": 4}, "unknown option 'beams'"),
         ({"early_stopping": "x"}, "model.generation: `early_stopping` must be"),
-        ({"num_beams": 2, "num_return_sequences": 2}, "num_return_sequences: one output per source"),
+        ({"num_beams": 2, "num_return_sequences": 2}, "num_return_sequences: one output per input"),
     ],
 )
 def test_bad_generation_options_are_refused(tiny_t5, generation, message):
