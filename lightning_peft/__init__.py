@@ -18,6 +18,8 @@ _EXPORTS = {
     "AdapterExport": "lightning_peft.callbacks",
     "AdversarialTraining": "lightning_peft.callbacks",
     "BackboneConfig": "lightning_peft.backbone",
+    "CausalGenerator": "lightning_peft.tasks",
+    "ChatDataModule": "lightning_peft.data",
     "ClassificationDataModule": "lightning_peft.data",
     "EarlyStopping": "lightning_peft.callbacks",
     "EntityF1": "lightning_peft.metrics",
@@ -44,6 +46,8 @@ __all__ = [
     "AdapterExport",
     "AdversarialTraining",
     "BackboneConfig",
+    "CausalGenerator",
+    "ChatDataModule",
     "ClassificationDataModule",
     "EarlyStopping",
     "EntityF1",
@@ -90,6 +94,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         TemperatureScaling,
     )
     from lightning_peft.data import (
+        ChatDataModule,
         ClassificationDataModule,
         EpochSeededSampler,
         Seq2SeqDataModule,
@@ -99,6 +104,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from lightning_peft.errors import LightningPeftError
     from lightning_peft.metrics import EntityF1
     from lightning_peft.regularization import Regularization
-    from lightning_peft.tasks import PeftModule, Seq2SeqGenerator, SequenceClassifier, TokenClassifier
+    from lightning_peft.tasks import CausalGenerator, PeftModule, Seq2SeqGenerator, SequenceClassifier, TokenClassifier
     from lightning_peft.training import TrainingConfig
     from lightning_peft.uncertainty import PredictionOptions

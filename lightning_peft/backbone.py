@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +38,10 @@ class BackboneConfig:
         decoder_pretrained_model_name_or_path: seq2seq only: warm-start a ``transformers.EncoderDecoderModel``
             whose encoder is ``pretrained_model_name_or_path`` and whose decoder is loaded from this path (an encoder
             checkpoint such as BERT, given causal self-attention and new, randomly initialised cross-attention).
+        gguf_file: a GGUF file inside ``pretrained_model_name_or_path`` to load (de-quantised to float32; its
+            tokenizer too, unless ``tokenizer`` is set). Slow on every load: convert it once with
+            ``lightning-peft convert-gguf`` and point ``pretrained_model_name_or_path`` at the result instead.
+        attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``, … (``None``: transformers' choice).
 
     Example::
 
@@ -51,6 +56,8 @@ class BackboneConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     decoder_pretrained_model_name_or_path: str | None = None
+    gguf_file: str | None = None
+    attn_implementation: str | None = None
 
     @property
     def is_pretrained(self) -> bool:
@@ -59,7 +66,45 @@ class BackboneConfig:
 
     @property
     def tokenizer_name_or_path(self) -> str | None:
-        return self.tokenizer or self.pretrained_model_name_or_path
+        """``tokenizer``, else the model's path (its GGUF file's path when it is loaded from one)."""
+        return tokenizer_source(self.pretrained_model_name_or_path, self.tokenizer, self.gguf_file)
+
+
+def tokenizer_source(path: str | None, tokenizer: str | None = None, gguf_file: str | None = None) -> str | None:
+    """Where a backbone's tokenizer comes from: ``tokenizer`` if given, else ``path`` (``path/gguf_file`` for a GGUF
+    backbone, which :func:`load_tokenizer` reads from the file)."""
+    if tokenizer or not path:
+        return tokenizer or path
+    return str(Path(path) / gguf_file) if gguf_file else path
+
+
+GGUF_SUFFIX = ".gguf"
+
+
+def split_gguf_path(path: str | Path) -> tuple[str, str]:
+    """``(directory, file name)`` of a ``.gguf`` file path, as ``from_pretrained(directory, gguf_file=name)`` takes
+    them."""
+    path = Path(path)
+    return str(path.parent), path.name
+
+
+def is_gguf_path(path: str | None) -> bool:
+    """Whether ``path`` names a GGUF file (by its suffix)."""
+    return bool(path) and str(path).lower().endswith(GGUF_SUFFIX)
+
+
+def dequantized(model: PreTrainedModel) -> PreTrainedModel:
+    """``model``, loaded from a GGUF file, without its GGUF quantisation flags.
+
+    transformers de-quantises a GGUF file's weights to float32 but flags the model as quantised (``hf_quantizer``,
+    ``config.quantization_config``), which the HF ``Trainer`` and peft treat as untrainable; nothing is quantised
+    any more, so the model trains, merges and saves as the plain float model it is."""
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
 
 
 def _torch_dtype(name: str | None) -> torch.dtype | str | None:
@@ -112,6 +157,8 @@ def load_tokenizer(name_or_path: str | None, field: str = "data.tokenizer", **kw
         raise LightningPeftError(
             f"{field}: not set; set model.backbone.pretrained_model_name_or_path or backbone.tokenizer"
         )
+    if is_gguf_path(name_or_path):  # a tokenizer stored in a GGUF file
+        name_or_path, kwargs["gguf_file"] = split_gguf_path(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
@@ -153,7 +200,8 @@ def _load_transformer(spec: BackboneConfig, auto_class: type, model_kwargs: dict
                 "or model_config with a model_type for a randomly initialised model"
             )
         config = AutoConfig.for_model(**overrides)
-        model = auto_class.from_config(config, trust_remote_code=spec.trust_remote_code)
+        attention = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
+        model = auto_class.from_config(config, trust_remote_code=spec.trust_remote_code, **attention)
         dtype = _torch_dtype(spec.dtype)
         model = model.to(dtype) if isinstance(dtype, torch.dtype) else model
         setattr(model, NEW_WEIGHTS_ATTRIBUTE, ["every weight (a model built from backbone.model_config)"])
@@ -165,13 +213,22 @@ def _load_transformer(spec: BackboneConfig, auto_class: type, model_kwargs: dict
             trust_remote_code=spec.trust_remote_code,
             dtype=_torch_dtype(spec.dtype),
             output_loading_info=True,
+            **_optional_kwargs(spec),
             **overrides,
         )
     except (OSError, ValueError) as err:
         path = repr(spec.pretrained_model_name_or_path)
         raise _load_error("pretrained_model_name_or_path", path, auto_class.__name__, err) from err
+    if spec.gguf_file:
+        model = dequantized(model)
     setattr(model, NEW_WEIGHTS_ATTRIBUTE, sorted(info.get("missing_keys", ())))
     return model
+
+
+def _optional_kwargs(spec: BackboneConfig) -> dict[str, Any]:
+    """``from_pretrained`` / ``from_config`` arguments that are passed only when set."""
+    options = {"gguf_file": spec.gguf_file, "attn_implementation": spec.attn_implementation}
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def linear_layer_names(model: torch.nn.Module) -> list[str]:

@@ -5,7 +5,9 @@ only in how much padding the transformer computes:
 
 - :class:`PaddedPass`: the padded batch in one forward pass;
 - :class:`MicroBatches`: length-sorted micro-batches, each trimmed to its own longest row;
-- :class:`SequencePacking`: the examples laid end to end in a few rows (see :mod:`lightning_peft.packing`).
+- :class:`SequencePacking`: an encoder's examples laid end to end in a few rows (see :mod:`lightning_peft.packing`);
+- :class:`PositionIdPacking`: a decoder's examples laid end to end, separated by their position ids alone
+  (transformers' own packed-sequence route).
 
 :func:`choose_batching` picks one on the first training batch of a fit; a task computes its training loss with
 ``strategy.loss(task, batch)``. R-Drop, label smoothing and the other regularisers live in the task's
@@ -24,15 +26,17 @@ from peft import PeftModel
 
 from lightning_peft.packing import (
     PackedRows,
+    PositionPackedRows,
     find_encoder,
     mask_dtype,
+    pack_by_position_ids,
     pack_rows,
     position_offset,
     unpacked_output,
     unwrapped,
 )
 from lightning_peft.training import TrainingConfig
-from lightning_peft.types import Batch
+from lightning_peft.types import IGNORE_INDEX, Batch
 
 
 class BatchedTask(Protocol):
@@ -40,6 +44,8 @@ class BatchedTask(Protocol):
 
     model: torch.nn.Module
     training_config: TrainingConfig
+    packs_by_position_ids: bool
+    sequence_keys: tuple[str, ...]
 
     def __call__(self, batch: Batch) -> torch.Tensor: ...
 
@@ -116,10 +122,34 @@ class MicroBatches(BatchingStrategy):
         return f"length-sorted micro-batches of {self.size} rows"
 
 
-class SequencePacking(BatchingStrategy):
-    """The batch's examples packed end to end in a few rows, each attending only to itself; ``encoder``'s output is
-    put back per example before the task's head, so the head, loss and metrics run unchanged. A batch that is not
-    right-padded goes to ``fallback``.
+class Packing(BatchingStrategy):
+    """A batch's examples packed end to end in a few rows, each attending only to itself. A batch that is not
+    right-padded goes to ``fallback``. Subclasses say how: :meth:`packed_logits`."""
+
+    def __init__(self, fallback: BatchingStrategy) -> None:
+        self.fallback = fallback
+
+    def loss(self, task: BatchedTask, batch: Batch) -> torch.Tensor:
+        if not is_right_padded(batch["attention_mask"]):
+            return self.fallback.loss(task, batch)
+        return self.packed_loss(task, batch)
+
+    @abstractmethod
+    def packed_loss(self, task: BatchedTask, batch: Batch) -> torch.Tensor:
+        """``task.training_loss`` over the packed rows of a right-padded ``batch``."""
+
+    @abstractmethod
+    def packed_logits(self, task: BatchedTask, batch: Batch) -> torch.Tensor:
+        """``task(batch)``'s logits computed on one packed row, in the order ``task(batch)`` gives them: what
+        :func:`packing_problem` compares."""
+
+    def describe(self) -> str:
+        return "packed rows"
+
+
+class SequencePacking(Packing):
+    """An encoder's examples packed in rows with a block-diagonal attention mask; ``encoder``'s output is put back
+    per example before the task's head, so the head, loss and metrics run unchanged.
 
     Example::
 
@@ -128,18 +158,45 @@ class SequencePacking(BatchingStrategy):
     """
 
     def __init__(self, encoder: torch.nn.Module, fallback: BatchingStrategy) -> None:
+        super().__init__(fallback)
         self.encoder = encoder
-        self.fallback = fallback
 
-    def loss(self, task: BatchedTask, batch: Batch) -> torch.Tensor:
-        if not is_right_padded(batch["attention_mask"]):
-            return self.fallback.loss(task, batch)
+    def packed_loss(self, task: BatchedTask, batch: Batch) -> torch.Tensor:
         packed = pack(task, batch)
         with unpacked_output(self.encoder, packed):
             return task.training_loss(packed_batch(task, batch, packed))
 
-    def describe(self) -> str:
-        return "packed rows"
+    def packed_logits(self, task: BatchedTask, batch: Batch) -> torch.Tensor:
+        packed = pack(task, batch, capacity=int(batch["attention_mask"].sum()))
+        with unpacked_output(self.encoder, packed):
+            return task(packed_batch(task, batch, packed))
+
+
+class PositionIdPacking(Packing):
+    """A decoder's examples packed in rows whose position ids restart at every example, with no attention mask:
+    transformers then builds a causal mask per example itself (the task calls the model with ``use_cache=False``).
+    The task's per-token entries (``sequence_keys``: ids, next-token targets) move with the tokens, so a task whose
+    loss is over labelled tokens computes the same loss; filler positions carry no label.
+
+    Example::
+
+        loss = PositionIdPacking(fallback=PaddedPass()).loss(task, batch)
+    """
+
+    def packed_loss(self, task: BatchedTask, batch: Batch) -> torch.Tensor:
+        return task.training_loss(self._packed(task, batch).inputs)
+
+    def packed_logits(self, task: BatchedTask, batch: Batch) -> torch.Tensor:
+        packed = self._packed(task, batch, capacity=int(batch["attention_mask"].sum()))
+        logits = task(packed.inputs)
+        scored = packed.inputs["target_ids"] != IGNORE_INDEX
+        return logits[packed.order[scored].argsort()]  # back in the padded batch's (example, position) order
+
+    @staticmethod
+    def _packed(task: BatchedTask, batch: Batch, capacity: int | None = None) -> PositionPackedRows:
+        keys = tuple(key for key in task.sequence_keys if key != "attention_mask")
+        fill = {key: IGNORE_INDEX for key in keys if key != "input_ids"}
+        return pack_by_position_ids(batch, keys, fill, capacity)
 
 
 def pack(task: BatchedTask, batch: Batch, capacity: int | None = None) -> PackedRows:
@@ -160,7 +217,8 @@ def choose_batching(task: BatchedTask, batch: Batch, blocker: str | None = None)
 
     Packed rows when ``sequence_packing`` is on, nothing blocks it (``blocker``: why the task or a callback cannot
     use them) and the model's outputs on one packed row equal its padded outputs (else a warning says why);
-    otherwise micro-batches of ``micro_batch_size`` rows, or one padded pass when that is ``null``.
+    otherwise micro-batches of ``micro_batch_size`` rows, or one padded pass when that is ``null``. Decoders
+    (``task.packs_by_position_ids``) pack by position ids, encoders by their unpacked output.
     """
     options = task.training_config
     fallback: BatchingStrategy = MicroBatches(options.micro_batch_size) if options.micro_batch_size else PaddedPass()
@@ -168,41 +226,50 @@ def choose_batching(task: BatchedTask, batch: Batch, blocker: str | None = None)
     if options.sequence_packing:
         reason = blocker
         if reason is None:
-            problem = packing_problem(task, batch)
+            candidate, reason = packing_candidate(task, fallback)
+            problem = reason or packing_problem(task, batch, candidate)
             if problem:
                 rank_zero_warn(f"sequence_packing: {problem}; training uses {fallback.describe()} instead "
                                "(set model.init_args.training.sequence_packing: false to silence this)")
                 reason = problem
             else:
-                strategy = SequencePacking(find_encoder(task.model), fallback)
+                strategy = candidate
     rank_zero_info(f"training batches: {strategy.describe()}" + (f" ({reason})" if reason else ""))
     return strategy
 
 
-def packing_problem(task: BatchedTask, batch: Batch) -> str | None:
-    """Why the task's model cannot train on packed rows, or ``None`` when it can: its outputs for the batch's first
-    examples, packed into one row, must equal their padded outputs."""
+def packing_candidate(task: BatchedTask, fallback: BatchingStrategy) -> tuple[Packing | None, str | None]:
+    """How the task's model would train on packed rows, or why it cannot (prompt learning; an encoder task without an
+    encoder module to unpack)."""
     model = task.model
-    name = type(unwrapped(model)).__name__
     if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
-        return "prompt and prefix tuning add virtual tokens to every row, not to every packed example"
+        return None, "prompt and prefix tuning add virtual tokens to every row, not to every packed example"
+    if task.packs_by_position_ids:
+        return PositionIdPacking(fallback), None
     encoder = find_encoder(model)
     if encoder is None:
-        return f"{name} has no `encoder` (or `transformer`) module whose output could be unpacked"
+        name = type(unwrapped(model)).__name__
+        return None, f"{name} has no `encoder` (or `transformer`) module whose output could be unpacked"
+    return SequencePacking(encoder, fallback), None
+
+
+def packing_problem(task: BatchedTask, batch: Batch, strategy: Packing) -> str | None:
+    """Why the task's model cannot train on packed rows the ``strategy``'s way, or ``None`` when it can: its outputs
+    for the batch's first examples, packed into one row, must equal their padded outputs."""
+    model = task.model
+    name = type(unwrapped(model)).__name__
     if not is_right_padded(batch["attention_mask"]):
         return "the training batches are not right-padded"
     rows = torch.arange(min(8, task.batch_size_of(batch)), device=batch["input_ids"].device)
     sample = task.micro_batch(batch, rows, int(batch["attention_mask"][rows].sum(1).max()))
-    packed = pack(task, sample, capacity=int(sample["attention_mask"].sum()))  # all in one row: positions must
-    # restart and attention stop at every example
+    # all in one row: positions must restart and attention stop at every example
     modes = {module: module.training for module in task.modules()}
     task.eval()
     try:
         with torch.no_grad():
             padded_logits = task(sample)  # outside the except: a failing padded forward is not a packing issue
             try:
-                with unpacked_output(encoder, packed):
-                    packed_logits = task(packed_batch(task, sample, packed))
+                packed_logits = strategy.packed_logits(task, sample)
             except Exception as err:  # any failure on packed rows (Longformer: IndexError) means: do not pack
                 return f"{name} fails on packed rows ({type(err).__name__}: {err})"
     finally:

@@ -6,6 +6,7 @@
     lightning-peft export --config configs/quickstart.yaml --ckpt_path … --export_dir runs/quickstart/export [--merge]
     lightning-peft explain --config configs/quickstart.yaml --ckpt_path … --input "the food was great"
     lightning-peft sweep configs/sweeps/quickstart.yaml --trials 2
+    lightning-peft convert-gguf --gguf_file model.Q4_1.gguf --output_dir models/model
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_peft.backbone import tokenizer_source
 from lightning_peft.callbacks.prediction_writer import JsonlPredictionWriter
 from lightning_peft.callbacks.run_checkpoint import RunCheckpoint
 from lightning_peft.checkpoints import check_checkpoint_matches, load_checkpoint, resolve_named_checkpoint
@@ -33,6 +35,7 @@ from lightning_peft.data.base import TextDataModule
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.explain import METHODS, explain
 from lightning_peft.export import export_checkpoint, push_export, weights_from
+from lightning_peft.gguf import convert_main
 from lightning_peft.parse_errors import describe_parse_error
 from lightning_peft.sweep import sweep_main
 from lightning_peft.tasks.base import PeftModule
@@ -52,10 +55,6 @@ def _import_class(class_path: str | None) -> type | None:
     """The class a validated ``class_path`` names (jsonargparse has already imported it)."""
     module, _, name = (class_path or "").rpartition(".")
     return getattr(importlib.import_module(module), name, None) if module else None
-
-
-def _tokenizer_of(path: str | None, tokenizer: str | None) -> str | None:
-    return tokenizer or path
 
 
 class LoggedConfig(SaveConfigCallback):
@@ -133,10 +132,11 @@ class LightningPeftCLI(LightningCLI):
             "--allow_untrained", type=bool, default=False,
             help="validate/test/predict without --ckpt_path: run even though the model's head is untrained",
         )
+        backbone = "model.init_args.backbone."
         parser.link_arguments(
-            ("model.init_args.backbone.pretrained_model_name_or_path", "model.init_args.backbone.tokenizer"),
+            (f"{backbone}pretrained_model_name_or_path", f"{backbone}tokenizer", f"{backbone}gguf_file"),
             "data.init_args.tokenizer",
-            compute_fn=_tokenizer_of,
+            compute_fn=tokenizer_source,
         )
         # skipped by jsonargparse when the datamodule has no ``labels`` (seq2seq data, whose model takes none)
         parser.link_arguments("data.labels", "model.init_args.labels", apply_on="instantiate")
@@ -385,6 +385,8 @@ def main(args: list[str] | None = None) -> None:
             print(f"explanation written to {html_path} and {json_path}")
         elif argv and argv[0] == "sweep":
             sweep_main(argv[1:], parse_fit_config)
+        elif argv and argv[0] == "convert-gguf":
+            convert_main(argv[1:])
         else:
             LightningPeftCLI(args=args)
     except argparse.ArgumentError as err:

@@ -75,30 +75,17 @@ def pack_rows(
     lengths = batch["attention_mask"].sum(1)
     device = lengths.device
     width = int(lengths.max())
-    capacity = max(capacity or width, width)
-    used: list[int] = []  # positions taken in each packed row
-    starts = [0] * len(lengths)  # flat packed position of each example's first token
-    for example in lengths.argsort(descending=True, stable=True).tolist():
-        length = int(lengths[example])
-        row = next((r for r, taken in enumerate(used) if taken + length <= capacity), len(used))
-        if row == len(used):
-            used.append(0)
-        starts[example] = row * capacity + used[row]
-        used[row] += length
-
-    examples = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
-    offsets = torch.arange(len(examples), device=device) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-    packed = torch.tensor(starts, device=device)[examples] + offsets  # flat packed position of each real token
-    padded = examples * width + offsets  # its flat position in the padded layout
-    size = len(used) * capacity
+    capacity, num_rows, examples, offsets, packed = _first_fit(lengths, capacity)
+    padded = examples * width + offsets  # each real token's flat position in the padded layout
+    size = num_rows * capacity
 
     def scatter(values: torch.Tensor, fill: int) -> torch.Tensor:
         return torch.full((size,), fill, dtype=values.dtype, device=device).index_copy(0, packed, values)
 
     inputs = {key: scatter(batch[key][:, :width].reshape(-1)[padded], 0) for key in PACKED_KEYS if key in batch}
     inputs["position_ids"] = scatter(offsets + position_offset, 0)
-    inputs = {key: value.view(len(used), capacity) for key, value in inputs.items()}
-    segment = scatter(examples, -1).view(len(used), capacity)
+    inputs = {key: value.view(num_rows, capacity) for key, value in inputs.items()}
+    segment = scatter(examples, -1).view(num_rows, capacity)
     same_example = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)
     itself = torch.eye(capacity, dtype=torch.bool, device=device)
     allowed = (same_example | itself)[:, None]
@@ -109,6 +96,69 @@ def pack_rows(
     inputs["attention_mask"] = allowed
     source = torch.full((len(lengths) * width,), size, dtype=torch.long, device=device).index_copy(0, padded, packed)
     return PackedRows(inputs=inputs, source=source, num_examples=len(lengths), width=width)
+
+
+def _first_fit(
+    lengths: torch.Tensor, capacity: int | None
+) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the examples of ``lengths`` go in rows of ``capacity`` positions (default and minimum: the longest), first
+    fit, longest first: ``(capacity, rows, example, offset, packed)``, the last three per real token (in example
+    order): its example, its position in the example and its flat position in the packed rows."""
+    device = lengths.device
+    capacity = max(capacity or 0, int(lengths.max()))
+    used: list[int] = []  # positions taken in each packed row
+    starts = [0] * len(lengths)  # flat packed position of each example's first token
+    for example in lengths.argsort(descending=True, stable=True).tolist():
+        length = int(lengths[example])
+        row = next((r for r, taken in enumerate(used) if taken + length <= capacity), len(used))
+        if row == len(used):
+            used.append(0)
+        starts[example] = row * capacity + used[row]
+        used[row] += length
+    examples = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+    offsets = torch.arange(len(examples), device=device) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    packed = torch.tensor(starts, device=device)[examples] + offsets
+    return capacity, len(used), examples, offsets, packed
+
+
+@dataclass
+class PositionPackedRows:
+    """A right-padded decoder batch packed into rows for transformers' own packed-sequence route: ``inputs`` holds
+    the per-token entries (``input_ids``, ``labels``, …) laid out in rows and ``position_ids`` restarting at 0 for
+    every example, and no attention mask, from which transformers builds a causal mask per example (only when no
+    cache is used: call the model with ``use_cache=False``). Filler positions are one-token sequences whose labels
+    are -100. ``order`` gives each packed position its place in the padded layout (example × width + position;
+    filler past the end), to compare packed and padded outputs."""
+
+    inputs: dict[str, torch.Tensor]
+    order: torch.Tensor
+
+
+def pack_by_position_ids(batch: dict[str, torch.Tensor], keys: tuple[str, ...], fill: dict[str, int],
+                         capacity: int | None = None) -> PositionPackedRows:
+    """Pack the examples of a right-padded decoder ``batch`` (first fit, longest first) into rows of ``capacity``
+    positions (default: the longest example); ``keys`` are the per-token entries to lay out, ``fill`` their filler
+    values (0 for ids, -100 for labels).
+
+    Example::
+
+        packed = pack_by_position_ids(batch, ("input_ids", "labels"), {"labels": -100})
+        logits = model(**packed.inputs, use_cache=False).logits  # labels are shifted by the caller
+    """
+    lengths = batch["attention_mask"].sum(1)
+    width = int(lengths.max())
+    capacity, num_rows, examples, offsets, packed = _first_fit(lengths, capacity)
+    padded = examples * width + offsets
+    size = num_rows * capacity
+
+    def scatter(values: torch.Tensor, filler: int) -> torch.Tensor:
+        out = torch.full((size,), filler, dtype=values.dtype, device=values.device)
+        return out.index_copy(0, packed, values).view(num_rows, capacity)
+
+    inputs = {key: scatter(batch[key][:, :width].reshape(-1)[padded], fill.get(key, 0)) for key in keys if key in batch}
+    inputs["position_ids"] = scatter(offsets, 0)
+    order = scatter(padded, len(lengths) * width)
+    return PositionPackedRows(inputs=inputs, order=order)
 
 
 @contextmanager

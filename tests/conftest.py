@@ -234,3 +234,87 @@ def tiny_t5_dir(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -
     torch.manual_seed(0)
     T5ForConditionalGeneration(config).save_pretrained(directory)
     return directory
+
+
+# -- decoder-only chat models ------------------------------------------------------------------------------
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def toy_conversation(rng: random.Random) -> dict[str, object]:
+    """A user asks for the toy translation of a few words; the assistant answers it (learnable by a tiny model)."""
+    pair = toy_pair(rng)
+    return {"messages": [{"role": "user", "content": f"translate: {pair['source']}"},
+                         {"role": "assistant", "content": pair["target"]}]}
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A word-level tokenizer over the toy words with ChatML special tokens and chat template (``<|im_end|>`` ends
+    turns and sequences, ``<pad>`` pads)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("chat-tokenizer")
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    words = ["system", "user", "assistant", "translate", "you", "are", "helpful"] + sorted(TOY_DICTIONARY)
+    vocab = specials + words + letters + [".", ",", ":", "!", "?"]
+    tokenizer = Tokenizer(models.WordLevel({token: i for i, token in enumerate(vocab)}, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<|im_end|>",
+                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHATML
+    fast.save_pretrained(directory)
+    return directory
+
+
+def save_tiny_decoder(directory: Path, tokenizer_dir: Path, architecture: str) -> Path:
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+           "bos_token_id": None}
+    torch.manual_seed(0)
+    if architecture == "llama":
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **ids)
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0, **ids)
+        model = GPT2LMHeadModel(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, chat_tokenizer_dir: Path) -> Path:
+    """A random-init 2-layer, 32-wide Llama (grouped-query attention, tied embeddings) with the chat tokenizer."""
+    return save_tiny_decoder(tmp_path_factory.mktemp("tiny-llama"), chat_tokenizer_dir, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, chat_tokenizer_dir: Path) -> Path:
+    """A random-init 2-layer, 32-wide GPT-2 with the chat tokenizer."""
+    return save_tiny_decoder(tmp_path_factory.mktemp("tiny-gpt2"), chat_tokenizer_dir, "gpt2")
+
+
+@pytest.fixture(scope="session")
+def toy_chat(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """jsonl conversations of the toy translation: train/validation/test, and predict prompts (user turns only)."""
+    directory = tmp_path_factory.mktemp("toy-chat")
+    rng = random.Random(0)
+    files = {
+        split: write_jsonl(directory / f"{split}.jsonl", [toy_conversation(rng) for _ in range(n)])
+        for split, n in (("train", 128), ("validation", 16), ("test", 16))
+    }
+    prompts = ["translate: good", "translate: the food was really very bad", "translate: nice"]
+    files["predict"] = write_jsonl(directory / "predict.jsonl",
+                                   [{"messages": [{"role": "user", "content": p}]} for p in prompts])
+    return files

