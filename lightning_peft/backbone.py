@@ -31,7 +31,9 @@ class BackboneConfig:
         model_config: with a path, overrides applied to the pretrained config (e.g. ``{hidden_dropout_prob: 0}``);
             without a path, a full config (with ``model_type``) for a randomly initialised model.
         tokenizer: tokenizer hub id or directory; defaults to ``pretrained_model_name_or_path``.
-        gradient_checkpointing: trade compute for activation memory (non-reentrant, works with frozen bases).
+        gradient_checkpointing: trade compute for activation memory (non-reentrant, works with frozen bases);
+            ``None``: the task's choice (on for decoder-only chat models, whose activations dominate a step's
+            memory; off otherwise).
         dtype: weight dtype to load (``float32``, ``bfloat16``, ``float16`` or ``auto``); ``None`` keeps float32.
         revision: hub revision (branch, tag or commit).
         trust_remote_code: allow custom modelling code from the hub.
@@ -51,7 +53,7 @@ class BackboneConfig:
     pretrained_model_name_or_path: str | None = None
     model_config: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
     dtype: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False

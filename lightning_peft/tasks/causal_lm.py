@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +60,9 @@ class CausalGenerator(TextGenerator):
     (see :class:`~lightning_peft.tasks.generation.TextGenerator`); predict writes ``{messages, prediction}`` records
     (``{text, prediction}`` for plain text). The best checkpoint is the lowest ``val/perplexity``.
 
+    Activation checkpointing is on unless ``backbone.gradient_checkpointing`` says otherwise: a decoder's activations
+    dominate a training step's memory (SmolLM2, batch 8: half the peak memory for 8 % of the speed).
+
     Args: see :class:`~lightning_peft.tasks.generation.TextGenerator` (``val_generation_batches`` is 2 here:
     generating with a decoder is slow).
 
@@ -93,6 +97,8 @@ class CausalGenerator(TextGenerator):
     ) -> None:
         super().__init__(backbone, peft, generation, val_generation_batches, metrics_lowercase, generation_seed,
                          optimizer, training)
+        if self.backbone_config.gradient_checkpointing is None:  # measured on SmolLM2: half the memory, 8 % slower
+            self.backbone_config = dataclasses.replace(self.backbone_config, gradient_checkpointing=True)
         self.build_backbone()
         config = self.generation_config
         if config.eos_token_id is None:
