@@ -82,6 +82,7 @@ class TextDataModule(LightningDataModule):
             saves more padding but makes batches more length-homogeneous, which can cost accuracy; ``null``
             sorts the whole split (see :class:`~lightning_peft.data.sampling.EpochSeededSampler`).
         limit_train_samples / limit_eval_samples: keep the first N rows of train / of validation and test.
+        limit_predict_samples: keep the first N rows of the predict split (a quick look at a model's outputs).
         num_workers: DataLoader worker processes.
         seed: seed of the per-epoch training order; ``null`` (the default) takes the run's seed
             (``seed_everything``), so another run seed also draws another order (42 without one).
@@ -106,6 +107,7 @@ class TextDataModule(LightningDataModule):
         limit_eval_samples: int | None = None,
         num_workers: int = 0,
         seed: int | None = None,
+        limit_predict_samples: int | None = None,
     ) -> None:
         super().__init__()
         self.tokenizer_name_or_path = tokenizer
@@ -118,7 +120,8 @@ class TextDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.group_by_length = group_by_length
         self.group_by_length_window = group_by_length_window
-        self.limits = {"train": limit_train_samples, "validation": limit_eval_samples, "test": limit_eval_samples}
+        self.limits = {"train": limit_train_samples, "validation": limit_eval_samples, "test": limit_eval_samples,
+                       "predict": limit_predict_samples}
         self.num_workers = num_workers
         self.seed = seed
         self.datasets: dict[str, Dataset] = {}

@@ -81,8 +81,8 @@ def test_truncation_is_counted_and_rows_without_assistant_tokens_are_skipped(cha
 
 def test_evaluation_rows_carry_the_last_turns_prompt_and_reference(chat_tokenizer_dir, tmp_path):
     files = {"test": write_jsonl(tmp_path / "test.jsonl", [{"messages": CONVERSATION}]),
-             "predict": write_jsonl(tmp_path / "predict.jsonl", [{"messages": CONVERSATION[:4]}])}
-    dm = chat(chat_tokenizer_dir, files)
+             "predict": write_jsonl(tmp_path / "predict.jsonl", [{"messages": CONVERSATION[:4]}] * 3)}
+    dm = chat(chat_tokenizer_dir, files, limit_predict_samples=1)
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
     assert batch["reference"] == ["rude."]
