@@ -62,6 +62,15 @@ class BatchedTask(Protocol):
     def eval(self) -> torch.nn.Module: ...
 
 
+class DecoderTask(BatchedTask, Protocol):
+    """A task whose logits are per scored token (a decoder's next-token targets), as :class:`PositionIdPacking`
+    needs it."""
+
+    def scored_positions(self, batch: Batch) -> torch.Tensor:
+        """Which (row, position) of ``batch`` the task's logits are computed at, row-major."""
+        ...
+
+
 class BatchingStrategy(ABC):
     """One way to compute a training batch's loss (the task's ``training_loss`` over the batch's examples)."""
 
@@ -186,11 +195,11 @@ class PositionIdPacking(Packing):
     def packed_loss(self, task: BatchedTask, batch: Batch) -> torch.Tensor:
         return task.training_loss(self._packed(task, batch).inputs)
 
-    def packed_logits(self, task: BatchedTask, batch: Batch) -> torch.Tensor:
+    def packed_logits(self, task: DecoderTask, batch: Batch) -> torch.Tensor:
         packed = self._packed(task, batch, capacity=int(batch["attention_mask"].sum()))
         logits = task(packed.inputs)
-        scored = packed.inputs["target_ids"] != IGNORE_INDEX
-        return logits[packed.order[scored].argsort()]  # back in the padded batch's (example, position) order
+        order = packed.order[task.scored_positions(packed.inputs)]
+        return logits[order.argsort()]  # back in the padded batch's (example, position) order
 
     @staticmethod
     def _packed(task: BatchedTask, batch: Batch, capacity: int | None = None) -> PositionPackedRows:

@@ -124,22 +124,25 @@ class CausalGenerator(TextGenerator):
         targets[:, :-1] = labels[:, 1:]
         return {**batch, "target_ids": targets}
 
+    @staticmethod
+    def scored_positions(batch: Batch) -> torch.Tensor:
+        """The positions with a next-token target (``target_ids`` ≠ -100): where :meth:`forward` computes logits."""
+        return batch["target_ids"] != IGNORE_INDEX
+
     def forward(self, batch: Batch) -> torch.Tensor:
-        """Logits (labelled positions, vocabulary) at the positions whose ``target_ids`` are not -100, row-major."""
-        scored = batch["target_ids"] != IGNORE_INDEX
-        with scored_positions_only(self.model.get_output_embeddings(), scored):
+        """Logits (labelled positions, vocabulary) at the :meth:`scored_positions`, row-major."""
+        with scored_positions_only(self.model.get_output_embeddings(), self.scored_positions(batch)):
             return self.model(**self.model_inputs(batch), use_cache=False).logits
 
     def compute_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        targets = batch["target_ids"][batch["target_ids"] != IGNORE_INDEX]
+        targets = batch["target_ids"][self.scored_positions(batch)]
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
 
     def loss_weight(self, batch: Batch) -> int:
-        return int((batch["target_ids"] != IGNORE_INDEX).sum())
+        return int(self.scored_positions(batch).sum())
 
     def token_scores(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        targets = batch["target_ids"][batch["target_ids"] != IGNORE_INDEX]
-        return logits[None], targets[None]
+        return logits[None], batch["target_ids"][self.scored_positions(batch)][None]
 
     # -- generation -------------------------------------------------------------------------------------
     @torch.no_grad()
