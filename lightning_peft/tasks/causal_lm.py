@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
-from peft import PeftConfig, TaskType
+from peft import PeftConfig, PeftType, TaskType
 from transformers import AutoModelForCausalLM
 
 from lightning_peft.backbone import BackboneConfig
@@ -60,8 +60,9 @@ class CausalGenerator(TextGenerator):
     (see :class:`~lightning_peft.tasks.generation.TextGenerator`); predict writes ``{messages, prediction}`` records
     (``{text, prediction}`` for plain text). The best checkpoint is the lowest ``val/perplexity``.
 
-    Activation checkpointing is on unless ``backbone.gradient_checkpointing`` says otherwise: a decoder's activations
-    dominate a training step's memory (SmolLM2, batch 8: half the peak memory for 8 % of the speed).
+    Activation checkpointing is on unless ``backbone.gradient_checkpointing`` says otherwise (or prefix tuning, which
+    peft cannot checkpoint): a decoder's activations dominate a training step's memory (SmolLM2, batch 8: half the
+    peak memory for 8 % of the speed).
 
     Args: see :class:`~lightning_peft.tasks.generation.TextGenerator` (``val_generation_batches`` is 2 here:
     generating with a decoder is slow).
@@ -98,7 +99,9 @@ class CausalGenerator(TextGenerator):
         super().__init__(backbone, peft, generation, val_generation_batches, metrics_lowercase, generation_seed,
                          optimizer, training)
         if self.backbone_config.gradient_checkpointing is None:  # measured on SmolLM2: half the memory, 8 % slower
-            self.backbone_config = dataclasses.replace(self.backbone_config, gradient_checkpointing=True)
+            prefixes = self.peft_config is not None and self.peft_config.peft_type == PeftType.PREFIX_TUNING
+            # peft refuses prefix tuning with checkpointing (its prefixes live in the attention caches)
+            self.backbone_config = dataclasses.replace(self.backbone_config, gradient_checkpointing=not prefixes)
         self.build_backbone()
         config = self.generation_config
         if config.eos_token_id is None:
