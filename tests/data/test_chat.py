@@ -128,3 +128,13 @@ def test_a_tokenizer_without_chat_template_needs_one_given(tiny_t5_dir, chat_tok
     dm = chat(tiny_t5_dir, files, chat_template=CHATML)  # the T5 tokenizer lacks <|im_start|>: words still encode
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 1
+
+
+def test_plain_text_prompts_continue_the_text(chat_tokenizer_dir, tmp_path):
+    files = {"predict": write_jsonl(tmp_path / "predict.jsonl", [{"text": "good food"}, {"text": "bad"}])}
+    dm = chat(chat_tokenizer_dir, files, format="text")
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["text"] == ["good food", "bad"]  # passed through for the predictions file
+    assert batch["prompt_input_ids"].tolist() == [dm.tokenizer(["good food"])["input_ids"][0],
+                                                  [dm.tokenizer.pad_token_id] + dm.tokenizer(["bad"])["input_ids"][0]]
