@@ -209,8 +209,8 @@ class ChatDataModule(TextDataModule):
             raise LightningPeftError("data.tokenizer: defines neither a padding nor an end-of-sequence token")
         return pad
 
-    def conversations(self, rows: dict[str, list[Any]], split: str, offset: int = 0) -> list[list[Message]]:
-        """The checked conversations of a batch of rows (``offset``: the batch's first row, for messages)."""
+    def conversations(self, rows: dict[str, list[Any]], split: str) -> list[list[Message]]:
+        """The checked conversations of ``rows`` (a whole split is checked first, so row numbers name its rows)."""
         needs_assistant = self.has_labels(split)
         if self.format == "messages":
             values = rows[self.messages_column]
@@ -223,7 +223,7 @@ class ChatDataModule(TextDataModule):
                 if needs_assistant:
                     turns.append({"role": "assistant", "content": rows[self.output_column][i]})
                 values.append(turns)
-        return [check_conversation(m, f"{self.describe(split)} row {offset + i}", needs_assistant)
+        return [check_conversation(m, f"{self.describe(split)} row {i}", needs_assistant)
                 for i, m in enumerate(values)]
 
     def prepare_split(self, dataset: Dataset, split: str) -> Dataset:
@@ -325,9 +325,6 @@ class ChatDataModule(TextDataModule):
         if prompts:
             rank_zero_warn(f"{split}: {prompts} of {total} prompts are longer than max_length={self.max_length} "
                            "tokens and were cut on the left (raise data.max_length)")
-
-    def has_labels(self, split: str) -> bool:
-        return split != "predict"
 
     def build_collator(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         return ChatCollator(self.pad_token_id())
