@@ -248,19 +248,16 @@ class ChatDataModule(TextDataModule):
         if split == "predict":
             encoded["messages"] = []
         for messages in self.conversations(examples, split):
-            if split != "train":
-                prompt = self._prompt_messages(messages, split)
-                ids = template.prompt_ids(prompt)
-                encoded["prompt_truncated"].append(int(len(ids) > self.max_length))
-                encoded["prompt_input_ids"].append(ids[-self.max_length:])
-            else:
-                encoded["prompt_truncated"].append(0)
             if split == "predict":
+                prompt = self._prompt_messages(messages, split)
                 encoded["messages"].append(prompt)
-                encoded["input_ids"].append(encoded["prompt_input_ids"][-1])
-                encoded["truncated"].append(0)
-                encoded["skipped"].append(0)
+                self._add_predict_row(encoded, template.prompt_ids(prompt))
                 continue
+            if split == "train":
+                encoded["prompt_truncated"].append(0)
+            else:
+                prompt = self._prompt_messages(messages, split)
+                self._add_prompt(encoded, template.prompt_ids(prompt))
             ids, trained = template.encode(messages)
             self._add_trained_row(encoded, ids, trained if self.assistant_only_loss else [True] * len(ids))
             if split != "train":
@@ -281,12 +278,9 @@ class ChatDataModule(TextDataModule):
         texts = examples[self.text_column]
         encoded: dict[str, list[Any]] = {key: [] for key in ("input_ids", *self.count_columns)}
         if split == "predict":
+            encoded["prompt_input_ids"] = []
             for ids in tokenizer(texts)["input_ids"]:
-                encoded["input_ids"].append(ids[-self.max_length:])
-                encoded["prompt_truncated"].append(int(len(ids) > self.max_length))
-                encoded["truncated"].append(0)
-                encoded["skipped"].append(0)
-            encoded["prompt_input_ids"] = encoded["input_ids"]
+                self._add_predict_row(encoded, ids)
             return encoded
         encoded["labels"] = []
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -294,6 +288,18 @@ class ChatDataModule(TextDataModule):
             self._add_trained_row(encoded, ids + eos, [True] * (len(ids) + len(eos)))
             encoded["prompt_truncated"].append(0)
         return encoded
+
+    def _add_prompt(self, encoded: dict[str, list[Any]], ids: list[int]) -> None:
+        """Append a generation prompt, cut on the left to ``max_length`` (and counted when cut)."""
+        encoded["prompt_truncated"].append(int(len(ids) > self.max_length))
+        encoded["prompt_input_ids"].append(ids[-self.max_length:])
+
+    def _add_predict_row(self, encoded: dict[str, list[Any]], ids: list[int]) -> None:
+        """Append a predict row: its prompt, also as ``input_ids`` (what the split is length-sorted by)."""
+        self._add_prompt(encoded, ids)
+        encoded["input_ids"].append(encoded["prompt_input_ids"][-1])
+        encoded["truncated"].append(0)
+        encoded["skipped"].append(0)
 
     def _add_trained_row(self, encoded: dict[str, list[Any]], ids: list[int], trained: list[bool]) -> None:
         """Append one training sequence cut to ``max_length``; a row left with no trained token is kept empty (and
