@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import math
 import os
 from collections.abc import Callable
@@ -30,6 +31,18 @@ _READERS: dict[str, tuple[str, dict[str, Any]]] = {
     ".json": ("json", {}),
     ".jsonl": ("json", {}),
 }
+
+
+def preprocessing_code(datamodule_class: type) -> str:
+    """Hash of the source files that turn raw rows into tokens for ``datamodule_class``: every module of
+    ``lightning_peft.data`` and the module of each class it inherits from (a user's subclass too). Part of the cache
+    key of tokenised splits, so upgrading lightning-peft or editing a subclass never serves tokens the old code made.
+    """
+    files = set(Path(__file__).parent.glob("*.py"))
+    files.update(
+        Path(inspect.getsourcefile(cls)) for cls in datamodule_class.__mro__ if issubclass(cls, TextDataModule)
+    )
+    return Hasher.hash(sorted((path.name, path.read_bytes()) for path in files))
 
 
 def is_blank(value: Any) -> bool:
@@ -305,13 +318,16 @@ class TextDataModule(LightningDataModule):
             self.datasets[split] = processed
 
     def _fingerprint(self, raw: Dataset, split: str) -> str:
-        """Cache key of a tokenised split: the raw data, this datamodule's class and arguments, the split."""
+        """Cache key of a tokenised split: the raw data, this datamodule's class, its code and arguments, the
+        tokenizer's contents (not only its path: a tokenizer re-trained in place, or a new chat template, must not
+        reuse old tokens) and the split."""
         settings = sorted(
             (k, repr(v))
             for k, v in vars(self).items()
             if not k.startswith("_") and k != "datasets" and isinstance(v, (str, int, float, list, dict))
         )
-        return Hasher.hash((raw._fingerprint, type(self).__qualname__, settings, split))
+        return Hasher.hash((raw._fingerprint, type(self).__qualname__, preprocessing_code(type(self)), settings,
+                            Hasher.hash(self.tokenizer), split))
 
     @cached_property
     def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
