@@ -7,6 +7,7 @@
     lightning-peft explain --config configs/quickstart.yaml --ckpt_path … --input "the food was great"
     lightning-peft sweep configs/sweeps/quickstart.yaml --trials 2
     lightning-peft convert-gguf --gguf_file model.Q4_1.gguf --output_dir models/model
+    lightning-peft serve --adapters sentiment=runs/quickstart/export --port 8000
 """
 
 from __future__ import annotations
@@ -387,6 +388,10 @@ def main(args: list[str] | None = None) -> None:
             sweep_main(argv[1:], parse_fit_config)
         elif argv and argv[0] == "convert-gguf":
             convert_main(argv[1:])
+        elif argv and argv[0] == "serve":
+            from lightning_peft.serve.server import serve_main  # litserve is the `serve` extra
+
+            serve_main(argv[1:])
         else:
             LightningPeftCLI(args=args)
     except argparse.ArgumentError as err:

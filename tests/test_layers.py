@@ -20,7 +20,7 @@ LAYERS = {
     "batching": 2, "data": 2,
     "tasks": 3,
     "callbacks": 4, "explain": 4,
-    "sweep": 5,
+    "sweep": 5, "serve": 5,
     "cli": 6,
 }
 

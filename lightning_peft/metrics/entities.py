@@ -8,7 +8,7 @@ lenient conlleval way: such an ``I-`` starts a new entity.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 OUTSIDE = "O"
 
@@ -95,3 +95,11 @@ def iob1_to_iob2(tags: Sequence[str]) -> list[str]:
         converted.append(tag)
         previous = tag
     return converted
+
+
+def sentence_record(words: Sequence[str], tags: Sequence[str]) -> dict[str, Any]:
+    """A tagged sentence as ``predict`` writes it and the server answers: its ``words``, ``tags`` and ``entities``
+    (type, first and last word index, text)."""
+    entities = [{"type": e.type, "start": e.start, "end": e.end, "text": " ".join(words[e.start : e.end + 1])}
+                for e in extract_entities(tags)]
+    return {"words": list(words), "tags": list(tags), "entities": entities}

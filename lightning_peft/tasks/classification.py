@@ -53,6 +53,18 @@ def bernoulli_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.zeros_like(logits), logits], dim=-1)
 
 
+def label_records(distribution: dict[str, torch.Tensor], labels: list[str]) -> list[dict[str, Any]]:
+    """Per row of a class ``distribution`` (see :func:`~lightning_peft.uncertainty.summarise_samples`): the most
+    probable ``label``, every label's ``probabilities``, the ``confidence`` and the ``entropy``; what ``predict``
+    writes and the server answers."""
+    records = []
+    for mean, entropy in zip(distribution["mean"].tolist(), distribution["entropy"].tolist(), strict=True):
+        confidence = max(mean)
+        records.append({"label": labels[mean.index(confidence)], "probabilities": dict(zip(labels, mean, strict=True)),
+                        "confidence": confidence, "entropy": entropy})
+    return records
+
+
 class SequenceClassifier(PeftModule):
     """Classify (or score) a text or a text pair.
 
@@ -323,15 +335,8 @@ class SequenceClassifier(PeftModule):
     def single_label_records(self, distribution: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         sampled = bool(self.prediction.mc_samples or self.prediction.ensemble)
         records = []
-        for mean, entropy, std in zip(
-            distribution["mean"].tolist(), distribution["entropy"].tolist(), distribution["std"].tolist(), strict=True
-        ):
-            confidence = max(mean)
-            label = self.labels[mean.index(confidence)]
-            record: dict[str, Any] = {
-                "label": label, "probabilities": dict(zip(self.labels, mean, strict=True)),
-                "confidence": confidence, "entropy": entropy,
-            }
+        for record, std in zip(label_records(distribution, self.labels), distribution["std"].tolist(), strict=True):
+            confidence, label = record["confidence"], record["label"]
             if sampled:
                 record["std"] = dict(zip(self.labels, std, strict=True))
             if self.prediction.abstain_below is not None:

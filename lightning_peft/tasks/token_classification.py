@@ -13,7 +13,7 @@ from transformers import AutoModelForTokenClassification
 
 from lightning_peft.backbone import BackboneConfig
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.metrics.entities import OUTSIDE, extract_entities
+from lightning_peft.metrics.entities import OUTSIDE, extract_entities, sentence_record
 from lightning_peft.metrics.entity_f1 import EntityF1
 from lightning_peft.tasks.base import PeftModule, label_config
 from lightning_peft.training import TrainingConfig
@@ -151,11 +151,5 @@ class TokenClassifier(PeftModule):
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
         """Per sentence: its ``words``, ``tags`` (one per word) and ``entities`` (type, first and last word index,
         text)."""
-        records = []
-        for words, tags in zip(batch["words"], self.word_tags(self(batch), batch), strict=True):
-            entities = [
-                {"type": e.type, "start": e.start, "end": e.end, "text": " ".join(words[e.start : e.end + 1])}
-                for e in extract_entities(tags)
-            ]
-            records.append({"words": words, "tags": tags, "entities": entities})
-        return records
+        return [sentence_record(words, tags)
+                for words, tags in zip(batch["words"], self.word_tags(self(batch), batch), strict=True)]

@@ -1,0 +1,338 @@
+"""The server's models: one frozen base in memory, every served adapter on it, and batches that mix adapters.
+
+Adapters whose heads have the same shape (task, PEFT method, number of labels) live in one ``PeftModel`` as named
+adapters; a batch mixing them runs as one forward pass of the base, peft routing each row to its adapter
+(``adapter_names``; LoRA and the methods peft can mix), or one pass per adapter for the others. Different head shapes
+get their own ``PeftModel`` whose body *shares the parameters* of the first one, so the base weights are in memory
+once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+)
+
+from lightning_peft.metrics.entities import OUTSIDE, sentence_record
+from lightning_peft.serve.exports import AdapterRefused, ServedAdapter
+from lightning_peft.tasks.base import label_config
+from lightning_peft.tasks.classification import label_records
+from lightning_peft.uncertainty import summarise_samples
+
+AUTO_CLASSES = {"classification": AutoModelForSequenceClassification,
+                "token_classification": AutoModelForTokenClassification,
+                "seq2seq": AutoModelForSeq2SeqLM, "causal_lm": AutoModelForCausalLM}
+#: threshold of a multi-label classifier's served labels (the task's default)
+MULTI_LABEL_THRESHOLD = 0.5
+#: PEFT methods whose adapters peft runs side by side in one batch (``adapter_names``)
+MIXABLE_METHODS = ("LORA",)
+#: longest generation a request may ask for
+MAX_NEW_TOKENS_LIMIT = 1024
+
+
+class InputError(ValueError):
+    """A request the engine cannot answer: ``status`` (HTTP), the ``field`` at fault and the message with the fix."""
+
+    def __init__(self, field: str, message: str, status: int = 422) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.status = field, status
+
+
+@dataclass
+class Row:
+    """One input of one request: its adapter, token ids, what the response repeats of the input, and (for
+    generation) its generation settings."""
+
+    adapter: ServedAdapter
+    input_ids: list[int]
+    given: dict[str, Any]
+    word_ids: list[int | None] | None = None
+    generation: GenerationConfig | None = None
+
+
+class AdapterEngine:
+    """Load, unload and run exported adapters on one frozen base (one instance per server worker).
+
+    Example::
+
+        engine = AdapterEngine()
+        engine.load(read_adapter("sentiment", "runs/quickstart/export"))
+        engine.predict([("sentiment", ["great film"], {})])  # [[{'text': 'great film', 'label': 'positive', …}]]
+    """
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.adapters: dict[str, ServedAdapter] = {}
+        self.models: dict[tuple[Any, ...], PeftModel] = {}
+        self.tokenizers: dict[str, Any] = {}
+        self.base: str | None = None
+        self._body: dict[str, torch.nn.Parameter] = {}
+        self._lock = threading.Lock()
+
+    # -- the serving set --------------------------------------------------------------------------------
+    def load(self, adapter: ServedAdapter) -> None:
+        """Add ``adapter``; on any failure (:class:`AdapterRefused` naming the cause) the serving set is unchanged."""
+        with self._lock:
+            if adapter.name in self.adapters:
+                raise AdapterRefused(f"name: an adapter named {adapter.name!r} is already served; unload it first "
+                                     "or choose another name")
+            if self.base is not None and adapter.base != self.base:
+                raise AdapterRefused(f"path: {str(adapter.directory)!r} was trained on {adapter.base!r} but this "
+                                     f"server's base is {self.base!r}; adapters must share the base (serve it from "
+                                     "another server)")
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(adapter.directory)
+            except (OSError, ValueError) as err:
+                raise AdapterRefused(f"path: {str(adapter.directory)!r} holds no readable tokenizer ({err}); "
+                                     "re-export the adapter") from err
+            model = self.models.get(adapter.head)
+            try:
+                if model is None:
+                    model = PeftModel.from_pretrained(self._base_model(adapter), adapter.directory,
+                                                      adapter_name=adapter.name, is_trainable=False)
+                    model.to(self.device).eval()
+                else:
+                    model.load_adapter(adapter.directory, adapter_name=adapter.name, is_trainable=False)
+                    model.to(self.device)
+            except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+                if model is not None and adapter.name in model.peft_config:
+                    model.delete_adapter(adapter.name)
+                raise AdapterRefused(f"path: peft cannot load {str(adapter.directory)!r} onto {adapter.base!r} "
+                                     f"({type(err).__name__}: {str(err)[:300]}); it does not fit this base") from err
+            self.models[adapter.head] = model
+            self.tokenizers[adapter.name] = tokenizer
+            self.adapters[adapter.name] = adapter
+            self.base = adapter.base
+
+    def unload(self, name: str) -> ServedAdapter:
+        """Remove the adapter ``name`` (and its model, when it was the last one on it)."""
+        with self._lock:
+            adapter = self.adapters.pop(name)
+            self.tokenizers.pop(name)
+            model = self.models[adapter.head]
+            if any(other.head == adapter.head for other in self.adapters.values()):
+                model.delete_adapter(name)
+            else:
+                del self.models[adapter.head]
+            return adapter
+
+    def _base_model(self, adapter: ServedAdapter) -> PreTrainedModel:
+        """A fresh base model for ``adapter``'s head whose body shares the parameters already in memory."""
+        kwargs: dict[str, Any] = {}
+        if adapter.task in ("classification", "token_classification"):
+            kwargs.update(label_config(list(adapter.labels)) if adapter.labels else {"num_labels": 1})
+            if adapter.problem_type:
+                kwargs["problem_type"] = adapter.problem_type
+        try:
+            model = AUTO_CLASSES[adapter.task].from_pretrained(adapter.base, **kwargs)
+        except (OSError, ValueError) as err:
+            raise AdapterRefused(f"path: the base model {adapter.base!r} named in {str(adapter.directory)!r} cannot "
+                                 f"be loaded ({err}); make it available at that path or hub id") from err
+        body = getattr(model, model.base_model_prefix, model)
+        for name, parameter in list(body.named_parameters()):
+            shared = self._body.setdefault(name, parameter)
+            if shared is not parameter and shared.shape == parameter.shape:
+                owner, _, attribute = name.rpartition(".")
+                setattr(body.get_submodule(owner) if owner else body, attribute, shared)
+        return model
+
+    # -- requests ---------------------------------------------------------------------------------------
+    def predict(self, requests: Sequence[tuple[str, list[Any], dict[str, Any]]]) -> list[list[dict] | InputError]:
+        """Answer ``(adapter name, inputs, options)`` requests together: per request its records, or the
+        :class:`InputError` that refused it (other requests are answered regardless)."""
+        rows: list[Row] = []
+        owners: list[int] = []
+        answers: list[list[dict] | InputError] = [[] for _ in requests]
+        with self._lock:
+            for index, (name, inputs, options) in enumerate(requests):
+                try:
+                    encoded = self.encode(name, inputs, options)
+                except InputError as err:
+                    answers[index] = err
+                    continue
+                rows += encoded
+                owners += [index] * len(encoded)
+            for owner, record in zip(owners, self._run(rows), strict=True):
+                answers[owner].append(record)
+        return answers
+
+    def encode(self, name: str, inputs: list[Any], options: dict[str, Any]) -> list[Row]:
+        """Token ids of one request's inputs for its adapter; :class:`InputError` for unknown adapters, inputs of
+        the wrong type and inputs longer than the model takes."""
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            raise InputError("adapter", f"no adapter named {name!r} is served; GET /adapters lists them", 404)
+        tokenizer = self.tokenizers[name]
+        generation = self._generation_config(adapter, options) if adapter.task in ("seq2seq", "causal_lm") else None
+        rows = []
+        for i, value in enumerate(inputs):
+            field = f"inputs[{i}]"
+            if adapter.task == "token_classification":
+                words = value.split() if isinstance(value, str) else value
+                if not (isinstance(words, list) and words and all(isinstance(w, str) and w for w in words)):
+                    raise InputError(field, "give a sentence as a string or a non-empty list of words")
+                encoding = tokenizer(words, is_split_into_words=True)
+                row = Row(adapter, encoding["input_ids"], {"words": words}, word_ids=encoding.word_ids())
+            elif adapter.task == "causal_lm":
+                row = Row(adapter, *self._prompt(tokenizer, value, field), generation=generation)
+            elif isinstance(value, str) and value.strip():
+                key = "source" if adapter.task == "seq2seq" else "text"
+                row = Row(adapter, tokenizer(value)["input_ids"], {key: value}, generation=generation)
+            elif adapter.task == "classification" and isinstance(value, list) and len(value) == 2 and all(
+                    isinstance(v, str) and v.strip() for v in value):
+                row = Row(adapter, tokenizer(*value)["input_ids"], {"text": value[0], "text_pair": value[1]})
+            else:
+                raise InputError(field, "give a non-empty string" + (
+                    " (or a [text, text_pair] list)" if adapter.task == "classification" else ""))
+            limit = self.max_length(adapter)
+            if len(row.input_ids) > limit:
+                raise InputError(field, f"is {len(row.input_ids)} tokens long but the model takes at most {limit}; "
+                                        "shorten it or split it", 413)
+            rows.append(row)
+        return rows
+
+    @staticmethod
+    def _prompt(tokenizer: Any, value: Any, field: str) -> tuple[list[int], dict[str, Any]]:
+        """A decoder's prompt ids as ``ChatDataModule`` builds them for ``predict``: a conversation (or a string,
+        as one user turn) rendered with the chat template and a generation prompt; plain text without a template."""
+        if not tokenizer.chat_template:
+            if not (isinstance(value, str) and value.strip()):
+                raise InputError(field, "this adapter's tokenizer has no chat template: give a non-empty string")
+            return tokenizer(value)["input_ids"], {"text": value}
+        messages = [{"role": "user", "content": value}] if isinstance(value, str) else value
+        if not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)):
+            raise InputError(field, "give a string or a list of {'role': …, 'content': …} messages")
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"], {"messages": messages}
+
+    def max_length(self, adapter: ServedAdapter) -> int:
+        """The longest input the adapter's base takes: its position embeddings, or the tokenizer's limit."""
+        config = self.models[adapter.head].config
+        limits = [getattr(config, key, None) for key in ("max_position_embeddings", "n_positions")]
+        limits.append(getattr(self.tokenizers[adapter.name], "model_max_length", None))
+        return min(int(limit) for limit in limits if isinstance(limit, int) and 0 < limit < 1_000_000_000)
+
+    @staticmethod
+    def _generation_config(adapter: ServedAdapter, options: dict[str, Any]) -> GenerationConfig:
+        settings = dict(adapter.generation)
+        if options.get("max_new_tokens") is not None:
+            settings["max_new_tokens"] = options["max_new_tokens"]
+        if options.get("temperature") is not None:
+            temperature = options["temperature"]
+            settings.update(do_sample=temperature > 0, **({"temperature": temperature} if temperature > 0 else {}))
+        return GenerationConfig.from_dict(settings)
+
+    # -- forward passes ---------------------------------------------------------------------------------
+    def _run(self, rows: list[Row]) -> list[dict[str, Any]]:
+        """Records for ``rows`` in their order: one pass per model and generation setting, mixing adapters where
+        peft can route rows (LoRA), one pass per adapter otherwise."""
+        records: list[dict[str, Any] | None] = [None] * len(rows)
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for index, row in enumerate(rows):
+            settings = json.dumps(row.generation.to_dict(), sort_keys=True, default=str) if row.generation else ""
+            alone = row.adapter.name if row.adapter.method not in MIXABLE_METHODS else ""
+            groups.setdefault((row.adapter.head, settings, alone), []).append(index)
+        for (head, _, _), indices in groups.items():
+            chosen = [rows[i] for i in indices]
+            for index, record in zip(indices, self._run_group(self.models[head], chosen), strict=True):
+                records[index] = record
+        return records  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _run_group(self, model: PeftModel, rows: list[Row]) -> list[dict[str, Any]]:
+        task = rows[0].adapter.task
+        if task in ("seq2seq", "causal_lm"):
+            return self._generate(model, rows)
+        inputs = self._padded([row.input_ids for row in rows], self.tokenizers[rows[0].adapter.name], "right")
+        logits = self._forward(model, rows, inputs).float()
+        if task == "classification":
+            return self._class_records(rows, logits)
+        return [sentence_record(row.given["words"], self._word_tags(row, scores)) for row, scores in zip(
+            rows, logits.argmax(-1).tolist(), strict=True)]
+
+    @staticmethod
+    def _forward(model: PeftModel, rows: list[Row], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of one forward pass, each row routed to its adapter (rows of several adapters are LoRA rows)."""
+        names = [row.adapter.name for row in rows]
+        if len(set(names)) == 1:
+            model.set_adapter(names[0])
+            logits = model(**inputs).logits
+        else:
+            logits = model(**inputs, adapter_names=names).logits
+        return logits[:, -inputs["input_ids"].shape[1]:]  # prompt tuning / p-tuning prepend virtual tokens
+
+    def _padded(self, sequences: list[list[int]], tokenizer: Any, side: str) -> dict[str, torch.Tensor]:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        width = max(len(ids) for ids in sequences)
+        ids = torch.full((len(sequences), width), pad if pad is not None else 0, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, row in enumerate(sequences):
+            span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+            ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    @staticmethod
+    def _class_records(rows: list[Row], logits: torch.Tensor) -> list[dict[str, Any]]:
+        records = []
+        for row, scores in zip(rows, logits, strict=True):
+            adapter = row.adapter
+            if adapter.problem_type == "regression" or not adapter.labels:
+                output = {"score": float(scores[0])}
+            elif adapter.problem_type == "multi_label_classification":
+                probabilities = torch.sigmoid(scores).tolist()
+                output = {"labels": [n for n, p in zip(adapter.labels, probabilities, strict=True)
+                                     if p >= MULTI_LABEL_THRESHOLD],
+                          "probabilities": dict(zip(adapter.labels, probabilities, strict=True))}
+            else:
+                distribution = summarise_samples((scores / adapter.temperature).softmax(-1)[None, None])
+                output = label_records(distribution, list(adapter.labels))[0]
+            records.append({**row.given, **output})
+        return records
+
+    @staticmethod
+    def _word_tags(row: Row, token_tags: list[int]) -> list[str]:
+        """One tag per word: its first sub-token's, as ``TokenClassifier.word_tags``."""
+        tags = [OUTSIDE] * len(row.given["words"])
+        previous = None
+        for position, word in enumerate(row.word_ids or []):
+            if word is not None and word != previous:
+                tags[word] = row.adapter.labels[token_tags[position]]
+            previous = word
+        return tags
+
+    def _generate(self, model: PeftModel, rows: list[Row]) -> list[dict[str, Any]]:
+        causal = rows[0].adapter.task == "causal_lm"
+        tokenizer = self.tokenizers[rows[0].adapter.name]
+        inputs = self._padded([row.input_ids for row in rows], tokenizer, "left" if causal else "right")
+        names = [row.adapter.name for row in rows]
+        routing: dict[str, Any] = {}
+        if len(set(names)) > 1:
+            routing["adapter_names"] = names
+        else:
+            model.set_adapter(names[0])
+        sequences = model.generate(**inputs, generation_config=rows[0].generation, **routing)
+        if causal:
+            texts = [text.strip() for text in tokenizer.batch_decode(sequences[:, inputs["input_ids"].shape[1]:],
+                                                                      skip_special_tokens=True)]
+        else:
+            texts = tokenizer.batch_decode(sequences, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        return [{**row.given, "prediction": text} for row, text in zip(rows, texts, strict=True)]

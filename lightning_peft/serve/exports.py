@@ -1,0 +1,147 @@
+"""What the server knows about an exported adapter, read from its directory without loading any weights."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+
+from lightning_peft.errors import LightningPeftError
+from lightning_peft.export import ADAPTER_DIR
+from lightning_peft.tasks.base import LABELS_FILE
+from lightning_peft.uncertainty import CALIBRATION_FILE
+
+#: peft's task_type of an adapter → the task whose outputs the server gives for it
+TASKS = {"SEQ_CLS": "classification", "TOKEN_CLS": "token_classification", "SEQ_2_SEQ_LM": "seq2seq",
+         "CAUSAL_LM": "causal_lm"}
+GENERATION_TASKS = ("seq2seq", "causal_lm")
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class AdapterRefused(LightningPeftError):
+    """An adapter the server will not load (the message names the file or field and the fix); the serving set is
+    unchanged."""
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    """One exported adapter as the server serves it: where it is, its task, PEFT method, base model and the files
+    that shape its outputs (labels, calibrated temperature, generation settings).
+
+    Example::
+
+        adapter = read_adapter("sentiment", "runs/quickstart/export")
+        adapter.task, adapter.labels  # ('classification', ['negative', 'positive'])
+    """
+
+    name: str
+    directory: Path
+    task: str
+    method: str
+    base: str
+    labels: tuple[str, ...] = ()
+    problem_type: str | None = None
+    temperature: float = 1.0
+    generation: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def head(self) -> tuple[Any, ...]:
+        """What must be equal for two adapters to share one model instance: task, method family and head shape."""
+        return self.task, self.method, len(self.labels), self.problem_type
+
+    def describe(self) -> dict[str, Any]:
+        """The adapter as ``GET /adapters`` lists it."""
+        facts: dict[str, Any] = {"name": self.name, "path": str(self.directory), "task": self.task,
+                                 "method": self.method, "base": self.base}
+        if self.task in ("classification", "token_classification"):
+            facts["labels"] = list(self.labels)
+        if self.task == "classification":
+            facts.update(problem_type=self.problem_type, temperature=self.temperature)
+        if self.task in GENERATION_TASKS:
+            facts["generation"] = self.generation
+        return facts
+
+
+def adapter_directory(path: str | Path) -> Path:
+    """The adapter directory of an export (``<export>/adapter``), or ``path`` itself when it is one."""
+    path = Path(path).expanduser().absolute()
+    return path / ADAPTER_DIR if (path / ADAPTER_DIR).is_dir() else path
+
+
+def base_identity(name_or_path: str, relative_to: Path | None = None) -> str:
+    """A base model's identity for comparison: a local directory by its resolved path (tried as given, then
+    relative to ``relative_to``), a hub id as written."""
+    for candidate in (Path(name_or_path).expanduser(), *([relative_to / name_or_path] if relative_to else [])):
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    return name_or_path
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterRefused(f"{what}: cannot read {str(path)!r} ({err}); re-export the adapter") from err
+    if not isinstance(value, dict):
+        raise AdapterRefused(f"{what}: {str(path)!r} holds no JSON object; re-export the adapter")
+    return value
+
+
+def read_adapter(name: str, path: str | Path) -> ServedAdapter:
+    """Read and check the export at ``path`` (an export directory or its ``adapter/``) to serve it as ``name``:
+    the adapter config, a weights file whose tensors can be read, and the task's files. Raises
+    :class:`AdapterRefused` naming the file at fault."""
+    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+        raise AdapterRefused(f"name: {name!r} is not a usable adapter name; use 1-64 letters, digits, '_', '-' or "
+                             "'.', starting with a letter or digit")
+    directory = adapter_directory(path)
+    config_file = directory / "adapter_config.json"
+    if not config_file.is_file():
+        raise AdapterRefused(f"path: {str(path)!r} is not an exported adapter (no {ADAPTER_DIR}/adapter_config.json "
+                             "or adapter_config.json); give a directory written by `lightning-peft export`")
+    config = _read_json(config_file, "path")
+    task = TASKS.get(str(config.get("task_type")))
+    if task is None:
+        raise AdapterRefused(f"path: {str(config_file)!r} has task_type {config.get('task_type')!r}; the server "
+                             f"serves {', '.join(TASKS)} adapters")
+    base = config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise AdapterRefused(f"path: {str(config_file)!r} names no base_model_name_or_path; re-export the adapter")
+    _check_weights(directory)
+    labels: tuple[str, ...] = ()
+    problem_type = None
+    if task in ("classification", "token_classification"):
+        head = _read_json(directory / LABELS_FILE, "path")
+        id2label = head.get("id2label") or {}
+        labels = tuple(str(id2label[key]) for key in sorted(id2label, key=int))
+        problem_type = head.get("problem_type")
+        if not labels and problem_type != "regression":
+            raise AdapterRefused(f"path: {str(directory / LABELS_FILE)!r} lists no labels; re-export the adapter")
+    temperature = 1.0
+    if (directory / CALIBRATION_FILE).is_file():
+        temperature = float(_read_json(directory / CALIBRATION_FILE, "path").get("temperature", 1.0))
+    generation = {}
+    if task in GENERATION_TASKS and (directory / "generation_config.json").is_file():
+        generation = _read_json(directory / "generation_config.json", "path")
+    return ServedAdapter(name=name, directory=directory, task=task, method=str(config.get("peft_type")),
+                         base=base_identity(base, Path.cwd()), labels=labels, problem_type=problem_type,
+                         temperature=temperature, generation=generation)
+
+
+def _check_weights(directory: Path) -> None:
+    weights = directory / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise AdapterRefused(f"path: {str(directory)!r} has no adapter_model.safetensors; re-export the adapter "
+                             "(lightning-peft never loads pickled .bin weights)")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            names = handle.keys()  # a safe_open handle is not iterable
+            for name in names:
+                handle.get_slice(name).get_shape()
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterRefused(f"path: {str(weights)!r} is not a readable safetensors file ({err}); re-export the "
+                             "adapter") from err
