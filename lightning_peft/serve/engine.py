@@ -40,6 +40,8 @@ AUTO_CLASSES = {"classification": AutoModelForSequenceClassification,
 MULTI_LABEL_THRESHOLD = 0.5
 #: PEFT methods whose adapters peft runs side by side in one batch (``adapter_names``)
 MIXABLE_METHODS = ("LORA",)
+#: input limit for models that state none
+UNSTATED_MAX_LENGTH = 2048
 #: longest generation a request may ask for
 MAX_NEW_TOKENS_LIMIT = 1024
 
@@ -224,11 +226,13 @@ class AdapterEngine:
         return tokenizer(text, add_special_tokens=False)["input_ids"], {"messages": messages}
 
     def max_length(self, adapter: ServedAdapter) -> int:
-        """The longest input the adapter's base takes: its position embeddings, or the tokenizer's limit."""
+        """The longest input the adapter's base takes: its position embeddings or the tokenizer's limit (a model
+        with relative positions, such as T5, states none: then :data:`UNSTATED_MAX_LENGTH`)."""
         config = self.models[adapter.head].config
         limits = [getattr(config, key, None) for key in ("max_position_embeddings", "n_positions")]
         limits.append(getattr(self.tokenizers[adapter.name], "model_max_length", None))
-        return min(int(limit) for limit in limits if isinstance(limit, int) and 0 < limit < 1_000_000_000)
+        return min((int(limit) for limit in limits if isinstance(limit, int) and 0 < limit < 1_000_000_000),
+                   default=UNSTATED_MAX_LENGTH)
 
     @staticmethod
     def _generation_config(adapter: ServedAdapter, options: dict[str, Any]) -> GenerationConfig:

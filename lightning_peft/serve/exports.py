@@ -110,7 +110,11 @@ def read_adapter(name: str, path: str | Path) -> ServedAdapter:
                              f"serves {', '.join(TASKS)} adapters")
     base = config.get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
-        raise AdapterRefused(f"path: {str(config_file)!r} names no base_model_name_or_path; re-export the adapter")
+        raise AdapterRefused(
+            f"path: {str(config_file)!r} names no base model (base_model_name_or_path): an encoder-decoder "
+            "warm-started from two encoders has none the server could load; serve adapters trained on one pretrained "
+            "model, or load the export's merged/ model with transformers"
+        )
     _check_weights(directory)
     labels: tuple[str, ...] = ()
     problem_type = None

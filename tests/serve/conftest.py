@@ -115,3 +115,27 @@ def server(served):
         yield server.wait_ready()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def served_chat(tmp_path_factory, tiny_llama_dir, toy_chat) -> dict[str, Any]:
+    """A LoRA chat adapter on the tiny Llama, fitted for a few steps through the CLI, as a user would."""
+    import yaml
+
+    directory = tmp_path_factory.mktemp("chat")
+    config = {
+        "seed_everything": 5,
+        "trainer": {"accelerator": "cpu", "max_epochs": 1, "limit_train_batches": 4, "enable_progress_bar": False,
+                    "logger": False, "enable_model_summary": False, "default_root_dir": str(directory)},
+        "checkpoint": {"dirpath": str(directory / "ckpt")},
+        "model": {"class_path": "lightning_peft.CausalGenerator", "init_args": {
+            "backbone": {"pretrained_model_name_or_path": str(tiny_llama_dir)},
+            "peft": {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
+            "generation": {"max_new_tokens": 12}}},
+        "data": {"class_path": "lightning_peft.ChatDataModule", "init_args": {
+            **{f"{split}_file": str(toy_chat[split]) for split in ("train", "validation", "test", "predict")},
+            "batch_size": 8}},
+    }
+    path = directory / "chat.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return fit_export_predict(path, directory)

@@ -1,0 +1,60 @@
+"""A decoder (chat) adapter served: /predict and OpenAI's /v1/chat/completions equal `lightning-peft predict`;
+SIGTERM lets a request in flight finish."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.serve.conftest import Server
+
+
+@pytest.fixture(scope="module")
+def chat_server(served_chat):
+    server = Server("--adapters", f"chat={served_chat['export']}")
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+def test_generation_equals_predict_on_both_routes(chat_server, served_chat):
+    records = served_chat["predictions"]
+    status, body = chat_server.call("POST", "/predict", {"adapter": "chat",
+                                                         "inputs": [r["messages"] for r in records]})
+    assert status == 200, body
+    assert body["outputs"] == records
+    status, body = chat_server.call("POST", "/predict", {"adapter": "chat",
+                                                         "inputs": [records[0]["messages"][0]["content"]]})
+    assert body["outputs"] == records[:1]  # a string is one user turn
+    status, completion = chat_server.call("POST", "/v1/chat/completions",
+                                          {"model": "chat", "messages": records[1]["messages"]})
+    assert status == 200, completion
+    assert completion["object"] == "chat.completion" and completion["model"] == "chat"
+    assert completion["choices"][0]["message"] == {"role": "assistant", "content": records[1]["prediction"]}
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"model": "chat", "messages": [{"role": "user"}]}, "inputs[0]"),
+    ({"model": "chat", "messages": "hi"}, "messages"),
+    ({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}, "stream"),
+    ({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, "body.max_new_tokens"),
+    ({"model": "other", "messages": [{"role": "user", "content": "hi"}]}, "model"),
+])
+def test_bad_chat_requests_name_the_field(chat_server, body, field):
+    status, answer = chat_server.call("POST", "/v1/chat/completions", body)
+    assert 400 <= status < 500 and answer["error"]["field"] == field, answer
+
+
+def test_sigterm_finishes_the_request_in_flight(served_chat):
+    server = Server("--adapters", f"chat={served_chat['export']}").wait_ready()
+    answers = []
+    long_request = {"adapter": "chat", "inputs": ["translate: good"] * 8, "parameters": {"max_new_tokens": 400}}
+    thread = threading.Thread(target=lambda: answers.append(server.call("POST", "/predict", long_request)))
+    thread.start()
+    time.sleep(0.5)  # the request is in the worker
+    assert server.stop() == 0
+    thread.join()
+    assert answers[0][0] == 200 and len(answers[0][1]["outputs"]) == 8
