@@ -180,7 +180,7 @@ class AdapterServer:
             return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                     "model": body["model"], "choices": [{"index": 0, "finish_reason": "stop",
                                                          "message": {"role": "assistant", "content": content}}]}
-        return await self._answered(request, self._chat_operation, reply)
+        return await self._answered(request, self._chat_operation, reply, fields={"inputs[0]": "messages"})
 
     async def list_adapters(self) -> JSONResponse:
         return JSONResponse({"adapters": [adapter.describe() for adapter in self.adapters.values()]})
@@ -249,8 +249,10 @@ class AdapterServer:
             raise InputError("inputs", f"holds {len(inputs)} inputs; send at most {self.max_inputs} per request",
                              413)
 
-    async def _answered(self, request: Request, operation: Any, reply: Any) -> JSONResponse:
-        """Parse and check the body, submit ``operation(body)`` to the worker, answer ``reply(body, answer)``."""
+    async def _answered(self, request: Request, operation: Any, reply: Any,
+                        fields: dict[str, str] | None = None) -> JSONResponse:
+        """Parse and check the body, submit ``operation(body)`` to the worker, answer ``reply(body, answer)``;
+        ``fields`` renames the worker's field names to the route's (``inputs[0]`` is a chat's ``messages``)."""
         started = time.perf_counter()
         adapter = None
         with self.in_flight.get_lock():
@@ -261,6 +263,9 @@ class AdapterServer:
             body = await read_json(request)
             adapter = body.get("adapter") or body.get("model") or body.get("name")
             answer = await self._submit(await asyncio.to_thread(operation, body))
+            if "error" in answer:
+                field = answer["error"]["field"]
+                answer["error"]["field"] = (fields or {}).get(field, field)
             response = respond(answer) if "error" in answer else respond(reply(body, answer))
         except InputError as err:
             response = respond(error_body(err))

@@ -57,22 +57,24 @@ def free_port() -> int:
 class Server:
     """``lightning-peft serve`` as a child process on 127.0.0.1 and a small HTTP client for it."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, api_key: str | None = None) -> None:
+        self.api_key = api_key
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "lightning_peft.cli", "serve", "--port", str(self.port), *args],
-            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, stdout=subprocess.PIPE,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **({"LIGHTNING_PEFT_API_KEY": api_key} if api_key else {})},
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
 
-    def wait_ready(self, headers: dict[str, str] | None = None, timeout: float = 180.0) -> Server:
+    def wait_ready(self, timeout: float = 180.0) -> Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited ({self.process.returncode}):\n{self.process.stdout.read()}")
             try:
-                if self.call("GET", "/health", headers=headers)[0] == 200:
+                if self.call("GET", "/health")[0] == 200:
                     return self
             except OSError:
                 pass
@@ -82,9 +84,12 @@ class Server:
 
     def call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
              raw: bytes | None = None, timeout: float = 120.0) -> tuple[int, Any]:
+        """``(status, JSON or text)``; with the server's API key unless ``headers`` are given."""
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        if headers is None:
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json", **(headers or {})})
+                                         headers={"Content-Type": "application/json", **headers})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 status, text = response.status, response.read().decode()
@@ -108,9 +113,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(served):
-    """One server for the module's tests: the three tiny-BERT adapters."""
+    """One server for the module's tests: the three tiny-BERT adapters, behind an API key (from the environment)."""
     server = Server("--adapters", *(f"{name}={run['export']}" for name, run in served.items()),
-                    "--max_inputs", "8")
+                    "--max_inputs", "8", api_key="s3cret")
     try:
         yield server.wait_ready()
     finally:

@@ -10,8 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.serve.conftest import Server
-
 
 def assert_same_records(served: list[dict], predicted: list[dict]) -> None:
     """Equal records; probabilities and entropies to float tolerance (other batch neighbours, other padding)."""
@@ -148,18 +146,13 @@ def test_hot_load_and_unload_under_concurrent_requests(server, served, tmp_path)
         assert_same_records(body["outputs"], served["sentiment"]["predictions"])  # never another request's output
 
 
-def test_api_key_guards_every_route_and_sigterm_stops_the_server(served):
-    server = Server("--adapters", f"sentiment={served['sentiment']['export']}",
-                    env={"LIGHTNING_PEFT_API_KEY": "s3cret"})
-    try:
-        server.wait_ready(headers={"X-API-Key": "s3cret"})
-        request = {"adapter": "sentiment", "inputs": ["good"]}
-        for method, path, body in [("POST", "/predict", request), ("GET", "/adapters", None),
-                                   ("GET", "/metrics", None), ("GET", "/health", None)]:
-            status, answer = server.call(method, path, body)
-            assert status == 401, (path, answer)
-            assert server.call(method, path, body, headers={"Authorization": "Bearer wrong"})[0] == 401
-        assert server.call("POST", "/predict", request, headers={"Authorization": "Bearer s3cret"})[0] == 200
-        assert server.call("POST", "/predict", request, headers={"X-API-Key": "s3cret"})[0] == 200
-    finally:
-        assert server.stop() == 0
+def test_the_api_key_guards_every_route(server):
+    request = {"adapter": "sentiment", "inputs": ["good"]}
+    for method, path, body in [("POST", "/predict", request), ("GET", "/adapters", None), ("GET", "/metrics", None),
+                               ("GET", "/health", None), ("DELETE", "/adapters/sentiment", None),
+                               ("POST", "/v1/chat/completions", {"model": "sentiment", "messages": []})]:
+        status, answer = server.call(method, path, body, headers={})
+        assert status == 401 and answer["error"]["field"] == "api_key", (path, answer)
+        assert server.call(method, path, body, headers={"Authorization": "Bearer wrong"})[0] == 401
+    assert server.call("POST", "/predict", request, headers={"X-API-Key": "s3cret"})[0] == 200
+    assert server.call("GET", "/adapters")[1]["adapters"][0]["name"] == "sentiment"  # nothing was unloaded
