@@ -9,6 +9,7 @@ once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from transformers import (
 
 from lightning_peft.metrics.entities import OUTSIDE, sentence_record
 from lightning_peft.serve.exports import AdapterRefused, ServedAdapter
+from lightning_peft.serve.gathered_lora import GatheredLora
 from lightning_peft.tasks.base import label_config
 from lightning_peft.tasks.classification import label_records
 from lightning_peft.uncertainty import summarise_samples
@@ -115,6 +117,7 @@ class AdapterEngine:
         self.tokenizers: dict[str, Any] = {}
         self.base: str | None = None
         self._body: dict[str, torch.nn.Parameter] = {}
+        self._gathered: dict[tuple[Any, ...], GatheredLora | None] = {}  # stacked LoRA weights per model
         self._lock = threading.Lock()
 
     # -- the serving set --------------------------------------------------------------------------------
@@ -148,6 +151,7 @@ class AdapterEngine:
                 raise AdapterRefused(f"path: peft cannot load {str(adapter.directory)!r} onto {adapter.base!r} "
                                      f"({type(err).__name__}: {str(err)[:300]}); it does not fit this base") from err
             self.models[adapter.head] = model
+            self._gathered.pop(adapter.head, None)
             self.tokenizers[adapter.name] = tokenizer
             self.adapters[adapter.name] = adapter
             self.base = adapter.base
@@ -158,6 +162,7 @@ class AdapterEngine:
             adapter = self.adapters.pop(name)
             self.tokenizers.pop(name)
             model = self.models[adapter.head]
+            self._gathered.pop(adapter.head, None)
             if any(other.head == adapter.head for other in self.adapters.values()):
                 model.delete_adapter(name)
             else:
@@ -311,15 +316,20 @@ class AdapterEngine:
                 records[i] = record
         return records  # type: ignore[return-value]
 
-    @staticmethod
-    def _forward(model: PeftModel, rows: list[Row], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits of one forward pass, each row routed to its adapter (rows of several adapters are LoRA rows)."""
+    def _forward(self, model: PeftModel, rows: list[Row], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of one forward pass, each row routed to its adapter (rows of several adapters are LoRA rows:
+        their updates gathered per row where every layer is plain LoRA, peft's mixed forward otherwise)."""
         names = [row.adapter.name for row in rows]
+        head = rows[0].adapter.head
         if len(set(names)) == 1:
             model.set_adapter(names[0])
             logits = model(**inputs).logits
         else:
-            logits = model(**inputs, adapter_names=names).logits
+            if head not in self._gathered:
+                self._gathered[head] = GatheredLora.of(model)
+            gathered = self._gathered[head]
+            with gathered.routing(names) if gathered else contextlib.nullcontext():
+                logits = model(**inputs, adapter_names=names).logits
         return logits[:, -inputs["input_ids"].shape[1]:]  # prompt tuning / p-tuning prepend virtual tokens
 
     def _padded(self, sequences: list[list[int]], tokenizer: Any, side: str) -> dict[str, torch.Tensor]:
