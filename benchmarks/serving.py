@@ -13,6 +13,8 @@ Runs: ``lightning_peft_<n>`` (``lightning-peft serve``: LitServe batches up to 3
 mixing adapters is one forward pass), ``switching_<n>`` (one ``PeftModel`` holding the n adapters, ``set_adapter``
 then a forward per request: what a user writes by hand) and ``single_merged`` (one adapter merged into its base,
 LitServe batching as ours: the ceiling). Each server is a fresh process; a warm-up precedes the measurement.
+Then, in process and without HTTP, ``engine_gathered_64`` vs ``engine_peft_routing_64``: the engine's rows/s on
+32-row batches over 64 adapters with each row's LoRA update gathered vs peft's ``adapter_names`` split.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
@@ -177,6 +180,31 @@ def run(name: str, adapters: list[Path], texts: list[str], args: argparse.Namesp
     return record
 
 
+def routing_runs(adapters: list[Path], texts: list[str]) -> dict[str, dict[str, Any]]:
+    """In process, without HTTP: rows/s of the engine on 32-row batches spread over the adapters, each row's LoRA
+    update gathered (ours) and peft's ``adapter_names`` split (GatheredLora switched off)."""
+    from lightning_peft.serve import AdapterEngine, read_adapter
+    from lightning_peft.serve.gathered_lora import GatheredLora
+
+    engine = AdapterEngine()
+    for i, path in enumerate(adapters):
+        engine.load(read_adapter(f"a{i}", path))
+    requests = [(f"a{i % len(adapters)}", [text], {}) for i, text in enumerate(texts[:320])]
+    results = {}
+    for name, routing in ((f"engine_gathered_{len(adapters)}", contextlib.nullcontext()),
+                          (f"engine_peft_routing_{len(adapters)}", mock.patch.object(GatheredLora, "of",
+                                                                                     return_value=None))):
+        engine._gathered.clear()
+        with routing:
+            engine.predict(requests[:32])  # warm-up
+            started = time.perf_counter()
+            for k in range(0, len(requests), 32):
+                engine.predict(requests[k:k + 32])
+        results[name] = {"rows_per_s": len(requests) / (time.perf_counter() - started), "adapters": len(adapters)}
+        print(f"{name:<26}{results[name]['rows_per_s']:>8.1f} rows/s (in process, batches of 32)", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "sst2")
@@ -186,6 +214,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=960, help="requests per run")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients")
     parser.add_argument("--time-cap", type=float, default=120.0, help="seconds per run at most")
+    parser.add_argument("--skip-routing", action="store_true", help="skip the in-process routing comparison")
     args = parser.parse_args()
     model_dir = args.model or default_model()
     texts = sentences(args.data_dir, args.requests)
@@ -195,6 +224,8 @@ def main() -> None:
         print(f"{'run':<20}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
         for name in args.runs:
             results[name] = run(name, adapters, texts, args)
+        if not args.skip_routing:
+            results.update(routing_runs(adapters, texts))
     ceiling = results.get("single_merged", {}).get("requests_per_s")
     for n in ADAPTER_COUNTS:
         ours, switching = results.get(f"lightning_peft_{n}"), results.get(f"switching_{n}")

@@ -58,3 +58,21 @@ def test_unknown_adapters_and_bad_inputs_fail_only_their_request(engine):
     assert answers[0].status == 404 and answers[0].field == "adapter"
     assert answers[1][0]["text"] == "good"
     assert answers[2].field == "inputs[0]"
+
+
+def test_a_calibrated_adapter_divides_its_logits_by_its_temperature(engine, served, tmp_path):
+    import json
+    import math
+    import shutil
+
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(served["sentiment"]["export"], calibrated)
+    (calibrated / "adapter" / "calibration.json").write_text(json.dumps({"temperature": 2.0}))
+    engine.load(read_adapter("calibrated", calibrated))
+    try:
+        plain, scaled = engine.predict([("sentiment", ["good"], {}), ("calibrated", ["good"], {})])
+    finally:
+        engine.unload("calibrated")
+    logits = {label: math.log(p) for label, p in plain[0]["probabilities"].items()}
+    norm = sum(math.exp(v / 2.0) for v in logits.values())
+    assert scaled[0]["probabilities"] == pytest.approx({k: math.exp(v / 2.0) / norm for k, v in logits.items()})
