@@ -236,9 +236,10 @@ def main() -> None:
         if ours:
             print(f"{n:>3} adapters: {ours.get('vs_single_merged', float('nan')):.2f}x single_merged, "
                   f"{ours.get('vs_switching', float('nan')):.2f}x switching")
-    write_json(args.json, results, {"model": Path(model_dir).name, "requests": args.requests,
-                                    "clients": args.clients, "max_batch_size": MAX_BATCH_SIZE,
-                                    "batch_timeout_s": BATCH_TIMEOUT, "cores": os.cpu_count()})
+    model_name = "packaged MiniLM-L6" if args.model is None else Path(model_dir).name
+    write_json(args.json, results, {"model": model_name, "requests": args.requests, "clients": args.clients,
+                                    "max_batch_size": MAX_BATCH_SIZE, "batch_timeout_s": BATCH_TIMEOUT,
+                                    "cores": os.cpu_count()})
 
 
 if __name__ == "__main__":
