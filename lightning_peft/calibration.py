@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassCalibrationError
+from torchmetrics.utilities import dim_zero_cat
 
 CALIBRATION_BINS = 15
 
@@ -83,10 +84,9 @@ class ConfidenceRecord(Metric):
         self.correct.append((predicted == target).float())
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.confidences:
+        if isinstance(self.confidences, list) and not self.confidences:
             return torch.empty(0), torch.empty(0)
-        as_tensor = (lambda s: torch.cat(s) if isinstance(s, list) else s)  # noqa: E731 - lists until synced
-        return as_tensor(self.confidences), as_tensor(self.correct)
+        return dim_zero_cat(self.confidences), dim_zero_cat(self.correct)  # lists until synced, then tensors
 
 
 def calibration_metrics(num_classes: int) -> MetricCollection:

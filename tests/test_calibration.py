@@ -85,3 +85,18 @@ def test_confidence_record_and_reliability_bins():
     confidence, accuracy, counts = reliability_bins(confidences, correct, n_bins=10)
     assert counts.sum() == 2 and counts[9] == 1 and counts[7] == 1
     assert accuracy[9] == 1.0 and accuracy[7] == 0.0 and confidence[9] == pytest.approx(0.95)
+
+
+def test_confidence_record_computes_after_a_distributed_sync(tmp_path):
+    """Under DDP torchmetrics syncs the list states into tensors before compute (a one-process gloo group here)."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        record = ConfidenceRecord()
+        record.update(probabilities_to_logits([[0.95, 0.05], [0.3, 0.7]]), torch.tensor([0, 0]))
+        confidences, correct = record.compute()
+        assert confidences.tolist() == pytest.approx([0.95, 0.7]) and correct.tolist() == [1.0, 0.0]
+    finally:
+        dist.destroy_process_group()
