@@ -28,6 +28,8 @@ from transformers import (
     PreTrainedModel,
 )
 
+from lightning_peft.encoder_decoder import warm_start_encoder_decoder
+from lightning_peft.errors import LightningPeftError
 from lightning_peft.metrics.entities import OUTSIDE, sentence_record
 from lightning_peft.serve.exports import AdapterRefused, ServedAdapter
 from lightning_peft.serve.gathered_lora import GatheredLora
@@ -127,10 +129,10 @@ class AdapterEngine:
             if adapter.name in self.adapters:
                 raise AdapterRefused(f"name: an adapter named {adapter.name!r} is already served; unload it first "
                                      "or choose another name")
-            if self.base is not None and adapter.base != self.base:
-                raise AdapterRefused(f"path: {str(adapter.directory)!r} was trained on {adapter.base!r} but this "
-                                     f"server's base is {self.base!r}; adapters must share the base (serve it from "
-                                     "another server)")
+            if self.base is not None and adapter.base_identity != self.base:
+                raise AdapterRefused(f"path: {str(adapter.directory)!r} was trained on {adapter.base_identity!r} "
+                                     f"but this server's base is {self.base!r}; adapters must share the base (serve "
+                                     "it from another server)")
             try:
                 tokenizer = AutoTokenizer.from_pretrained(adapter.directory)
             except (OSError, ValueError) as err:
@@ -139,7 +141,7 @@ class AdapterEngine:
             model = self.models.get(adapter.head)
             try:
                 if model is None:
-                    model = PeftModel.from_pretrained(self._base_model(adapter), adapter.directory,
+                    model = PeftModel.from_pretrained(self._base_model(adapter, tokenizer), adapter.directory,
                                                       adapter_name=adapter.name, is_trainable=False)
                     model.to(self.device).eval()
                 else:
@@ -154,7 +156,7 @@ class AdapterEngine:
             self._gathered.pop(adapter.head, None)
             self.tokenizers[adapter.name] = tokenizer
             self.adapters[adapter.name] = adapter
-            self.base = adapter.base
+            self.base = adapter.base_identity
 
     def unload(self, name: str) -> ServedAdapter:
         """Remove the adapter ``name`` (and its model, when it was the last one on it)."""
@@ -169,16 +171,20 @@ class AdapterEngine:
                 del self.models[adapter.head]
             return adapter
 
-    def _base_model(self, adapter: ServedAdapter) -> PreTrainedModel:
-        """A fresh base model for ``adapter``'s head whose body shares the parameters already in memory."""
+    def _base_model(self, adapter: ServedAdapter, tokenizer: Any) -> PreTrainedModel:
+        """A fresh base model for ``adapter``'s head whose body shares the parameters already in memory (an
+        encoder-decoder warm-started as in training, when the adapter names a ``decoder``)."""
         kwargs: dict[str, Any] = {}
         if adapter.task in ("classification", "token_classification"):
             kwargs.update(label_config(list(adapter.labels)) if adapter.labels else {"num_labels": 1})
             if adapter.problem_type:
                 kwargs["problem_type"] = adapter.problem_type
         try:
-            model = AUTO_CLASSES[adapter.task].from_pretrained(adapter.base, **kwargs)
-        except (OSError, ValueError) as err:
+            if adapter.decoder is not None:
+                model, _ = warm_start_encoder_decoder(adapter.base, adapter.decoder, tokenizer)
+            else:
+                model = AUTO_CLASSES[adapter.task].from_pretrained(adapter.base, **kwargs)
+        except (OSError, ValueError, LightningPeftError) as err:
             raise AdapterRefused(f"path: the base model {adapter.base!r} named in {str(adapter.directory)!r} cannot "
                                  f"be loaded ({err}); make it available at that path or hub id") from err
         body = getattr(model, model.base_model_prefix, model)

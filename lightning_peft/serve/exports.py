@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import ADAPTER_DIR
 from lightning_peft.tasks.base import LABELS_FILE
+from lightning_peft.tasks.seq2seq import WARM_START_FILE
 from lightning_peft.uncertainty import CALIBRATION_FILE
 
 #: peft's task_type of an adapter → the task whose outputs the server gives for it
@@ -29,8 +30,9 @@ class AdapterRefused(LightningPeftError):
 
 @dataclass(frozen=True)
 class ServedAdapter:
-    """One exported adapter as the server serves it: where it is, its task, PEFT method, base model and the files
-    that shape its outputs (labels, calibrated temperature, generation settings).
+    """One exported adapter as the server serves it: where it is, its task, PEFT method, base model (``base``, and
+    ``decoder`` for an encoder-decoder warm-started from two checkpoints) and the files that shape its outputs
+    (labels, calibrated temperature, generation settings).
 
     Example::
 
@@ -43,10 +45,16 @@ class ServedAdapter:
     task: str
     method: str
     base: str
+    decoder: str | None = None
     labels: tuple[str, ...] = ()
     problem_type: str | None = None
     temperature: float = 1.0
     generation: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def base_identity(self) -> str:
+        """What two adapters must share to be served together: the base model (and a warm-start's decoder)."""
+        return self.base if self.decoder is None else f"{self.base} + decoder {self.decoder}"
 
     @property
     def head(self) -> tuple[Any, ...]:
@@ -57,6 +65,8 @@ class ServedAdapter:
         """The adapter as ``GET /adapters`` lists it."""
         facts: dict[str, Any] = {"name": self.name, "path": str(self.directory), "task": self.task,
                                  "method": self.method, "base": self.base}
+        if self.decoder is not None:
+            facts["decoder"] = self.decoder
         if self.task in ("classification", "token_classification"):
             facts["labels"] = list(self.labels)
         if self.task == "classification":
@@ -108,13 +118,13 @@ def read_adapter(name: str, path: str | Path) -> ServedAdapter:
     if task is None:
         raise AdapterRefused(f"path: {str(config_file)!r} has task_type {config.get('task_type')!r}; the server "
                              f"serves {', '.join(TASKS)} adapters")
-    base = config.get("base_model_name_or_path")
+    base, decoder = config.get("base_model_name_or_path"), None
+    if task == "seq2seq" and (directory / WARM_START_FILE).is_file():  # its adapter config names no base
+        sources = _read_json(directory / WARM_START_FILE, "path")
+        base, decoder = sources.get("encoder"), sources.get("decoder")
     if not isinstance(base, str) or not base:
-        raise AdapterRefused(
-            f"path: {str(config_file)!r} names no base model (base_model_name_or_path): an encoder-decoder "
-            "warm-started from two encoders has none the server could load; serve adapters trained on one pretrained "
-            "model, or load the export's merged/ model with transformers"
-        )
+        raise AdapterRefused(f"path: {str(config_file)!r} names no base model (base_model_name_or_path); "
+                             "re-export the adapter with this version of lightning-peft")
     _check_weights(directory)
     labels: tuple[str, ...] = ()
     problem_type = None
@@ -132,7 +142,9 @@ def read_adapter(name: str, path: str | Path) -> ServedAdapter:
     if task in GENERATION_TASKS and (directory / "generation_config.json").is_file():
         generation = _read_json(directory / "generation_config.json", "path")
     return ServedAdapter(name=name, directory=directory, task=task, method=str(config.get("peft_type")),
-                         base=base_identity(base, Path.cwd()), labels=labels, problem_type=problem_type,
+                         base=base_identity(base, Path.cwd()),
+                         decoder=base_identity(decoder, Path.cwd()) if decoder else None, labels=labels,
+                         problem_type=problem_type,
                          temperature=temperature, generation=generation)
 
 

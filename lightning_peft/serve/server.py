@@ -339,10 +339,12 @@ async def read_json(request: Request) -> dict[str, Any]:
 
 def check_shared_base(adapters: list[ServedAdapter]) -> None:
     """:class:`AdapterRefused` unless every adapter was trained on the same base model."""
-    if adapters and any(a.base != adapters[0].base for a in adapters):
-        odd = next(a for a in adapters if a.base != adapters[0].base)
-        raise AdapterRefused(f"path: {str(odd.directory)!r} (adapter {odd.name!r}) was trained on {odd.base!r} but "
-                             f"{adapters[0].name!r} on {adapters[0].base!r}; one server serves adapters of one base")
+    first = adapters[0].base_identity if adapters else None
+    odd = next((a for a in adapters if a.base_identity != first), None)
+    if odd is not None:
+        raise AdapterRefused(f"path: {str(odd.directory)!r} (adapter {odd.name!r}) was trained on "
+                             f"{odd.base_identity!r} but {adapters[0].name!r} on {first!r}; one server serves "
+                             "adapters of one base")
 
 
 def parse_adapters(values: list[str]) -> list[ServedAdapter]:

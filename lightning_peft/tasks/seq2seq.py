@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,9 @@ from lightning_peft.errors import LightningPeftError
 from lightning_peft.tasks.generation import TextGenerator
 from lightning_peft.training import TrainingConfig
 from lightning_peft.types import IGNORE_INDEX, Batch
+
+#: written beside a warm-started encoder-decoder's adapter: the encoder and decoder checkpoints of its base
+WARM_START_FILE = "encoder_decoder.json"
 
 
 def check_generation_head(spec: BackboneConfig) -> None:
@@ -124,6 +128,15 @@ class Seq2SeqGenerator(TextGenerator):
         target_width = max(int((chunk["labels"] != IGNORE_INDEX).sum(1).max()), 1)
         chunk["labels"] = chunk["labels"][:, :target_width]
         return chunk
+
+    def save_extras(self, directory: Path) -> None:
+        """Also, for a warm-started encoder-decoder (whose adapter config names no base), ``encoder_decoder.json``
+        with the encoder and decoder checkpoints the base is rebuilt from (``lightning-peft serve`` reads it)."""
+        super().save_extras(directory)
+        decoder = self.backbone_config.decoder_pretrained_model_name_or_path
+        if decoder is not None:
+            sources = {"encoder": self.backbone_config.pretrained_model_name_or_path, "decoder": decoder}
+            (directory / WARM_START_FILE).write_text(json.dumps(sources, indent=2) + "\n")
 
     def loading_snippet(self, adapter_dir: Path) -> str:
         """For a warm-started encoder-decoder, rebuild the base from its two checkpoints, then add the adapter."""

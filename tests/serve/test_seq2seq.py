@@ -1,5 +1,5 @@
-"""Seq2seq adapters served in process: a T5-style model's equal `lightning-peft predict`; an encoder-decoder
-warm-started from two encoders is refused with the reason."""
+"""Seq2seq adapters served in process: a T5-style model's and a warm-started BERT2BERT's outputs equal
+`lightning-peft predict`."""
 
 from __future__ import annotations
 
@@ -30,7 +30,17 @@ def test_a_seq2seq_adapter_generates_what_predict_wrote(tmp_path, tiny_bert_dir,
     assert records == run["predictions"]
 
 
-def test_a_warm_started_encoder_decoder_is_refused_with_the_reason(tmp_path, tiny_bert_dir, toy_pairs):
+def test_a_warm_started_encoder_decoder_generates_what_predict_wrote(tmp_path, tiny_bert_dir, toy_pairs):
+    """BERT2BERT (configs/seq2seq/multi30k_lora.yaml's shape): the base is rebuilt from the encoder and decoder
+    checkpoints that the export names in encoder_decoder.json."""
     run = seq2seq_run(tmp_path, tiny_bert_dir, toy_pairs)
-    with pytest.raises(AdapterRefused, match="names no base model"):
-        AdapterEngine().load(read_adapter("translate", run["export"]))
+    adapter = read_adapter("translate", run["export"])
+    assert adapter.decoder == adapter.base == str(tiny_bert_dir.resolve())
+    engine = AdapterEngine()
+    engine.load(adapter)
+    (records,) = engine.predict([("translate", [r["source"] for r in run["predictions"]], {})])
+    assert records == run["predictions"]
+    plain_bert = read_adapter("plain", run["export"])
+    object.__setattr__(plain_bert, "decoder", None)  # the same base without the warm start: another base
+    with pytest.raises(AdapterRefused, match="adapters must share the base"):
+        engine.load(plain_bert)
