@@ -98,7 +98,7 @@ class AdapterWorkerAPI(ls.LitAPI):
             if operation["op"] == "unload":
                 return {"adapter": self.engine.unload(operation["name"]).describe()}
         except AdapterRefused as err:
-            return error_body(InputError(str(err).split(":")[0], str(err).split(": ", 1)[-1], 422))
+            return error_body(refused(err))
         except KeyError:
             return error_body(InputError("name", f"no adapter named {operation.get('name')!r} is served", 404))
         return error_body(InputError("request", "not a request of this server", 404))
@@ -112,6 +112,12 @@ def error_body(err: InputError) -> dict[str, Any]:
     return {"status": err.status,
             "error": {"message": str(err), "field": err.field,
                       "type": "invalid_request_error" if err.status < 500 else "server_error"}}
+
+
+def refused(err: AdapterRefused) -> InputError:
+    """A refused adapter as a 422 naming its field (the message starts with ``path:`` or ``name:``)."""
+    field, _, message = str(err).partition(": ")
+    return InputError(field, message, 422)
 
 
 def respond(body: dict[str, Any], status: int = 200) -> JSONResponse:
@@ -196,7 +202,7 @@ class AdapterServer:
                 adapter = read_adapter(body["name"], body["path"])
                 check_shared_base([*self.adapters.values(), adapter])
             except AdapterRefused as err:
-                raise InputError(str(err).split(":")[0], str(err).split(": ", 1)[-1], 422) from err
+                raise refused(err) from err
             return {"op": "load", "name": adapter.name, "path": str(adapter.directory)}
 
         def loaded(body: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:

@@ -156,3 +156,21 @@ def test_the_api_key_guards_every_route(server):
         assert server.call(method, path, body, headers={"Authorization": "Bearer wrong"})[0] == 401
     assert server.call("POST", "/predict", request, headers={"X-API-Key": "s3cret"})[0] == 200
     assert server.call("GET", "/adapters")[1]["adapters"][0]["name"] == "sentiment"  # nothing was unloaded
+
+
+def test_serve_refuses_bad_adapters_before_starting(served, tmp_path, capsys):
+    from lightning_peft.cli import main
+
+    sentiment, other_base = served["sentiment"]["export"], corrupt_copies(served["sentiment"]["export"], tmp_path)
+    cases = [
+        (["nothing-here"], "is not NAME=PATH"),
+        ([f"a={tmp_path / 'missing'}"], "--adapters a: path:"),
+        ([f"a={sentiment}", f"a={served['ner']['export']}"], "given twice"),
+        ([f"a={sentiment}", f"b={other_base['other_base']}"], "one server serves adapters of one base"),
+    ]
+    for adapters, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["serve", "--adapters", *adapters])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, err
