@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import secrets
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -353,6 +354,20 @@ def check_shared_base(adapters: list[ServedAdapter]) -> None:
                              "adapters of one base")
 
 
+def check_port(host: str, port: int) -> None:
+    """:class:`LightningPeftError` for a port LitServe refuses (below 1024) or one already in use, before any
+    model is loaded."""
+    if not 1024 <= port <= 65535:
+        raise LightningPeftError(f"--port: {port} is outside 1024-65535; choose a port in that range")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise LightningPeftError(f"--port: {host}:{port} cannot be bound ({err.strerror}); stop what uses it or "
+                                     "choose another port") from err
+
+
 def parse_adapters(values: list[str]) -> list[ServedAdapter]:
     """``name=path`` pairs (``--adapters``) read and checked."""
     adapters = []
@@ -375,8 +390,9 @@ def serve_main(argv: list[str]) -> None:
                                      description="Serve exported adapters on one frozen base over HTTP (LitServe).")
     parser.add_argument("--adapters", nargs="+", required=True, metavar="NAME=PATH",
                         help="exports to serve (a directory written by `lightning-peft export`, or its adapter/)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"],
+                        help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="1024-65535")
     parser.add_argument("--api_key", default=os.environ.get(API_KEY_ENV),
                         help=f"require this key on every request (default: ${API_KEY_ENV})")
     parser.add_argument("--max_batch_size", type=int, default=32, help="requests LitServe batches together")
@@ -391,6 +407,7 @@ def serve_main(argv: list[str]) -> None:
         raise LightningPeftError(f"--adapters: {str(err).split(': ', 1)[-1]}") from err
     if args.max_batch_size < 1 or args.max_inputs < 1:
         raise LightningPeftError("--max_batch_size and --max_inputs must be at least 1")
+    check_port(args.host, args.port)
     server = AdapterServer(adapters, host=args.host, port=args.port, api_key=args.api_key,
                            max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout,
                            max_inputs=args.max_inputs, accelerator=args.accelerator)

@@ -158,7 +158,7 @@ def test_the_api_key_guards_every_route(server):
     assert server.call("GET", "/adapters")[1]["adapters"][0]["name"] == "sentiment"  # nothing was unloaded
 
 
-def test_serve_refuses_bad_adapters_before_starting(served, tmp_path, capsys):
+def test_serve_refuses_bad_arguments_before_starting(server, served, tmp_path, capsys):
     from lightning_peft.cli import main
 
     sentiment, other_base = served["sentiment"]["export"], corrupt_copies(served["sentiment"]["export"], tmp_path)
@@ -167,6 +167,9 @@ def test_serve_refuses_bad_adapters_before_starting(served, tmp_path, capsys):
         ([f"a={tmp_path / 'missing'}"], "--adapters a: path:"),
         ([f"a={sentiment}", f"a={served['ner']['export']}"], "given twice"),
         ([f"a={sentiment}", f"b={other_base['other_base']}"], "one server serves adapters of one base"),
+        ([f"a={sentiment}", "--port", "80"], "--port: 80 is outside 1024-65535"),
+        ([f"a={sentiment}", "--port", str(server.port)], f"--port: 127.0.0.1:{server.port} cannot be bound"),
+        ([f"a={sentiment}", "--host", "10.1.2.3"], "argument --host: invalid choice"),
     ]
     for adapters, message in cases:
         with pytest.raises(SystemExit) as exit_info:
