@@ -58,7 +58,7 @@ class ServedAdapter:
 
     @property
     def head(self) -> tuple[Any, ...]:
-        """What must be equal for two adapters to share one model instance: task, method family and head shape."""
+        """What must be equal for two adapters to share one model instance: task, PEFT method and head shape."""
         return self.task, self.method, len(self.labels), self.problem_type
 
     def describe(self) -> dict[str, Any]:
@@ -82,7 +82,7 @@ def adapter_directory(path: str | Path) -> Path:
     return path / ADAPTER_DIR if (path / ADAPTER_DIR).is_dir() else path
 
 
-def base_identity(name_or_path: str, relative_to: Path | None = None) -> str:
+def resolved_base(name_or_path: str, relative_to: Path | None = None) -> str:
     """A base model's identity for comparison: a local directory by its resolved path (tried as given, then
     relative to ``relative_to``), a hub id as written."""
     for candidate in (Path(name_or_path).expanduser(), *([relative_to / name_or_path] if relative_to else [])):
@@ -142,8 +142,8 @@ def read_adapter(name: str, path: str | Path) -> ServedAdapter:
     if task in GENERATION_TASKS and (directory / "generation_config.json").is_file():
         generation = _read_json(directory / "generation_config.json", "path")
     return ServedAdapter(name=name, directory=directory, task=task, method=str(config.get("peft_type")),
-                         base=base_identity(base, Path.cwd()),
-                         decoder=base_identity(decoder, Path.cwd()) if decoder else None, labels=labels,
+                         base=resolved_base(base, Path.cwd()),
+                         decoder=resolved_base(decoder, Path.cwd()) if decoder else None, labels=labels,
                          problem_type=problem_type,
                          temperature=temperature, generation=generation)
 
