@@ -104,7 +104,9 @@ def run_lightning_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any
     }
 
 
-def run_hf_trainer(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def run_hf_trainer(args: argparse.Namespace, workdir: Path, peft_config: Any = None,
+                   callbacks: tuple[Any, ...] = ()) -> dict[str, Any]:
+    """The HF ``Trainer`` + peft run (LoRA as ours unless ``peft_config`` is given, with ``callbacks``)."""
     import csv as csv_module
 
     import numpy as np
@@ -129,15 +131,15 @@ def run_hf_trainer(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         remove_columns=["sentence"],
     )
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
-    model = get_peft_model(model, lora_config(TaskType.SEQ_CLS))
-    training_args = hf_training_arguments(args, workdir, HF_GROUPED[args.worker], save_strategy="epoch")
+    model = get_peft_model(model, peft_config or lora_config(TaskType.SEQ_CLS))
+    training_args = hf_training_arguments(args, workdir, HF_GROUPED.get(args.worker, False), save_strategy="epoch")
 
     def accuracy(prediction: Any) -> dict[str, float]:
         return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
     trainer = Trainer(
         model=model, args=training_args, train_dataset=encoded["train"], eval_dataset=encoded["validation"],
-        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy,
+        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy, callbacks=list(callbacks),
     )
     start = time.perf_counter()
     trainer.train()

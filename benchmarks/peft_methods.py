@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from classification import add_sst2_arguments, sst2_workers  # noqa: E402
+from classification import add_sst2_arguments, run_hf_trainer, sst2_workers  # noqa: E402
 from common import (  # noqa: E402
     QUIET,
     REPO,
@@ -42,6 +43,8 @@ from common import (  # noqa: E402
 PRESETS = REPO / "configs" / "peft"
 METHODS = ("lora", "rslora", "dora", "pissa", "olora", "adalora", "ia3", "loha", "lokr", "vera", "prefix_tuning",
            "prompt_tuning", "p_tuning")
+#: the HF ``Trainer`` + peft on the AdaLoRA preset: the method apart from our wiring (not among the default runs)
+HF_RUNS = ("hf_adalora",)
 #: learning rate per method (LoRA's is the classification benchmark's)
 LEARNING_RATES = {"ia3": 5e-3, "loha": 3e-3, "lokr": 3e-3, "vera": 5e-3, "prefix_tuning": 1e-2, "prompt_tuning": 3e-2,
                   "p_tuning": 3e-3}
@@ -63,6 +66,29 @@ def preset_peft_config(method: str) -> Any:
     spec = yaml.safe_load((PRESETS / f"{method}.yaml").read_text())["model"]["init_args"]["peft"]
     module, name = spec["class_path"].rsplit(".", 1)
     return getattr(importlib.import_module(module), name)(**spec["init_args"])
+
+
+def run_hf_adalora(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The AdaLoRA preset through the HF ``Trainer`` + peft, at our learning rate and budget: ``update_and_allocate``
+    after each optimizer step and before gradients are zeroed (``on_optimizer_step``), as peft's docs prescribe;
+    peft adds the orthogonal regulariser to the loss itself."""
+    from peft import TaskType
+    from transformers import TrainerCallback
+
+    config = preset_peft_config("adalora")
+    rows = sum(1 for _ in open(args.train_file, encoding="utf-8")) - 1  # the header
+    steps = math.ceil(rows / args.batch_size) * args.epochs
+    config.resolve_schedule(steps)
+    config.task_type = TaskType.SEQ_CLS
+    args.lr = learning_rates(args)["adalora"]
+
+    class UpdateAndAllocate(TrainerCallback):
+        def on_optimizer_step(self, training_args: Any, state: Any, control: Any, model: Any = None, **_: Any) -> None:
+            model.base_model.update_and_allocate(state.global_step)
+
+    record = run_hf_trainer(args, workdir, peft_config=config, callbacks=(UpdateAndAllocate(),))
+    return {"supported": True, "lr": args.lr, "trainable_params": 0, "trainable_percent": 0.0, "adapter_bytes": 0,
+            **{k: record[k] for k in ("train_seconds", "train_samples_per_s", "dev_accuracy")}}
 
 
 def run_method(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -130,13 +156,14 @@ def print_methods_table(results: dict[str, dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    parser = base_parser(__doc__, "sst2", METHODS, seeds=[42, 43, 44])
+    parser = base_parser(__doc__, "sst2", METHODS + HF_RUNS, seeds=[42, 43, 44])
+    parser.set_defaults(runs=list(METHODS))
     add_sst2_arguments(parser)  # --lr is replaced per method (LEARNING_RATES, --method-lr)
     parser.add_argument("--method-lr", nargs="*", default=[], metavar="METHOD=LR", help="override a method's lr")
     args = parser.parse_args()
     if args.worker:
         with tempfile.TemporaryDirectory() as tmp:
-            report(run_method(args, Path(tmp)))
+            report((run_hf_adalora if args.worker in HF_RUNS else run_method)(args, Path(tmp)))
         return
 
     settings = {k: getattr(args, k) for k in ("train_rows", "batch_size", "max_length", "epochs", "seeds", "data_seed")}
