@@ -52,14 +52,15 @@ DEFAULT_LR = 5e-4
 
 
 def learning_rates(args: argparse.Namespace) -> dict[str, float]:
-    """Each method's learning rate: :data:`LEARNING_RATES`, then ``--method-lr name=value`` overrides."""
+    """Each method's learning rate: :data:`LEARNING_RATES`, then ``--method-lr name=value`` overrides; an HF run
+    takes its method's (``hf_adalora``: ``adalora``'s)."""
     rates = {name: LEARNING_RATES.get(name, DEFAULT_LR) for name in METHODS}
     for item in args.method_lr:
         name, _, value = item.partition("=")
         if name not in rates:
             sys.exit(f"error: --method-lr {item!r}: unknown method {name!r}")
         rates[name] = float(value)
-    return rates
+    return {**rates, **{run: rates[run.removeprefix("hf_")] for run in HF_RUNS}}
 
 
 def preset_peft_config(method: str) -> Any:
@@ -80,7 +81,7 @@ def run_hf_adalora(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     steps = math.ceil(rows / args.batch_size) * args.epochs
     config.resolve_schedule(steps)
     config.task_type = TaskType.SEQ_CLS
-    args.lr = learning_rates(args)["adalora"]
+    args.lr = learning_rates(args)[args.worker]
 
     class UpdateAndAllocate(TrainerCallback):
         def on_optimizer_step(self, training_args: Any, state: Any, control: Any, model: Any = None, **_: Any) -> None:
