@@ -117,7 +117,9 @@ def run_method(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     try:
         model = SequenceClassifier(
             BackboneConfig(pretrained_model_name_or_path=args.model), preset_peft_config(args.worker),
-            labels=dm.labels, optimizer=partial(torch.optim.AdamW, weight_decay=0.01), training=TrainingConfig(lr=lr),
+            labels=dm.labels, optimizer=partial(torch.optim.AdamW, weight_decay=0.01),
+            training=TrainingConfig(lr=lr, **({"sequence_packing": False, "micro_batch_size": None}
+                                              if args.padded_batches else {})),
         )
     except LightningPeftError as err:
         return {"supported": False, "reason": str(err)}
@@ -161,15 +163,19 @@ def main() -> None:
     parser.set_defaults(runs=list(METHODS))
     add_sst2_arguments(parser)  # --lr is replaced per method (LEARNING_RATES, --method-lr)
     parser.add_argument("--method-lr", nargs="*", default=[], metavar="METHOD=LR", help="override a method's lr")
+    parser.add_argument("--padded-batches", action="store_true",
+                        help="compute our batches as the HF Trainer does (one padded pass, no packing)")
     args = parser.parse_args()
     if args.worker:
         with tempfile.TemporaryDirectory() as tmp:
             report((run_hf_adalora if args.worker in HF_RUNS else run_method)(args, Path(tmp)))
         return
 
-    settings = {k: getattr(args, k) for k in ("train_rows", "batch_size", "max_length", "epochs", "seeds", "data_seed")}
+    settings = {k: getattr(args, k) for k in ("train_rows", "batch_size", "max_length", "epochs", "seeds", "data_seed",
+                                              "padded_batches")}
     with sst2_workers(args) as (model, worker_args):
-        per_seed = run_all(__file__, args.runs, args.seeds, [*worker_args, "--method-lr", *args.method_lr])
+        per_seed = run_all(__file__, args.runs, args.seeds, [*worker_args, *["--padded-batches"] * args.padded_batches,
+                                                             "--method-lr", *args.method_lr])
     results = {}
     for name, records in per_seed.items():
         if not records[0]["supported"]:
