@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,11 +30,12 @@ from transformers import (
 
 from lightning_peft.encoder_decoder import warm_start_encoder_decoder
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.metrics.entities import OUTSIDE, sentence_record
+from lightning_peft.metrics.entities import sentence_record
 from lightning_peft.serve.exports import AdapterRefused, ServedAdapter
 from lightning_peft.serve.gathered_lora import GatheredLora
 from lightning_peft.tasks.base import label_config
 from lightning_peft.tasks.classification import label_records
+from lightning_peft.tasks.token_classification import first_subtoken_tags
 from lightning_peft.uncertainty import summarise_samples
 
 AUTO_CLASSES = {"classification": AutoModelForSequenceClassification,
@@ -98,7 +99,7 @@ class Row:
     adapter: ServedAdapter
     input_ids: list[int]
     given: dict[str, Any]
-    word_ids: list[int | None] | None = None
+    word_ids: list[int | None] = field(default_factory=list)
     generation: GenerationConfig | None = None
 
 
@@ -223,6 +224,7 @@ class AdapterEngine:
             raise InputError("adapter", f"no adapter named {name!r} is served; GET /adapters lists them", 404)
         tokenizer = self.tokenizers[name]
         generation = self._generation_config(adapter, options) if adapter.task in ("seq2seq", "causal_lm") else None
+        limit = self.max_length(adapter)
         rows = []
         for i, value in enumerate(inputs):
             field = f"inputs[{i}]"
@@ -243,7 +245,6 @@ class AdapterEngine:
             else:
                 raise InputError(field, "give a non-empty string" + (
                     " (or a [text, text_pair] list)" if adapter.task == "classification" else ""))
-            limit = self.max_length(adapter)
             if len(row.input_ids) > limit:
                 raise InputError(field, f"is {len(row.input_ids)} tokens long but the model takes at most {limit}; "
                                         "shorten it or split it", 413)
@@ -316,26 +317,34 @@ class AdapterEngine:
             if task == "classification":
                 answers = self._class_records(chosen, logits)
             else:
-                answers = [sentence_record(row.given["words"], self._word_tags(row, scores))
-                           for row, scores in zip(chosen, logits.argmax(-1).tolist(), strict=True)]
+                answers = [sentence_record(row.given["words"], first_subtoken_tags(
+                    scores, row.word_ids, len(row.given["words"]), row.adapter.labels))
+                    for row, scores in zip(chosen, logits.argmax(-1).tolist(), strict=True)]
             for i, record in zip(bucket, answers, strict=True):
                 records[i] = record
         return records  # type: ignore[return-value]
 
-    def _forward(self, model: PeftModel, rows: list[Row], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits of one forward pass, each row routed to its adapter (rows of several adapters are LoRA rows:
-        their updates gathered per row where every layer is plain LoRA, peft's mixed forward otherwise)."""
+    @contextlib.contextmanager
+    def _routed(self, model: PeftModel, rows: list[Row], gather: bool) -> Iterator[dict[str, Any]]:
+        """Within the block, ``model`` runs each row with its adapter: the one adapter set active, or the keyword
+        arguments to pass (peft's ``adapter_names``; with ``gather``, LoRA updates gathered per row where every
+        layer is plain LoRA)."""
         names = [row.adapter.name for row in rows]
-        head = rows[0].adapter.head
         if len(set(names)) == 1:
             model.set_adapter(names[0])
-            logits = model(**inputs).logits
-        else:
-            if head not in self._gathered:
-                self._gathered[head] = GatheredLora.of(model)
-            gathered = self._gathered[head]
-            with gathered.routing(names) if gathered else contextlib.nullcontext():
-                logits = model(**inputs, adapter_names=names).logits
+            yield {}
+            return
+        head = rows[0].adapter.head
+        if gather and head not in self._gathered:
+            self._gathered[head] = GatheredLora.of(model)
+        gathered = self._gathered.get(head) if gather else None
+        with gathered.routing(names) if gathered else contextlib.nullcontext():
+            yield {"adapter_names": names}
+
+    def _forward(self, model: PeftModel, rows: list[Row], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of one forward pass, each row routed to its adapter."""
+        with self._routed(model, rows, gather=True) as routing:
+            logits = model(**inputs, **routing).logits
         return logits[:, -inputs["input_ids"].shape[1]:]  # prompt tuning / p-tuning prepend virtual tokens
 
     def _padded(self, sequences: list[list[int]], tokenizer: Any, side: str) -> dict[str, torch.Tensor]:
@@ -367,28 +376,12 @@ class AdapterEngine:
             records.append({**row.given, **output})
         return records
 
-    @staticmethod
-    def _word_tags(row: Row, token_tags: list[int]) -> list[str]:
-        """One tag per word: its first sub-token's, as ``TokenClassifier.word_tags``."""
-        tags = [OUTSIDE] * len(row.given["words"])
-        previous = None
-        for position, word in enumerate(row.word_ids or []):
-            if word is not None and word != previous:
-                tags[word] = row.adapter.labels[token_tags[position]]
-            previous = word
-        return tags
-
     def _generate(self, model: PeftModel, rows: list[Row]) -> list[dict[str, Any]]:
         causal = rows[0].adapter.task == "causal_lm"
         tokenizer = self.tokenizers[rows[0].adapter.name]
         inputs = self._padded([row.input_ids for row in rows], tokenizer, "left" if causal else "right")
-        names = [row.adapter.name for row in rows]
-        routing: dict[str, Any] = {}
-        if len(set(names)) > 1:
-            routing["adapter_names"] = names
-        else:
-            model.set_adapter(names[0])
-        sequences = model.generate(**inputs, generation_config=rows[0].generation, **routing)
+        with self._routed(model, rows, gather=False) as routing:  # beams would not match gathered rows
+            sequences = model.generate(**inputs, generation_config=rows[0].generation, **routing)
         if causal:
             texts = [text.strip() for text in tokenizer.batch_decode(sequences[:, inputs["input_ids"].shape[1]:],
                                                                       skip_special_tokens=True)]

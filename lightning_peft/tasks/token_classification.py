@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -13,11 +14,24 @@ from transformers import AutoModelForTokenClassification
 
 from lightning_peft.backbone import BackboneConfig
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.metrics.entities import OUTSIDE, extract_entities, sentence_record
+from lightning_peft.metrics.entities import OUTSIDE, sentence_record
 from lightning_peft.metrics.entity_f1 import EntityF1
 from lightning_peft.tasks.base import PeftModule, label_config
 from lightning_peft.training import TrainingConfig
 from lightning_peft.types import IGNORE_INDEX, AttributionTarget, Batch
+
+
+def first_subtoken_tags(token_tags: Sequence[int], word_ids: Sequence[int | None], num_words: int,
+                        labels: Sequence[str]) -> list[str]:
+    """One tag per word: the tag of its first sub-token (``word_ids`` maps positions to words; ``None`` or -1 for
+    special tokens and padding); words without sub-tokens get ``O``. What ``predict`` and the server both use."""
+    tags = [OUTSIDE] * num_words
+    previous = None
+    for position, word in enumerate(word_ids):
+        if word is not None and word >= 0 and word != previous:
+            tags[word] = labels[token_tags[position]]
+        previous = word
+    return tags
 
 
 class TokenClassifier(PeftModule):
@@ -102,11 +116,8 @@ class TokenClassifier(PeftModule):
             if word is not None and word not in first_token:
                 first_token[word] = position
         tag_ids = logits[0].argmax(-1)
-        tags = [self.labels[int(tag_ids[first_token[w]])] if w in first_token else OUTSIDE for w in range(len(words))]
-        entities = [
-            {"type": e.type, "start": e.start, "end": e.end, "text": " ".join(words[e.start : e.end + 1])}
-            for e in extract_entities(tags)
-        ]
+        record = sentence_record(words, first_subtoken_tags(tag_ids.tolist(), word_ids, len(words), self.labels))
+        entities = record["entities"]
         targets = []
         for entity in entities:
             positions = [first_token[w] for w in range(entity["start"], entity["end"] + 1) if w in first_token]
@@ -117,7 +128,7 @@ class TokenClassifier(PeftModule):
                 return sum(out[:, p, t] for p, t in zip(positions, tag_of, strict=True))
 
             targets.append(AttributionTarget(f"{entity['type']}: {entity['text']}", score, subtokens, entity))
-        return {"words": words, "tags": tags, "entities": entities}, targets
+        return record, targets
 
     def decode(self, logits: torch.Tensor, batch: Batch) -> list[list[int]]:
         """One tag id per sub-token position."""
@@ -125,18 +136,8 @@ class TokenClassifier(PeftModule):
 
     def word_tags(self, logits: torch.Tensor, batch: Batch) -> list[list[str]]:
         """One predicted tag per word: the tag of its first sub-token; words without sub-tokens get ``O``."""
-        tags = []
-        for token_ids, word_ids, num_words in zip(
-            self.decode(logits, batch), batch["word_ids"], self._num_words(batch), strict=True
-        ):
-            words = [OUTSIDE] * num_words
-            previous = -1
-            for position, word in enumerate(word_ids):
-                if word >= 0 and word != previous:
-                    words[word] = self.labels[token_ids[position]]
-                previous = word
-            tags.append(words)
-        return tags
+        return [first_subtoken_tags(token_ids, word_ids, num_words, self.labels) for token_ids, word_ids, num_words
+                in zip(self.decode(logits, batch), batch["word_ids"], self._num_words(batch), strict=True)]
 
     @staticmethod
     def _num_words(batch: Batch) -> list[int]:
