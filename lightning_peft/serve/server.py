@@ -194,20 +194,22 @@ class AdapterServer:
 
     async def load_adapter(self, request: Request) -> JSONResponse:
         """``{"name": name, "path": export}``: checked here, loaded by the worker; the set is unchanged on error."""
+        checked: list[ServedAdapter] = []  # the adapter read here, added to the serving set once the worker has it
+
         def operation(body: dict[str, Any]) -> dict[str, Any]:
             expect_fields(body, {"name": str, "path": str}, required=("name", "path"))
             if body["name"] in self.adapters:
                 raise InputError("name", f"an adapter named {body['name']!r} is already served; DELETE "
                                          f"/adapters/{body['name']} first or choose another name", 409)
             try:
-                adapter = read_adapter(body["name"], body["path"])
-                check_shared_base([*self.adapters.values(), adapter])
+                checked.append(read_adapter(body["name"], body["path"]))
+                check_shared_base([*self.adapters.values(), checked[0]])
             except AdapterRefused as err:
                 raise refused(err) from err
-            return {"op": "load", "name": adapter.name, "path": str(adapter.directory)}
+            return {"op": "load", "name": checked[0].name, "path": str(checked[0].directory)}
 
         def loaded(body: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
-            self.adapters[body["name"]] = read_adapter(body["name"], answer["adapter"]["path"])
+            self.adapters[body["name"]] = checked[0]
             return {"status": 201, **answer}
 
         return await self._answered(request, operation, loaded)
