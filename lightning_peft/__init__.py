@@ -7,9 +7,16 @@ The public names below are imported on first use (PEP 562), so ``import lightnin
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# peft imports torchao whenever it is installed (the quantization extra); on CPU torchao logs a warning per CUDA-only
+# kernel library it skips, and torch logs a deprecation per enum torchao registers: lines at every start-up that say
+# nothing about the run. Real errors still show.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 #: public name → the module that defines it
 _EXPORTS = {

@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 from peft import PeftConfig, PeftModel
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lightning_peft.errors import LightningPeftError
+from lightning_peft.quantization import plain_quantization
 
 RANK_PATTERN_KEY = "rank_pattern"  # checkpoint entry: AdaLoRA's learnt ranks
 METRICS_KEY = "metrics"  # checkpoint entry: the val/ metrics logged when it was written
@@ -34,11 +36,20 @@ def plain_hyperparameters(hparams: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, PeftConfig):
             value = json.loads(json.dumps(value.to_dict(), default=list))
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):  # BackboneConfig, TrainingConfig
-            value = dataclasses.asdict(value)
+            value = {field.name: _plain_field(getattr(value, field.name)) for field in dataclasses.fields(value)}
         elif not _is_plain(value):
             continue
         plain[key] = value
     return plain
+
+
+def _plain_field(value: Any) -> Any:
+    """A config dataclass's field as plain data: a quantisation config as the dict ``config.json`` holds."""
+    if isinstance(value, QuantizationConfigMixin):
+        return plain_quantization(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
 
 
 def _is_plain(value: Any) -> bool:

@@ -17,9 +17,16 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lightning_peft.encoder_decoder import train_new_modules, warm_start_encoder_decoder
 from lightning_peft.errors import LightningPeftError
+from lightning_peft.quantization import (
+    as_quantization_config,
+    check_quantization,
+    dequantized,
+    prepare_for_training,
+)
 
 
 @dataclass
@@ -44,10 +51,16 @@ class BackboneConfig:
             tokenizer too, unless ``tokenizer`` is set). Slow on every load: convert it once with
             ``lightning-peft convert-gguf`` and point ``pretrained_model_name_or_path`` at the result instead.
         attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``, … (``None``: transformers' choice).
+        quantization: load the base quantised, for adapters trained on it (QLoRA): any transformers quantisation
+            config, e.g. ``transformers.TorchAoConfig`` with ``torchao.quantization.Int8WeightOnlyConfig`` (int8
+            weight-only, CPU or GPU) or ``transformers.BitsAndBytesConfig(load_in_4bit=True,
+            bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`` (CUDA); the dict ``config.json`` holds is
+            accepted too. Needs a PEFT method peft supports on such layers (see :mod:`lightning_peft.quantization`).
 
     Example::
 
         BackboneConfig(pretrained_model_name_or_path="bert-base-uncased", gradient_checkpointing=True)
+        BackboneConfig("bert-base-uncased", quantization=TorchAoConfig(Int8WeightOnlyConfig()))
     """
 
     pretrained_model_name_or_path: str | None = None
@@ -60,6 +73,10 @@ class BackboneConfig:
     decoder_pretrained_model_name_or_path: str | None = None
     gguf_file: str | None = None
     attn_implementation: str | None = None
+    quantization: QuantizationConfigMixin | None = None
+
+    def __post_init__(self) -> None:
+        self.quantization = as_quantization_config(self.quantization)  # checkpoints hold it as a dict
 
     @property
     def is_pretrained(self) -> bool:
@@ -93,20 +110,6 @@ def split_gguf_path(path: str | Path) -> tuple[str, str]:
 def is_gguf_path(path: str | None) -> bool:
     """Whether ``path`` names a GGUF file (by its suffix)."""
     return bool(path) and str(path).lower().endswith(GGUF_SUFFIX)
-
-
-def dequantized(model: PreTrainedModel) -> PreTrainedModel:
-    """``model``, loaded from a GGUF file, without its GGUF quantisation flags.
-
-    transformers de-quantises a GGUF file's weights to float32 but flags the model as quantised (``hf_quantizer``,
-    ``config.quantization_config``), which the HF ``Trainer`` and peft treat as untrainable; nothing is quantised
-    any more, so the model trains, merges and saves as the plain float model it is."""
-    model.hf_quantizer = None
-    if hasattr(model, "is_quantized"):
-        model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model
 
 
 def _torch_dtype(name: str | None) -> torch.dtype | str | None:
@@ -223,13 +226,16 @@ def _load_transformer(spec: BackboneConfig, auto_class: type, model_kwargs: dict
         raise _load_error("pretrained_model_name_or_path", path, auto_class.__name__, err) from err
     if spec.gguf_file:
         model = dequantized(model)
+    if spec.quantization is not None:
+        model = prepare_for_training(model)
     setattr(model, NEW_WEIGHTS_ATTRIBUTE, sorted(info.get("missing_keys", ())))
     return model
 
 
 def _optional_kwargs(spec: BackboneConfig) -> dict[str, Any]:
     """``from_pretrained`` / ``from_config`` arguments that are passed only when set."""
-    options = {"gguf_file": spec.gguf_file, "attn_implementation": spec.attn_implementation}
+    options = {"gguf_file": spec.gguf_file, "attn_implementation": spec.attn_implementation,
+               "quantization_config": spec.quantization}
     return {key: value for key, value in options.items() if value is not None}
 
 
@@ -334,7 +340,14 @@ def load_backbone(
             LoraConfig(r=8, target_modules=["query", "value"]), num_labels=3,
         )
     """
+    check_quantization(spec.quantization, peft_config, spec.is_pretrained)
     if spec.decoder_pretrained_model_name_or_path:
+        if spec.quantization is not None:
+            raise LightningPeftError(
+                "backbone.quantization: a warm-started EncoderDecoderModel (decoder_pretrained_model_name_or_path) is "
+                "assembled from two checkpoints and is not loaded quantised; quantise a native seq2seq model (T5) "
+                "instead or remove quantization"
+            )
         if auto_class is not AutoModelForSeq2SeqLM:
             raise LightningPeftError(
                 "backbone.decoder_pretrained_model_name_or_path: only seq2seq tasks (Seq2SeqGenerator) have a decoder; "

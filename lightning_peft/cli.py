@@ -38,6 +38,7 @@ from lightning_peft.explain import METHODS, explain
 from lightning_peft.export import export_checkpoint, push_export, weights_from
 from lightning_peft.gguf import convert_main
 from lightning_peft.parse_errors import describe_parse_error
+from lightning_peft.quantization import check_strategy
 from lightning_peft.sweep import sweep_main
 from lightning_peft.tasks.base import PeftModule
 
@@ -145,7 +146,8 @@ class LightningPeftCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Share the datamodule's ``problem_type`` with the model when both take one (a conditional link:
         jsonargparse links cannot skip a target that the chosen model class lacks), and resolve
-        ``checkpoint.monitor: auto`` to the task's metric and mode."""
+        ``checkpoint.monitor: auto`` to the task's metric and mode; refuse FSDP on a quantised base before any
+        model loads."""
         config = self.config.get(str(self.subcommand), self.config)
         data, model = config.get("data"), config.get("model")
         if data is not None and model is not None and "problem_type" in data.get("init_args", {}) and (
@@ -159,6 +161,10 @@ class LightningPeftCLI(LightningCLI):
             metric = task.checkpoint_metric(init_args) if isinstance(task, type) and issubclass(task, PeftModule) \
                 else ("val/loss", "min")
             checkpoint.monitor, checkpoint.mode = metric
+        quantization = config.get("model.init_args.backbone.quantization") if model is not None else None
+        if quantization is not None:
+            check_strategy(quantization.as_dict() if hasattr(quantization, "as_dict") else quantization,
+                           config.get("trainer.strategy"))
 
     # -- checkpoints are data -------------------------------------------------------------------------
     def _parse_ckpt_path(self) -> None:

@@ -31,6 +31,7 @@ from lightning_peft.adapter_checkpoint import METRICS_KEY, rank_pattern, set_ran
 from lightning_peft.checkpoints import load_checkpoint
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.model_card import task_model_card
+from lightning_peft.quantization import dequantized_peft_model, is_quantized
 
 if TYPE_CHECKING:
     from lightning_peft.tasks.base import PeftModule
@@ -38,6 +39,12 @@ if TYPE_CHECKING:
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 CARD_FILE = "README.md"
+#: what the card adds under ``merged/`` when the adapter was trained on a quantised base
+DEQUANTIZED_MERGE_NOTE = (
+    "\n\nThe base was quantised in training: it was de-quantised to float32 (the very weights the quantised layers "
+    "computed with) and the adapter merged into them in float32, so this model is the trained one in full precision, "
+    "not re-quantised."
+)
 class CannotMerge(LightningPeftError):
     """The PEFT method cannot be folded into the base weights (the message says why)."""
 
@@ -153,7 +160,11 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 def merged_model(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
     """A full model with the active adapter merged into a copy of the base weights (``merge_and_unload``); the
     model itself when it has no adapter. Raises :class:`CannotMerge` for methods that add inputs instead of
-    changing weights (prompt, prefix and p-tuning)."""
+    changing weights (prompt, prefix and p-tuning).
+
+    On a quantised base the copy is de-quantised first and the adapter merged in float32
+    (:func:`~lightning_peft.quantization.dequantized_peft_model`): the float model the quantised one computes
+    with, plus the adapter, instead of peft's merge that re-quantises each merged weight."""
     if not isinstance(model, PeftModel):
         return model
     config = model.active_peft_config
@@ -163,7 +174,7 @@ def merged_model(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
             f"{method} adds trained virtual tokens to every input instead of changing the model's weights, so it "
             "cannot be merged into the base model; load the adapter with peft instead"
         )
-    merged = copy.deepcopy(model)
+    merged = dequantized_peft_model(model) if is_quantized(model) else copy.deepcopy(model)
     _unwrap_modules_to_save(merged)
     try:
         return merged.merge_and_unload()
@@ -318,6 +329,7 @@ def export_task(
                 merged_note = (
                     "A full model with the adapter merged into its weights; no peft needed:\n\n"
                     f"```python\n{task.merged_loading_snippet(directory / MERGED_DIR)}\n```"
+                    + (DEQUANTIZED_MERGE_NOTE if is_quantized(task.model) else "")
                 )
         loading = (task.loading_snippet(directory / ADAPTER_DIR) if is_adapter
                    else task.merged_loading_snippet(directory / MERGED_DIR))

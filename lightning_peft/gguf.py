@@ -1,6 +1,6 @@
 """``lightning-peft convert-gguf``: a GGUF checkpoint written once as a plain safetensors model directory.
 
-``backbone.gguf_file`` loads a GGUF file directly (see :func:`lightning_peft.backbone.dequantized`), but converts
+``backbone.gguf_file`` loads a GGUF file directly (see :func:`lightning_peft.quantization.dequantized`), but converts
 every tensor on each load (about 30 s for a 135M model on 2 cores); configs should point at a directory written
 once by :func:`convert_gguf`.
 """
@@ -12,9 +12,10 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightning_peft.backbone import dequantized, is_gguf_path, split_gguf_path
+from lightning_peft.backbone import is_gguf_path, split_gguf_path
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import atomic_directory
+from lightning_peft.quantization import dequantized
 
 
 def convert_gguf(gguf_path: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:

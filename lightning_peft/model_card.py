@@ -14,6 +14,7 @@ from peft import PeftConfig, PeftModel
 
 from lightning_peft.adapter_checkpoint import plain_hyperparameters
 from lightning_peft.backbone import count_parameters
+from lightning_peft.quantization import quantization_note
 from lightning_peft.training import optimizer_summary
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ class ModelCard:
     peft_method: str = "full fine-tuning"
     peft_hyperparameters: dict[str, Any] = field(default_factory=dict)
     parameters: str = ""
+    #: how the base was quantised while the adapter trained on it (empty: full precision)
+    base_quantization: str = ""
     labels: list[str] | None = None
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -76,6 +79,8 @@ class ModelCard:
     def render(self) -> str:
         model = {"base model": self.base_model or "randomly initialised (config only)", "task": self.task,
                  "PEFT method": self.peft_method, "parameters": self.parameters}
+        if self.base_quantization:
+            model["base quantisation"] = self.base_quantization
         if self.labels is not None:
             model["labels"] = ", ".join(self.labels)
         sections = [
@@ -151,6 +156,7 @@ def task_model_card(
         peft_method=method,
         peft_hyperparameters=peft_hyperparameters(peft_config) if peft_config else {},
         parameters=f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)",
+        base_quantization=quantization_note(task.backbone_config.quantization),
         labels=list(labels.values()) if labels else None,
         training={**training, **hparams, **task.card_training_facts()},
         metrics=metrics,

@@ -263,12 +263,13 @@ def test_seq2seq_bad_input_exits_with_one_error_line(tmp_path, tiny_bert_dir, to
 #: trainer configs (W&B sweep specs under configs/sweeps are checked by tests/test_sweeps.py)
 SHIPPED_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "sweeps")
 #: presets that complete a task config rather than stand alone: fitted on top of the quickstart
-ADD_ON_DIRECTORIES = ("callbacks", "peft", "trainer", "logger", "regularization")
+ADD_ON_DIRECTORIES = ("callbacks", "peft", "trainer", "logger", "regularization", "quantization")
 #: presets that need what this machine may lack; each is exercised where it can run
 NEEDS = {
     "gpu.yaml": "a CUDA GPU",
     "multinode.yaml": "a multi-node launcher (tests/test_trainer_presets.py launches two torchrun nodes)",
     "fsdp.yaml": "GPUs (tests/test_strategies.py checks its wrapping on CPU)",
+    "qlora_4bit.yaml": "a CUDA GPU (tests/test_quantization.py checks its refusal without one)",
 }
 #: smaller batches for configs whose model is slow on 2 cores (SmolLM2 trains at tens of tokens/s)
 SMALLER_BATCHES = {"dolly_lora.yaml": ["--data.init_args.batch_size", "2", "--data.init_args.max_length", "128"]}

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lightning_peft.backbone import BackboneConfig, dequantized, tokenizer_source
+from lightning_peft.backbone import BackboneConfig, tokenizer_source
 from lightning_peft.cli import main
+from lightning_peft.quantization import dequantized
 
 
 def test_a_gguf_backbone_reads_its_tokenizer_from_the_file_unless_given():
