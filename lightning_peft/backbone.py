@@ -56,6 +56,9 @@ class BackboneConfig:
             weight-only, CPU or GPU) or ``transformers.BitsAndBytesConfig(load_in_4bit=True,
             bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`` (CUDA); the dict ``config.json`` holds is
             accepted too. Needs a PEFT method peft supports on such layers (see :mod:`lightning_peft.quantization`).
+        onnx_file: an ONNX file inside ``pretrained_model_name_or_path`` (an export's ``onnx/``: ``model.onnx`` or
+            ``model_quantized.onnx``) run by onnxruntime instead of a transformers model; validate, test and predict
+            only, with ``peft: null`` (the adapter is merged into it).
 
     Example::
 
@@ -74,6 +77,7 @@ class BackboneConfig:
     gguf_file: str | None = None
     attn_implementation: str | None = None
     quantization: QuantizationConfigMixin | None = None
+    onnx_file: str | None = None
 
     def __post_init__(self) -> None:
         self.quantization = as_quantization_config(self.quantization)  # checkpoints hold it as a dict
@@ -341,6 +345,8 @@ def load_backbone(
         )
     """
     check_quantization(spec.quantization, peft_config, spec.is_pretrained)
+    if spec.onnx_file:
+        return _load_onnx(spec, peft_config)
     if spec.decoder_pretrained_model_name_or_path:
         if spec.quantization is not None:
             raise LightningPeftError(
@@ -369,9 +375,24 @@ def load_backbone(
                 f"backbone.gradient_checkpointing: {type(model).__name__} does not support it; set it to false"
             )
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if peft_config is None:
-        return model
-    return apply_peft(model, peft_config, task_type)
+    return model if peft_config is None else apply_peft(model, peft_config, task_type)
+
+
+def _load_onnx(spec: BackboneConfig, peft_config: PeftConfig | None) -> torch.nn.Module:
+    if peft_config is not None:
+        raise LightningPeftError(
+            "backbone.onnx_file: an ONNX export has the adapter merged into it; set model.init_args.peft null"
+        )
+    if not spec.pretrained_model_name_or_path or spec.quantization is not None or spec.gguf_file:
+        raise LightningPeftError(
+            "backbone.onnx_file: set pretrained_model_name_or_path to the directory holding it (an export's onnx/) "
+            "and leave quantization and gguf_file unset"
+        )
+    from lightning_peft.compressed import OnnxModel
+
+    model = OnnxModel(spec.pretrained_model_name_or_path, spec.onnx_file)
+    setattr(model, NEW_WEIGHTS_ATTRIBUTE, [])
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

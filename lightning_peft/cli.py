@@ -32,6 +32,7 @@ from lightning_peft.backbone import tokenizer_source
 from lightning_peft.callbacks.prediction_writer import JsonlPredictionWriter
 from lightning_peft.callbacks.run_checkpoint import RunCheckpoint
 from lightning_peft.checkpoints import check_checkpoint_matches, load_checkpoint, resolve_named_checkpoint
+from lightning_peft.compressed import check_compression_available
 from lightning_peft.data.base import TextDataModule
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.explain import METHODS, explain
@@ -313,10 +314,21 @@ class ExportCLI(CheckpointCLI):
             "atomically; anything else is refused without --overwrite)",
         )
         parser.add_argument("--merge", type=bool, default=False, help="also write merged/, a full transformers model")
+        parser.add_argument("--quantize", type=str | None, default=None,
+                            help="also write int8/: merged/ with dynamic int8 linear layers (torchao), and with --onnx "
+                            "onnx/model_quantized.onnx (onnxruntime); encoder tasks")
+        parser.add_argument("--onnx", type=bool, default=False,
+                            help="also write onnx/model.onnx (torch.onnx, run by onnxruntime); encoder tasks")
         parser.add_argument("--push_to_hub", type=str | None, default=None,
                             help="then upload the export to this Hub repo id (created if needed): the adapter at its "
                             "root, merged/ beside it, the model card as README.md")
         parser.add_argument("--private", type=bool | None, default=None, help="create the --push_to_hub repo private")
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse an unknown ``--quantize`` or a missing backend before the model loads."""
+        super().before_instantiate_classes()
+        config = self.config.get(str(self.subcommand), self.config)
+        check_compression_available(config.get("quantize"), bool(config.get("onnx")))
 
     def run_export(self) -> tuple[Path, str | None]:
         """What :class:`~lightning_peft.callbacks.AdapterExport` writes at fit end, from ``--ckpt_path``; then the
@@ -326,6 +338,7 @@ class ExportCLI(CheckpointCLI):
             self.model, self.config["ckpt_path"], self.config["export_dir"],
             tokenizer=datamodule.tokenizer if datamodule else None, merge=self.config["merge"],
             data=datamodule.card_facts() if datamodule else None, overwrite=self.config["overwrite"],
+            quantize=self.config["quantize"], onnx=self.config["onnx"],
         )
         repo_id = self.config["push_to_hub"]
         return directory, push_export(directory, repo_id, self.config["private"]) if repo_id else None

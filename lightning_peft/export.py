@@ -29,6 +29,14 @@ from transformers import PreTrainedModel
 
 from lightning_peft.adapter_checkpoint import METRICS_KEY, rank_pattern, set_rank_pattern
 from lightning_peft.checkpoints import load_checkpoint
+from lightning_peft.compressed import (
+    INT8_DIR,
+    ONNX_DIR,
+    check_compression_available,
+    loading_notes,
+    save_int8,
+    save_onnx,
+)
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.model_card import task_model_card
 from lightning_peft.quantization import dequantized_peft_model, is_quantized
@@ -268,6 +276,8 @@ def export_checkpoint(
     data: dict[str, Any] | None = None,
     overwrite: bool = False,
     field: str = "export_dir",
+    quantize: str | None = None,
+    onnx: bool = False,
 ) -> Path:
     """Export the weights of the Lightning checkpoint ``ckpt_path`` (e.g. ``best.ckpt``) with the model card's
     metrics and training facts taken from it; ``module`` keeps its own weights.
@@ -282,7 +292,7 @@ def export_checkpoint(
                 "optimizer steps": checkpoint.get("global_step")}
     with weights_from(module, checkpoint):
         return module.export(directory, tokenizer, merge, metrics=checkpoint.get(METRICS_KEY, {}), data=data,
-                             training=training, overwrite=overwrite, field=field)
+                             training=training, overwrite=overwrite, field=field, quantize=quantize, onnx=onnx)
 
 
 def export_task(
@@ -295,6 +305,8 @@ def export_task(
     training: dict[str, Any] | None = None,
     overwrite: bool = False,
     field: str = "export_dir",
+    quantize: str | None = None,
+    onnx: bool = False,
 ) -> Path:
     """Write ``task``'s model in Hugging Face formats, atomically, and return the directory.
 
@@ -305,6 +317,8 @@ def export_task(
     ``transformers.AutoModelFor*.from_pretrained(adapter, **labels)``; ``merged/`` (with ``merge``, or always
     without PEFT): a full model for plain ``transformers``; ``README.md``: the model card, stating ``metrics``,
     ``data`` and ``training`` facts. The tokenizer (when given) and the task's ``save_extras`` files go in each.
+    ``quantize="int8"`` adds ``int8/`` and ``onnx`` adds ``onnx/`` (:mod:`~lightning_peft.compressed`), both made
+    from the merged model, which is then written too; encoder tasks only (``task.compressed_export``).
 
     Example::
 
@@ -312,12 +326,15 @@ def export_task(
     """
     directory = Path(directory)
     is_adapter = isinstance(task.model, PeftModel)
+    compress = quantize is not None or onnx
+    if compress:
+        _check_compressible(task, quantize, onnx)
     merged_note = ""
     with atomic_directory(directory, field, overwrite) as tmp:
         if is_adapter:
             save_adapter(task.model, tmp / ADAPTER_DIR, task.initial_adapter_state)
             _save_alongside(task, tmp / ADAPTER_DIR, tokenizer)
-        if merge or not is_adapter:
+        if merge or not is_adapter or compress:
             try:
                 full = merged_model(task.model)
             except CannotMerge as err:
@@ -326,11 +343,19 @@ def export_task(
             else:
                 full.save_pretrained(tmp / MERGED_DIR)
                 _save_alongside(task, tmp / MERGED_DIR, tokenizer)
+                if quantize:
+                    save_int8(tmp / MERGED_DIR, task.auto_model_class, tmp / INT8_DIR)
+                    _save_alongside(task, tmp / INT8_DIR, tokenizer)
+                if onnx:
+                    save_onnx(full, tmp / ONNX_DIR, quantize is not None)
+                    _save_alongside(task, tmp / ONNX_DIR, tokenizer)
                 merged_note = (
                     "A full model with the adapter merged into its weights; no peft needed:\n\n"
                     f"```python\n{task.merged_loading_snippet(directory / MERGED_DIR)}\n```"
                     + (DEQUANTIZED_MERGE_NOTE if is_quantized(task.model) else "")
                 )
+                compressed = loading_notes(task.auto_model_class.__name__, directory, quantize, onnx)
+                merged_note += f"\n\n{compressed}" if compressed else ""
         loading = (task.loading_snippet(directory / ADAPTER_DIR) if is_adapter
                    else task.merged_loading_snippet(directory / MERGED_DIR))
         card = task_model_card(task, loading, merged_note if is_adapter else "", metrics or {}, data or {},
@@ -339,6 +364,23 @@ def export_task(
         if is_adapter:
             (tmp / ADAPTER_DIR / CARD_FILE).write_text(card)  # replaces peft's blank template
     return directory
+
+
+def _check_compressible(task: PeftModule, quantize: str | None, onnx: bool) -> None:
+    """Refuse ``--quantize`` / ``--onnx`` for tasks and methods they cannot serve, before anything is written."""
+    flag = "--quantize" if quantize is not None else "--onnx"
+    check_compression_available(quantize, onnx)
+    if not task.compressed_export:
+        raise LightningPeftError(
+            f"{flag}: compressed exports are made for encoder tasks (SequenceClassifier, TokenClassifier); "
+            f"{type(task).__name__} generates text, so export it without {flag} (adapter/ and merged/)"
+        )
+    config = task.model.active_peft_config if isinstance(task.model, PeftModel) else None
+    if config is not None and config.is_prompt_learning:
+        raise LightningPeftError(
+            f"{flag}: {config.peft_type.value} adds virtual tokens instead of changing weights, so there is no merged "
+            f"model to compress; use a method that merges (LoRA, IA3, …) or export without {flag}"
+        )
 
 
 def _save_alongside(task: PeftModule, directory: Path, tokenizer: Any | None) -> None:

@@ -94,6 +94,8 @@ class PeftModule(LightningModule, ABC):
     inference_arguments: ClassVar[tuple[str, ...]] = ()
     #: batch entries whose second dimension is the (right-padded) sequence, trimmed with it in micro-batches
     sequence_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids")
+    #: whether ``export --quantize`` / ``--onnx`` apply: encoder tasks whose model returns logits
+    compressed_export: ClassVar[bool] = False
     #: batch entries passed to the transformer by :meth:`model_inputs`
     model_input_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
@@ -358,6 +360,11 @@ class PeftModule(LightningModule, ABC):
         return {**self.training_config.as_dict(), "lr": self.learning_rate}
 
     def on_fit_start(self) -> None:
+        if self.backbone_config.onnx_file:
+            raise LightningPeftError(
+                "backbone.onnx_file: an ONNX model runs inference only (validate, test, predict); fit from the "
+                "transformers model (pretrained_model_name_or_path of the base, or an export's merged/)"
+            )
         self.batching = None  # chosen again: this fit's callbacks may differ
         trainable, total = count_parameters(self)
         rank_zero_info(

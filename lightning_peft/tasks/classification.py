@@ -98,6 +98,7 @@ class SequenceClassifier(PeftModule):
 
     auto_model_class = AutoModelForSequenceClassification
     peft_task_type = TaskType.SEQ_CLS
+    compressed_export = True
     pipeline_tag = "text-classification"
     inference_arguments = ("prediction",)
 

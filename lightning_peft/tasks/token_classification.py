@@ -59,6 +59,7 @@ class TokenClassifier(PeftModule):
 
     auto_model_class = AutoModelForTokenClassification
     peft_task_type = TaskType.TOKEN_CLS
+    compressed_export = True
     pipeline_tag = "token-classification"
 
     sequence_keys = (*PeftModule.sequence_keys, "labels")
