@@ -17,7 +17,8 @@ pass per batch — so the difference is framework overhead only), ``hf_trainer``
 (``train_sampling_strategy="group_by_length"``, transformers 5's ``group_by_length=True``),
 ``lightning_peft_grouped`` (batches from length-sorted windows of 2 random batches, packed rows) and
 ``lightning_peft_full_grouping`` (``group_by_length_window: null``: the whole split sorted into batches of one
-length, packed rows — what such batches cost in accuracy).
+length, packed rows — what such batches cost in accuracy) and ``lightning_peft_int8_base`` (``lightning_peft`` on a
+base loaded int8 weight-only, ``backbone.quantization`` with torchao: what a quantised base buys and costs on CPU).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from common import (  # noqa: E402
 
 RUNS = (
     "lightning_peft", "lightning_peft_shuffled", "hf_trainer", "hf_trainer_grouped", "lightning_peft_grouped",
-    "lightning_peft_full_grouping",
+    "lightning_peft_full_grouping", "lightning_peft_int8_base",
 )
 #: our runs → (group_by_length, group_by_length_window, micro_batch_size, sequence_packing)
 OURS = {
@@ -59,7 +60,10 @@ OURS = {
     "lightning_peft_shuffled": (False, None, None, False),
     "lightning_peft_grouped": (True, 2, 16, True),
     "lightning_peft_full_grouping": (True, None, 16, True),
+    "lightning_peft_int8_base": (False, None, 16, True),
 }
+#: our runs whose frozen base is loaded int8 weight-only (backbone.quantization: torchao)
+INT8_BASE = {"lightning_peft_int8_base"}
 #: HF runs → group by length
 HF_GROUPED = {"hf_trainer": False, "hf_trainer_grouped": True}
 
@@ -86,9 +90,15 @@ def run_lightning_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any
         max_length=args.max_length, batch_size=args.batch_size, group_by_length=grouped,
         group_by_length_window=window, seed=args.seed,
     )
+    quantization = None
+    if args.worker in INT8_BASE:
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        quantization = TorchAoConfig(Int8WeightOnlyConfig())
     model = SequenceClassifier(
-        BackboneConfig(pretrained_model_name_or_path=args.model), lora_config(), labels=dm.labels,
-        optimizer=partial(torch.optim.AdamW, weight_decay=0.01),
+        BackboneConfig(pretrained_model_name_or_path=args.model, quantization=quantization), lora_config(),
+        labels=dm.labels, optimizer=partial(torch.optim.AdamW, weight_decay=0.01),
         training=TrainingConfig(lr=args.lr, micro_batch_size=micro_batch_size, sequence_packing=packing),
     )
     checkpoint = ModelCheckpoint(dirpath=workdir / "ckpt", save_top_k=1)
