@@ -71,7 +71,7 @@ def test_fit_test_resume_export_on_an_int8_base(tmp_path, tiny_bert_dir, toy_dat
     assert load_checkpoint(tmp_path / "ckpt" / "last.ckpt")["epoch"] == 1
     main(["test", "--config", config, "--ckpt_path", "best"])
     main(["export", "--config", config, "--ckpt_path", "best", "--export_dir", str(tmp_path / "export"),
-          "--merge", "true"])
+          "--merge", "true", "--quantize", "int8"])  # de-quantised, merged, then quantised again
 
     task = SequenceClassifier.load_from_checkpoint(tmp_path / "ckpt" / "best.ckpt", weights_only=True, strict=False)
     assert is_quantized(task.model)
@@ -93,6 +93,9 @@ def test_fit_test_resume_export_on_an_int8_base(tmp_path, tiny_bert_dir, toy_dat
     card = (tmp_path / "export" / "README.md").read_text()
     assert "torchao Int8WeightOnlyConfig (backbone.quantization)" in card
     assert "de-quantised to float32" in card
+    int8 = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export" / "int8").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(int8(**inputs).logits, merged_logits, atol=5e-2, rtol=0)
 
 
 def test_minilm_on_int8_fits_tests_and_exports(tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from lightning_peft.compressed import OnnxModel
 from lightning_peft.encoder_decoder import warm_start_encoder_decoder
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.metrics.entities import sentence_record
@@ -130,7 +131,7 @@ class AdapterEngine:
             if adapter.name in self.adapters:
                 raise AdapterRefused(f"name: an adapter named {adapter.name!r} is already served; unload it first "
                                      "or choose another name")
-            if self.base is not None and adapter.base_identity != self.base:
+            if self.base is not None and adapter.base_identity != self.base and not adapter.standalone:
                 raise AdapterRefused(f"path: {str(adapter.directory)!r} was trained on {adapter.base_identity!r} "
                                      f"but this server's base is {self.base!r}; adapters must share the base (serve "
                                      "it from another server)")
@@ -139,6 +140,11 @@ class AdapterEngine:
             except (OSError, ValueError) as err:
                 raise AdapterRefused(f"path: {str(adapter.directory)!r} holds no readable tokenizer ({err}); "
                                      "re-export the adapter") from err
+            if adapter.standalone:
+                self.models[adapter.head] = self._standalone_model(adapter)
+                self.tokenizers[adapter.name] = tokenizer
+                self.adapters[adapter.name] = adapter
+                return
             model = self.models.get(adapter.head)
             try:
                 if model is None:
@@ -159,6 +165,17 @@ class AdapterEngine:
             self.adapters[adapter.name] = adapter
             self.base = adapter.base_identity
 
+    def _standalone_model(self, adapter: ServedAdapter) -> torch.nn.Module:
+        """A compressed export's own model: ``int8/`` through transformers (torchao), an ONNX file through
+        onnxruntime."""
+        try:
+            if adapter.model_file is not None:
+                return OnnxModel(adapter.directory, adapter.model_file)
+            return AUTO_CLASSES[adapter.task].from_pretrained(adapter.directory).to(self.device).eval()
+        except (OSError, ValueError, RuntimeError, ImportError, LightningPeftError) as err:
+            raise AdapterRefused(f"path: cannot load the compressed export {str(adapter.directory)!r} "
+                                 f"({type(err).__name__}: {str(err)[:300]})") from err
+
     def unload(self, name: str) -> ServedAdapter:
         """Remove the adapter ``name`` (and its model, when it was the last one on it)."""
         with self._lock:
@@ -166,7 +183,7 @@ class AdapterEngine:
             self.tokenizers.pop(name)
             model = self.models[adapter.head]
             self._gathered.pop(adapter.head, None)
-            if any(other.head == adapter.head for other in self.adapters.values()):
+            if not adapter.standalone and any(other.head == adapter.head for other in self.adapters.values()):
                 model.delete_adapter(name)
             else:
                 del self.models[adapter.head]
@@ -305,7 +322,7 @@ class AdapterEngine:
         return records  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _run_group(self, model: PeftModel, rows: list[Row]) -> list[dict[str, Any]]:
+    def _run_group(self, model: PeftModel | torch.nn.Module, rows: list[Row]) -> list[dict[str, Any]]:
         task = rows[0].adapter.task
         if task in ("seq2seq", "causal_lm"):
             return self._generate(model, rows)
@@ -325,11 +342,14 @@ class AdapterEngine:
         return records  # type: ignore[return-value]
 
     @contextlib.contextmanager
-    def _routed(self, model: PeftModel, rows: list[Row], gather: bool) -> Iterator[dict[str, Any]]:
+    def _routed(self, model: PeftModel | torch.nn.Module, rows: list[Row], gather: bool) -> Iterator[dict[str, Any]]:
         """Within the block, ``model`` runs each row with its adapter: the one adapter set active, or the keyword
         arguments to pass (peft's ``adapter_names``; with ``gather``, LoRA updates gathered per row where every
         layer is plain LoRA)."""
         names = [row.adapter.name for row in rows]
+        if not isinstance(model, PeftModel):  # a compressed export: one model, nothing to route
+            yield {}
+            return
         if len(set(names)) == 1:
             model.set_adapter(names[0])
             yield {}
@@ -341,7 +361,8 @@ class AdapterEngine:
         with gathered.routing(names) if gathered else contextlib.nullcontext():
             yield {"adapter_names": names}
 
-    def _forward(self, model: PeftModel, rows: list[Row], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward(self, model: PeftModel | torch.nn.Module, rows: list[Row],
+                 inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits of one forward pass, each row routed to its adapter."""
         with self._routed(model, rows, gather=True) as routing:
             logits = model(**inputs, **routing).logits

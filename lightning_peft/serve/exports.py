@@ -10,6 +10,7 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
+from lightning_peft.compressed import INT8_DIR, ONNX_FILE
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import ADAPTER_DIR
 from lightning_peft.tasks.base import LABELS_FILE
@@ -20,6 +21,11 @@ from lightning_peft.uncertainty import CALIBRATION_FILE
 TASKS = {"SEQ_CLS": "classification", "TOKEN_CLS": "token_classification", "SEQ_2_SEQ_LM": "seq2seq",
          "CAUSAL_LM": "causal_lm"}
 GENERATION_TASKS = ("seq2seq", "causal_lm")
+#: a compressed export's architecture (config.json) → its task
+COMPRESSED_TASKS = {"ForSequenceClassification": "classification", "ForTokenClassification": "token_classification"}
+#: the ``method`` of compressed exports (``export --quantize int8`` / ``--onnx``)
+INT8_METHOD, ONNX_METHOD = "INT8", "ONNX"
+STANDALONE_METHODS = (INT8_METHOD, ONNX_METHOD)
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -50,6 +56,13 @@ class ServedAdapter:
     problem_type: str | None = None
     temperature: float = 1.0
     generation: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    #: a compressed export (``int8/``, or an ONNX file of ``onnx/``) is a whole model of its own: its file here
+    model_file: str | None = None
+
+    @property
+    def standalone(self) -> bool:
+        """Whether this is a compressed export, served as its own model rather than an adapter on the shared base."""
+        return self.method in STANDALONE_METHODS
 
     @property
     def base_identity(self) -> str:
@@ -58,13 +71,16 @@ class ServedAdapter:
 
     @property
     def head(self) -> tuple[Any, ...]:
-        """What must be equal for two adapters to share one model instance: task, PEFT method and head shape."""
-        return self.task, self.method, len(self.labels), self.problem_type
+        """What must be equal for two adapters to share one model instance: task, PEFT method and head shape (a
+        compressed export shares with nothing)."""
+        return self.task, self.method, len(self.labels), self.problem_type, self.name if self.standalone else None
 
     def describe(self) -> dict[str, Any]:
         """The adapter as ``GET /adapters`` lists it."""
         facts: dict[str, Any] = {"name": self.name, "path": str(self.directory), "task": self.task,
                                  "method": self.method, "base": self.base}
+        if self.model_file is not None:
+            facts["file"] = self.model_file
         if self.decoder is not None:
             facts["decoder"] = self.decoder
         if self.task in ("classification", "token_classification"):
@@ -108,6 +124,9 @@ def read_adapter(name: str, path: str | Path) -> ServedAdapter:
     if not isinstance(name, str) or not ADAPTER_NAME.match(name):
         raise AdapterRefused(f"name: {name!r} is not a usable adapter name; use 1-64 letters, digits, '_', '-' or "
                              "'.', starting with a letter or digit")
+    compressed = read_compressed(name, path)
+    if compressed is not None:
+        return compressed
     directory = adapter_directory(path)
     config_file = directory / "adapter_config.json"
     if not config_file.is_file():
@@ -126,18 +145,7 @@ def read_adapter(name: str, path: str | Path) -> ServedAdapter:
         raise AdapterRefused(f"path: {str(config_file)!r} names no base model (base_model_name_or_path); "
                              "re-export the adapter with this version of lightning-peft")
     _check_weights(directory)
-    labels: tuple[str, ...] = ()
-    problem_type = None
-    if task in ("classification", "token_classification"):
-        head = _read_json(directory / LABELS_FILE, "path")
-        id2label = head.get("id2label") or {}
-        labels = tuple(str(id2label[key]) for key in sorted(id2label, key=int))
-        problem_type = head.get("problem_type")
-        if not labels and problem_type != "regression":
-            raise AdapterRefused(f"path: {str(directory / LABELS_FILE)!r} lists no labels; re-export the adapter")
-    temperature = 1.0
-    if (directory / CALIBRATION_FILE).is_file():
-        temperature = float(_read_json(directory / CALIBRATION_FILE, "path").get("temperature", 1.0))
+    labels, problem_type = _head(directory) if task in ("classification", "token_classification") else ((), None)
     generation = {}
     if task in GENERATION_TASKS and (directory / "generation_config.json").is_file():
         generation = _read_json(directory / "generation_config.json", "path")
@@ -145,7 +153,48 @@ def read_adapter(name: str, path: str | Path) -> ServedAdapter:
                          base=resolved_base(base, Path.cwd()),
                          decoder=resolved_base(decoder, Path.cwd()) if decoder else None, labels=labels,
                          problem_type=problem_type,
-                         temperature=temperature, generation=generation)
+                         temperature=_temperature(directory), generation=generation)
+
+
+def read_compressed(name: str, path: str | Path) -> ServedAdapter | None:
+    """A compressed export to serve as ``name``: an ``int8/`` directory, an ``onnx/`` directory (its float32
+    ``model.onnx``) or one ONNX file in it; ``None`` when ``path`` is none of these."""
+    path = Path(path).expanduser().absolute()
+    if path.suffix == ".onnx" and path.is_file():
+        directory, model_file = path.parent, path.name
+    elif (path / ONNX_FILE).is_file():
+        directory, model_file = path, ONNX_FILE
+    elif path.name == INT8_DIR and (path / "config.json").is_file():
+        directory, model_file = path, None
+    else:
+        return None
+    config = _read_json(directory / "config.json", "path")
+    architectures = config.get("architectures") or [""]
+    task = next((task for suffix, task in COMPRESSED_TASKS.items() if architectures[0].endswith(suffix)), None)
+    if task is None:
+        raise AdapterRefused(f"path: {str(directory / 'config.json')!r} is a {architectures[0] or 'model'} export; "
+                             "compressed exports are served for sequence and token classification")
+    labels, problem_type = _head(directory)
+    return ServedAdapter(name=name, directory=directory, task=task,
+                         method=ONNX_METHOD if model_file else INT8_METHOD, base=str(directory), labels=labels,
+                         problem_type=problem_type, temperature=_temperature(directory), model_file=model_file)
+
+
+def _head(directory: Path) -> tuple[tuple[str, ...], str | None]:
+    """A classifier's or tagger's labels and problem type (``labels.json``)."""
+    head = _read_json(directory / LABELS_FILE, "path")
+    id2label = head.get("id2label") or {}
+    labels = tuple(str(id2label[key]) for key in sorted(id2label, key=int))
+    if not labels and head.get("problem_type") != "regression":
+        raise AdapterRefused(f"path: {str(directory / LABELS_FILE)!r} lists no labels; re-export the adapter")
+    return labels, head.get("problem_type")
+
+
+def _temperature(directory: Path) -> float:
+    """The calibrated temperature of ``calibration.json``, or 1."""
+    if not (directory / CALIBRATION_FILE).is_file():
+        return 1.0
+    return float(_read_json(directory / CALIBRATION_FILE, "path").get("temperature", 1.0))
 
 
 def _check_weights(directory: Path) -> None:

@@ -347,7 +347,9 @@ async def read_json(request: Request) -> dict[str, Any]:
 
 
 def check_shared_base(adapters: list[ServedAdapter]) -> None:
-    """:class:`AdapterRefused` unless every adapter was trained on the same base model."""
+    """:class:`AdapterRefused` unless every adapter was trained on the same base model (compressed exports, whole
+    models of their own, are not compared)."""
+    adapters = [adapter for adapter in adapters if not adapter.standalone]  # compressed exports bring their own
     first = adapters[0].base_identity if adapters else None
     odd = next((a for a in adapters if a.base_identity != first), None)
     if odd is not None:

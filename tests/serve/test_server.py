@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from lightning_peft.cli import main
+
 
 def assert_same_records(served: list[dict], predicted: list[dict]) -> None:
     """Equal records; probabilities and entropies to float tolerance (other batch neighbours, other padding)."""
@@ -144,6 +146,28 @@ def test_hot_load_and_unload_under_concurrent_requests(server, served, tmp_path)
     assert answers and all(status == 200 for status, _ in answers)
     for _, body in answers:
         assert_same_records(body["outputs"], served["sentiment"]["predictions"])  # never another request's output
+
+
+def test_compressed_exports_are_served_beside_the_adapters(server, served, fitted, tmp_path):
+    export = tmp_path / "export"
+    main(["export", "--config", str(fitted["config"]), "--ckpt_path", "best", "--export_dir", str(export),
+          "--quantize", "int8", "--onnx", "true"])  # the checkpoint `sentiment` was exported from
+    compressed = {"sentiment_int8": (export / "int8", "INT8", 2e-2), "sentiment_onnx": (export / "onnx", "ONNX", 1e-5),
+                  "sentiment_onnx_int8": (export / "onnx" / "model_quantized.onnx", "ONNX", 2e-2)}
+    try:
+        for name, (path, method, tolerance) in compressed.items():
+            status, body = server.call("POST", "/adapters", {"name": name, "path": str(path)})
+            assert status == 201 and body["adapter"]["method"] == method, body
+            status, body = server.call("POST", "/predict", {"adapter": name,
+                                                            "inputs": inputs_of("sentiment", served["sentiment"])})
+            assert status == 200, body
+            for mine, theirs in zip(body["outputs"], served["sentiment"]["predictions"], strict=True):
+                assert mine["probabilities"] == pytest.approx(theirs["probabilities"], abs=tolerance), name
+    finally:
+        for name in compressed:
+            server.call("DELETE", f"/adapters/{name}")
+    names = [adapter["name"] for adapter in server.call("GET", "/adapters")[1]["adapters"]]
+    assert names == ["sentiment", "sentiment_b", "ner"]
 
 
 def test_the_api_key_guards_every_route(server):
