@@ -34,15 +34,18 @@ QUANTIZE_CHOICES = ("int8",)
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def check_compression_available(quantize: str | None, onnx: bool) -> None:
-    """One error naming the flag when the value is unknown or its backend is not installed."""
+def check_compression_available(quantize: str | None, onnx: bool, prefix: str = "--") -> None:
+    """One error naming the setting (``<prefix>quantize`` / ``<prefix>onnx``) when the value is unknown or its
+    backend is not installed."""
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
-        raise LightningPeftError(f"--quantize: {quantize!r} is not supported; use one of {list(QUANTIZE_CHOICES)}")
+        raise LightningPeftError(
+            f"{prefix}quantize: {quantize!r} is not supported; use one of {list(QUANTIZE_CHOICES)}"
+        )
     if quantize and importlib.util.find_spec("torchao") is None:
-        raise LightningPeftError("--quantize int8: needs torchao; pip install 'lightning-peft[quantization]'")
+        raise LightningPeftError(f"{prefix}quantize: needs torchao; pip install 'lightning-peft[quantization]'")
     missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
     if onnx and missing:
-        raise LightningPeftError(f"--onnx: needs {', '.join(missing)}; pip install 'lightning-peft[onnx]'")
+        raise LightningPeftError(f"{prefix}onnx: needs {', '.join(missing)}; pip install 'lightning-peft[onnx]'")
 
 
 def int8_config() -> TorchAoConfig:

@@ -328,7 +328,7 @@ def export_task(
     is_adapter = isinstance(task.model, PeftModel)
     compress = quantize is not None or onnx
     if compress:
-        _check_compressible(task, quantize, onnx)
+        check_compressible(task, quantize, onnx)
     merged_note = ""
     with atomic_directory(directory, field, overwrite) as tmp:
         if is_adapter:
@@ -366,10 +366,11 @@ def export_task(
     return directory
 
 
-def _check_compressible(task: PeftModule, quantize: str | None, onnx: bool) -> None:
-    """Refuse ``--quantize`` / ``--onnx`` for tasks and methods they cannot serve, before anything is written."""
-    flag = "--quantize" if quantize is not None else "--onnx"
-    check_compression_available(quantize, onnx)
+def check_compressible(task: PeftModule, quantize: str | None, onnx: bool, prefix: str = "--") -> None:
+    """Refuse ``quantize`` / ``onnx`` (the settings ``<prefix>quantize`` / ``<prefix>onnx``) for tasks and methods
+    they cannot serve, and when the backend is missing, before anything is written."""
+    flag = f"{prefix}quantize" if quantize is not None else f"{prefix}onnx"
+    check_compression_available(quantize, onnx, prefix)
     if not task.compressed_export:
         raise LightningPeftError(
             f"{flag}: compressed exports are made for encoder tasks (SequenceClassifier, TokenClassifier); "

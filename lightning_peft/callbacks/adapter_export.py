@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_peft.adapter_checkpoint import validation_metrics
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.export import check_replaceable, export_checkpoint, push_export
+from lightning_peft.export import check_compressible, check_replaceable, export_checkpoint, push_export
 from lightning_peft.types import ExportableTask, TokenizedData
 
 EXPORT_DIR = "export"
@@ -37,6 +37,9 @@ class AdapterExport(Callback):
         push_to_hub: a Hub repo id: the fit-end export is also uploaded there (created if needed; see
             :func:`~lightning_peft.export.push_export`), from the global-zero process.
         private: create the ``push_to_hub`` repo private.
+        quantize: ``"int8"``: the fit-end export also holds ``int8/`` (encoder tasks; see
+            :mod:`~lightning_peft.compressed`), as ``lightning-peft export --quantize int8``.
+        onnx: the fit-end export also holds ``onnx/`` (encoder tasks), as ``lightning-peft export --onnx true``.
 
     With a ``WandbLogger`` whose ``log_model`` is set, each export is also logged as a W&B artifact of type
     ``model`` (aliases ``latest`` and ``best``).
@@ -47,8 +50,11 @@ class AdapterExport(Callback):
     """
 
     def __init__(self, dirpath: str | None = None, merge: bool = False, on_best: bool = False,
-                 overwrite: bool = False, push_to_hub: str | None = None, private: bool | None = None) -> None:
+                 overwrite: bool = False, push_to_hub: str | None = None, private: bool | None = None,
+                 quantize: str | None = None, onnx: bool = False) -> None:
         self.push_to_hub = push_to_hub
+        self.quantize = quantize
+        self.onnx = onnx
         self.private = private
         self.dirpath = dirpath
         self.merge = merge
@@ -61,8 +67,10 @@ class AdapterExport(Callback):
             raise LightningPeftError(
                 f"AdapterExport: the model must be a lightning_peft PeftModule, got {type(pl_module).__name__}"
             )
-        if stage == "fit":  # refuse a foreign directory now, not after the whole fit
+        if stage == "fit":  # refuse a foreign directory or an impossible compression now, not after the whole fit
             check_replaceable(self.directory(trainer).absolute(), FIELD, self.overwrite)
+            if self.quantize is not None or self.onnx:
+                check_compressible(pl_module, self.quantize, self.onnx, prefix="AdapterExport.")
 
     def directory(self, trainer: Trainer) -> Path:
         return Path(self.dirpath or Path(trainer.default_root_dir) / EXPORT_DIR)
@@ -94,7 +102,8 @@ class AdapterExport(Callback):
         tokenizer, data = _tokenizer(trainer), _data_facts(trainer)
         if best_path and Path(best_path).is_file():
             directory = export_checkpoint(pl_module, best_path, self.directory(trainer), tokenizer, self.merge, data,
-                                          overwrite=self.overwrite, field=FIELD)
+                                          overwrite=self.overwrite, field=FIELD, quantize=self.quantize,
+                                          onnx=self.onnx)
             rank_zero_info(f"best checkpoint {best_path} exported to {directory}")
             self._published(trainer, directory, {})
             return
@@ -102,7 +111,8 @@ class AdapterExport(Callback):
         training = {"checkpoint": "none (final weights)", "epoch": trainer.current_epoch,
                     "optimizer steps": trainer.global_step}
         directory = pl_module.export(self.directory(trainer), tokenizer=tokenizer, merge=self.merge, metrics=metrics,
-                                     data=data, training=training, overwrite=self.overwrite, field=FIELD)
+                                     data=data, training=training, overwrite=self.overwrite, field=FIELD,
+                                     quantize=self.quantize, onnx=self.onnx)
         rank_zero_info(f"no best checkpoint to export: final weights exported to {directory}")
         self._published(trainer, directory, metrics)
 

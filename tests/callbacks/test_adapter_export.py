@@ -10,18 +10,20 @@ from safetensors.torch import load_file
 
 from lightning_peft.callbacks import AdapterExport
 from lightning_peft.cli import LightningPeftCLI, main
+from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import EXPORT_MARKER
 from lightning_peft.tasks.base import PeftModule
 from tests.test_cli import REPO, write_config
 
 
-def fit_with_export(tmp_path, tiny_bert_dir, toy_data, on_best=False, monitor="val/accuracy", **trainer):
+def fit_with_export(tmp_path, tiny_bert_dir, toy_data, on_best=False, monitor="val/accuracy", export=None, **trainer):
     config = write_config(tmp_path, tiny_bert_dir, toy_data)
     data = yaml.safe_load(config.read_text())
     data["checkpoint"].update(monitor=monitor, mode="min" if monitor == "val/loss" else "max")
     data["trainer"].update(trainer)
     data["trainer"]["callbacks"] = [{"class_path": "lightning_peft.callbacks.AdapterExport",
-                                     "init_args": {"dirpath": str(tmp_path / "export"), "on_best": on_best}}]
+                                     "init_args": {"dirpath": str(tmp_path / "export"), "on_best": on_best,
+                                                   **(export or {})}}]
     config.write_text(yaml.safe_dump(data))
     return LightningPeftCLI(args=["fit", "--config", str(config)], save_config_callback=None)
 
@@ -74,6 +76,17 @@ def test_on_best_exports_at_each_new_best(tmp_path, tiny_bert_dir, toy_data, mon
 def test_without_a_checkpoint_the_final_weights_are_exported(tmp_path, tiny_bert_dir, toy_data):
     fit_with_export(tmp_path, tiny_bert_dir, toy_data, max_epochs=1, limit_val_batches=0)
     assert "| checkpoint | none (final weights) |" in (tmp_path / "export" / "README.md").read_text()
+
+
+def test_the_fit_end_export_may_be_compressed(tmp_path, tiny_bert_dir, toy_data):
+    fit_with_export(tmp_path, tiny_bert_dir, toy_data, export={"quantize": "int8"}, max_epochs=1)
+    assert {"adapter", "merged", "int8"} <= {p.name for p in (tmp_path / "export").iterdir()}
+
+
+def test_an_impossible_compression_stops_the_fit_before_training(tmp_path, tiny_bert_dir, toy_data):
+    with pytest.raises(LightningPeftError, match="AdapterExport.quantize: 'int4' is not supported"):
+        fit_with_export(tmp_path, tiny_bert_dir, toy_data, export={"quantize": "int4"}, max_epochs=1)
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_cli_export_writes_the_same_layout_with_merged(tmp_path, tiny_bert_dir, toy_data, capsys):
