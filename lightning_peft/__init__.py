@@ -40,6 +40,7 @@ _EXPORTS = {
     "Seq2SeqGenerator": "lightning_peft.tasks",
     "SequenceClassifier": "lightning_peft.tasks",
     "TemperatureScaling": "lightning_peft.callbacks",
+    "TextAugmentation": "lightning_peft.data",
     "TextDataModule": "lightning_peft.data",
     "TokenClassificationDataModule": "lightning_peft.data",
     "TokenClassifier": "lightning_peft.tasks",
@@ -68,6 +69,7 @@ __all__ = [
     "Seq2SeqGenerator",
     "SequenceClassifier",
     "TemperatureScaling",
+    "TextAugmentation",
     "TextDataModule",
     "TokenClassificationDataModule",
     "TokenClassifier",
@@ -105,6 +107,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         ClassificationDataModule,
         EpochSeededSampler,
         Seq2SeqDataModule,
+        TextAugmentation,
         TextDataModule,
         TokenClassificationDataModule,
     )

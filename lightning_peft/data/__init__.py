@@ -1,5 +1,6 @@
 """Datamodules: HF datasets or local files → tokenised, batched splits."""
 
+from lightning_peft.data.augmentation import TextAugmentation
 from lightning_peft.data.base import TextDataModule
 from lightning_peft.data.chat import ChatDataModule
 from lightning_peft.data.classification import ClassificationDataModule
@@ -14,6 +15,7 @@ __all__ = [
     "EpochSeededSampler",
     "LabelledDataModule",
     "Seq2SeqDataModule",
+    "TextAugmentation",
     "TextDataModule",
     "TokenClassificationDataModule",
 ]

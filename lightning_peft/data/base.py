@@ -6,10 +6,11 @@ import csv
 import inspect
 import math
 import os
+import random
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lightning_peft.backbone import load_tokenizer
+from lightning_peft.data.augmentation import AugmentedRows, TextAugmentation, as_augmentation
 from lightning_peft.data.sampling import EpochSeededSampler, ResumableDataLoader
 from lightning_peft.errors import LightningPeftError
 
@@ -99,6 +101,8 @@ class TextDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: seed of the per-epoch training order; ``null`` (the default) takes the run's seed
             (``seed_everything``), so another run seed also draws another order (42 without one).
+        augmentation: noise added to the training rows' input text on the fly, anew each epoch and seeded with the
+            order (see :class:`~lightning_peft.data.augmentation.TextAugmentation`); never to evaluation splits.
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class TextDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int | None = None,
         limit_predict_samples: int | None = None,
+        augmentation: TextAugmentation | None = None,
     ) -> None:
         super().__init__()
         self.tokenizer_name_or_path = tokenizer
@@ -137,6 +142,11 @@ class TextDataModule(LightningDataModule):
                        "predict": limit_predict_samples}
         self.num_workers = num_workers
         self.seed = seed
+        self.augmentation = as_augmentation(augmentation)
+        if self.augmentation is not None and self.augmentation.kinds and not self.supports_augmentation:
+            raise LightningPeftError(
+                f"data.init_args.augmentation: {type(self).__name__} does not augment its rows; remove augmentation"
+            )
         self.datasets: dict[str, Dataset] = {}
         self._raw: dict[str, Dataset | None] = {}
         self._train_sampler: EpochSeededSampler | None = None
@@ -166,6 +176,8 @@ class TextDataModule(LightningDataModule):
     #: ``predict_order`` (original row of each served row), by which the prediction writer restores input order
     length_sorted_splits: tuple[str, ...] = ("validation", "test")
     predict_order: list[int] | None = None
+    #: whether :meth:`augment_example` is implemented (``augmentation`` may be set)
+    supports_augmentation: ClassVar[bool] = False
     #: per-row counts that :meth:`preprocess` emits (e.g. truncated words), handed to :meth:`report_counts`
     count_columns: tuple[str, ...] = ()
 
@@ -181,6 +193,11 @@ class TextDataModule(LightningDataModule):
 
     def report_counts(self, split: str, counts: dict[str, list[int]]) -> None:
         """Warn about what preprocessing had to change in ``split`` (e.g. truncation); the columns are then dropped."""
+
+    def augment_example(self, example: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        """One raw training row with :attr:`augmentation` applied to its input text (never to labels or targets),
+        drawing from ``rng``; implemented by the datamodules that set :attr:`supports_augmentation`."""
+        raise NotImplementedError
 
     def finish_split(self, dataset: Dataset, split: str) -> Dataset:
         """The tokenised split after :meth:`report_counts` (e.g. without rows that preprocessing emptied); as is."""
@@ -334,9 +351,10 @@ class TextDataModule(LightningDataModule):
         return PassthroughCollator(self.build_collator(), self.passthrough_columns)
 
     # -- loaders ----------------------------------------------------------------------------------------
-    def _loader(self, split: str, batch_size: int, sampler: Any = None, loader_class: type = DataLoader) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, sampler: Any = None, loader_class: type = DataLoader,
+                dataset: Any = None) -> DataLoader:
         return loader_class(
-            self.datasets[split],
+            self.datasets[split] if dataset is None else dataset,
             batch_size=batch_size,
             sampler=sampler,
             collate_fn=self.collator,
@@ -352,7 +370,10 @@ class TextDataModule(LightningDataModule):
         )
         if self._train_position is not None:
             self._train_sampler.resume_at(*self._train_position)
-        return self._loader("train", self.batch_size, self._train_sampler, ResumableDataLoader)
+        dataset = None
+        if self.augmentation is not None and self.augmentation.kinds:  # rows tokenised as they are drawn
+            dataset = AugmentedRows(self.raw_split("train"), self, self._train_sampler)
+        return self._loader("train", self.batch_size, self._train_sampler, ResumableDataLoader, dataset)
 
     @property
     def order_seed(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,7 @@ class ClassificationDataModule(LabelledDataModule):
     """
 
     passthrough_columns = ("text", "text_pair")
+    supports_augmentation = True
 
     def __init__(
         self,
@@ -138,6 +140,12 @@ class ClassificationDataModule(LabelledDataModule):
             label2id = self.label2id
             encoded["labels"] = [label2id[str(v)] for v in values]
         return encoded
+
+    def augment_example(self, example: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        """The text (and pair text) augmented; the label kept."""
+        for column in filter(None, (self.text_column, self.text_pair_column)):
+            example[column] = self.augmentation.text(str(example[column]), rng)
+        return example
 
     def build_collator(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         return DataCollatorWithPadding(self.tokenizer)

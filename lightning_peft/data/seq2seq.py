@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,7 @@ class Seq2SeqDataModule(TextDataModule):
     """
 
     passthrough_columns = ("source", "reference")
+    supports_augmentation = True
     count_columns = ("source_truncated", "target_truncated")
     length_sorted_splits = ("validation", "test", "predict")
 
@@ -121,6 +123,16 @@ class Seq2SeqDataModule(TextDataModule):
             for i, row in zip(at_limit, full, strict=True):
                 truncated[i] = int(len(row) > limit)
         return ids, encoded["attention_mask"], truncated
+
+    def augment_example(self, example: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        """The source augmented; the target, which the model learns to produce, kept."""
+        if self.source_lang is None:
+            example[self.source_column] = self.augmentation.text(str(example[self.source_column]), rng)
+        else:
+            pair = dict(example[self.translation_column])
+            pair[self.source_lang] = self.augmentation.text(str(pair[self.source_lang]), rng)
+            example[self.translation_column] = pair
+        return example
 
     def preprocess(self, examples: dict[str, list[Any]], split: str) -> dict[str, list[Any]]:
         sources, targets = self._texts(examples, split)

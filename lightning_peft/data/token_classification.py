@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -101,6 +102,7 @@ class TokenClassificationDataModule(LabelledDataModule):
     """
 
     passthrough_columns = ("words", "word_ids", "word_tags")
+    supports_augmentation = True
     count_columns = ("truncated_words",)
 
     def __init__(
@@ -217,6 +219,14 @@ class TokenClassificationDataModule(LabelledDataModule):
     def _inside_id(self, label_id: int) -> int:
         prefix, entity_type = split_tag(self.labels[label_id])
         return self.label2id.get(f"I-{entity_type}", label_id) if prefix == "B" else label_id
+
+    def augment_example(self, example: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        """Words augmented with their tags: a dropped word drops its tag, a swapped word takes its tag along; an
+        ``I-`` tag left without its entity's start becomes ``B-``."""
+        kept, words = self.augmentation.words(example[self.tokens_column], rng)
+        tags = example[self.tags_column]
+        example[self.tokens_column], example[self.tags_column] = words, iob1_to_iob2([tags[i] for i in kept])
+        return example
 
     def preprocess(self, examples: dict[str, list[Any]], split: str) -> dict[str, list[Any]]:
         words = [[str(w) for w in row] for row in examples[self.tokens_column]]

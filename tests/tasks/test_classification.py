@@ -193,3 +193,51 @@ with torch.no_grad():
     assert first_label == "neg"
     torch.testing.assert_close(torch.tensor(peft_logits), torch.tensor(expected), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.tensor(hf_logits), torch.tensor(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_mixup_mixes_the_head_inputs_and_the_labels(backbone, lora, tiny_bert_dir, toy_data):
+    dm = toy_dm(tiny_bert_dir, toy_data)
+    dm.setup("fit")
+    model = SequenceClassifier(backbone, lora, labels=dm.labels, mixup_alpha=0.4)
+    model.train()
+    batch = next(iter(dm.train_dataloader()))
+    head = model.classification_head()
+    seen = []
+    handle = head.register_forward_pre_hook(lambda _module, args: seen.append(args[0].detach().clone()))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        plain = model(batch)
+        torch.manual_seed(5)
+        loss = model.training_loss(batch)
+    handle.remove()
+    torch.manual_seed(5)  # the same draws as training_loss: λ, then the shuffle
+    mix = float(torch.distributions.Beta(0.4, 0.4).sample())
+    shuffled = torch.randperm(batch["labels"].shape[0])
+    pooled = seen[0]
+    # the head's hook saw the unmixed input (it runs before the mixing hook); mix it by hand, as the loss did
+    logits = head(mix * pooled + (1 - mix) * pooled[shuffled])
+    expected = mix * torch.nn.functional.cross_entropy(logits, batch["labels"]) + (1 - mix) * (
+        torch.nn.functional.cross_entropy(logits, batch["labels"][shuffled]))
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+    assert plain.shape == logits.shape and 0 < mix < 1
+
+
+def test_mixup_trains_with_packed_rows(backbone, tiny_bert_dir, toy_data, tmp_path):
+    pl.seed_everything(0)
+    dm = toy_dm(tiny_bert_dir, toy_data)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense"])
+    model = SequenceClassifier(backbone, lora, labels=dm.labels, mixup_alpha=0.3, training=TrainingConfig(lr=5e-3))
+    trainer = make_trainer(tmp_path, max_epochs=8)
+    trainer.fit(model, datamodule=dm)
+    assert type(model.batching).__name__ == "SequencePacking"
+    assert trainer.test(model, datamodule=dm, verbose=False)[0]["test/accuracy"] >= 0.9
+
+
+def test_mixup_refuses_rdrop_and_negative_alphas(backbone, lora):
+    from lightning_peft import Regularization
+
+    with pytest.raises(LightningPeftError, match="mixup does not combine with training.regularization.rdrop_alpha"):
+        SequenceClassifier(backbone, lora, labels=["a", "b"], mixup_alpha=0.2,
+                           training=TrainingConfig(regularization=Regularization(rdrop_alpha=1.0)))
+    with pytest.raises(LightningPeftError, match="model.init_args.mixup_alpha: -1"):
+        SequenceClassifier(backbone, lora, labels=["a", "b"], mixup_alpha=-1)
