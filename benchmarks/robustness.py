@@ -11,13 +11,21 @@ decay 0.01), linear decay, gradients clipped at 1.0, our default batching; seeds
 - ``lora_pgd``: + ``AdversarialTraining(method="pgd", epsilon=0.1, alpha=0.03, steps=3)``;
 - ``lora_rdrop``: + ``regularization.rdrop_alpha=1.0``;
 - ``lora_label_smoothing``: + ``regularization.label_smoothing=0.1``;
-- ``lora_l2``: + ``regularization.trainable_l2=1e-3`` (L2 on the adapter and head only).
+- ``lora_l2``: + ``regularization.trainable_l2=1e-3`` (L2 on the adapter and head only);
+- ``lora_augment``: + ``data.augmentation: {char_swap: 0.1, word_dropout: 0.1}`` (``TextAugmentation``, drawn anew
+  each epoch);
+- ``lora_mixup``: + ``mixup_alpha=0.4`` (mixup of the pooled representation, soft labels).
 
 Each model is evaluated on the full dev set as is, and on perturbed copies of it that this script makes,
 deterministically (one ``random.Random`` per sentence, seeded by ``--perturbation-seed``, the perturbation and the
 row): ``char_swap`` (each word of 4+ letters, with probability 0.2, has two adjacent inner letters swapped),
 ``char_drop`` (likewise, one inner letter dropped), ``word_drop_10`` / ``word_drop_20`` (each word dropped with
-probability 0.1 / 0.2, at least one kept). ``perturbed`` in the table is the mean over those four sets.
+probability 0.1 / 0.2, the first kept if all go) — ``perturbed`` in the table is the mean over those four sets —
+and ``word_swap`` (each word swapped with the next with probability 0.2). The perturbations are
+``lightning_peft.TextAugmentation``'s, so training augmentation and evaluation noise are the same code. Kinds that
+``lora_augment`` does not train on (``char_drop``, ``word_swap``) give ``unseen_accuracy`` and ``drop_unseen``
+(clean minus their mean); ``drop`` is clean minus ``perturbed``. ``clean_ece`` is the clean dev set's expected
+calibration error (15 bins).
 """
 
 from __future__ import annotations
@@ -28,7 +36,6 @@ import random
 import statistics
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,51 +43,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from classification import add_sst2_arguments, lora_config, sst2_workers  # noqa: E402
 from common import QUIET, base_parser, report, run_all, summarise, timed_fit, write_json  # noqa: E402
 
-RUNS = ("lora", "lora_fgm", "lora_pgd", "lora_rdrop", "lora_label_smoothing", "lora_l2")
-#: run → (AdversarialTraining options or None, Regularization options)
-CONFIGURATIONS: dict[str, tuple[dict[str, Any] | None, dict[str, float]]] = {
-    "lora": (None, {}),
-    "lora_fgm": ({"method": "fgm", "epsilon": 0.1}, {}),
-    "lora_pgd": ({"method": "pgd", "epsilon": 0.1, "alpha": 0.03, "steps": 3}, {}),
-    "lora_rdrop": (None, {"rdrop_alpha": 1.0}),
-    "lora_label_smoothing": (None, {"label_smoothing": 0.1}),
-    "lora_l2": (None, {"trainable_l2": 1e-3}),
+RUNS = ("lora", "lora_fgm", "lora_pgd", "lora_rdrop", "lora_label_smoothing", "lora_l2", "lora_augment", "lora_mixup")
+#: run → what it adds to plain LoRA: AdversarialTraining options, Regularization options, data augmentation, mixup
+CONFIGURATIONS: dict[str, dict[str, Any]] = {
+    "lora": {},
+    "lora_fgm": {"adversarial": {"method": "fgm", "epsilon": 0.1}},
+    "lora_pgd": {"adversarial": {"method": "pgd", "epsilon": 0.1, "alpha": 0.03, "steps": 3}},
+    "lora_rdrop": {"regularization": {"rdrop_alpha": 1.0}},
+    "lora_label_smoothing": {"regularization": {"label_smoothing": 0.1}},
+    "lora_l2": {"regularization": {"trainable_l2": 1e-3}},
+    "lora_augment": {"augmentation": {"char_swap": 0.1, "word_dropout": 0.1}},
+    "lora_mixup": {"mixup_alpha": 0.4},
 }
+#: perturbation kinds that ``lora_augment`` never sees in training
+UNSEEN = ("char_drop", "word_swap")
 DEFAULT_LR = 2e-3
 
 
 # -- perturbations --------------------------------------------------------------------------------------------
-def _edit_letters(word: str, rng: random.Random, rate: float, edit: Callable[[str, int], str]) -> str:
-    if len(word) < 4 or not word.isalpha() or rng.random() >= rate:
-        return word
-    return edit(word, rng.randrange(1, len(word) - 2))  # an inner position; first and last letters kept
-
-
-def char_swap(words: list[str], rng: random.Random, rate: float) -> list[str]:
-    return [_edit_letters(w, rng, rate, lambda s, i: s[:i] + s[i + 1] + s[i] + s[i + 2 :]) for w in words]
-
-
-def char_drop(words: list[str], rng: random.Random, rate: float) -> list[str]:
-    return [_edit_letters(w, rng, rate, lambda s, i: s[:i] + s[i + 1 :]) for w in words]
-
-
-def word_drop(words: list[str], rng: random.Random, rate: float) -> list[str]:
-    kept = [w for w in words if rng.random() >= rate]
-    return kept or words[:1]
-
-
-#: perturbation set → (function, rate)
-PERTURBATIONS: dict[str, tuple[Callable[[list[str], random.Random, float], list[str]], float]] = {
-    "char_swap": (char_swap, 0.2),
-    "char_drop": (char_drop, 0.2),
-    "word_drop_10": (word_drop, 0.1),
-    "word_drop_20": (word_drop, 0.2),
+#: perturbation set → the augmentation that makes it (``perturbed`` = the mean over the first four)
+PERTURBATIONS: dict[str, dict[str, float]] = {
+    "char_swap": {"char_swap": 0.2},
+    "char_drop": {"char_drop": 0.2},
+    "word_drop_10": {"word_dropout": 0.1},
+    "word_drop_20": {"word_dropout": 0.2},
+    "word_swap": {"word_swap": 0.2},
 }
+AVERAGED = ("char_swap", "char_drop", "word_drop_10", "word_drop_20")
 
 
 def perturb(sentence: str, name: str, row: int, seed: int) -> str:
-    function, rate = PERTURBATIONS[name]
-    return " ".join(function(sentence.split(), random.Random(f"{seed}:{name}:{row}"), rate))
+    from lightning_peft import TextAugmentation
+
+    return TextAugmentation(**PERTURBATIONS[name]).text(sentence, random.Random(f"{seed}:{name}:{row}"))
 
 
 def write_perturbed_dev_sets(dev_file: Path, out_dir: Path, seed: int) -> dict[str, Path]:
@@ -114,17 +109,19 @@ def run_configuration(args: argparse.Namespace) -> dict[str, Any]:
         TrainingConfig,
     )
 
-    adversarial, regularization = CONFIGURATIONS[args.worker]
+    configuration = CONFIGURATIONS[args.worker]
     pl.seed_everything(args.seed, verbose=False)
     dm = ClassificationDataModule(
         tokenizer=args.model, train_file=args.train_file, validation_file=args.dev_file, text_column="sentence",
         max_length=args.max_length, batch_size=args.batch_size, seed=args.seed,
+        augmentation=configuration.get("augmentation"),
     )
     model = SequenceClassifier(
         BackboneConfig(pretrained_model_name_or_path=args.model), lora_config(), labels=dm.labels,
-        optimizer=partial(torch.optim.AdamW, weight_decay=0.01),
-        training=TrainingConfig(lr=args.lr, regularization=regularization),
+        optimizer=partial(torch.optim.AdamW, weight_decay=0.01), mixup_alpha=configuration.get("mixup_alpha", 0.0),
+        training=TrainingConfig(lr=args.lr, regularization=configuration.get("regularization", {})),
     )
+    adversarial = configuration.get("adversarial")
     callbacks = [AdversarialTraining(**adversarial)] if adversarial else []
     seconds = timed_fit(model, dm, args.epochs, limit_val_batches=0, callbacks=callbacks)
     record: dict[str, Any] = {"train_seconds": seconds}
@@ -135,19 +132,24 @@ def run_configuration(args: argparse.Namespace) -> dict[str, Any]:
         )
         metrics = pl.Trainer(**QUIET).validate(model, datamodule=dev, verbose=False)[0]
         record[f"{name}_accuracy"] = metrics["val/accuracy"]
-    record["perturbed_accuracy"] = sum(record[f"{name}_accuracy"] for name in PERTURBATIONS) / len(PERTURBATIONS)
+        if name == "clean":
+            record["clean_ece"] = metrics["val/ece"]
+    record["perturbed_accuracy"] = sum(record[f"{name}_accuracy"] for name in AVERAGED) / len(AVERAGED)
+    record["unseen_accuracy"] = sum(record[f"{name}_accuracy"] for name in UNSEEN) / len(UNSEEN)
+    record["drop"] = record["clean_accuracy"] - record["perturbed_accuracy"]
+    record["drop_unseen"] = record["clean_accuracy"] - record["unseen_accuracy"]
     return record
 
 
 def print_robustness_table(results: dict[str, dict[str, Any]]) -> None:
     sets = ["clean", *PERTURBATIONS, "perturbed"]
-    header = f"{'run':<22}{'train s':>9}" + "".join(f"{name:>14}" for name in sets) + f"{'drop':>8}"
+    header = (f"{'run':<22}{'train s':>9}" + "".join(f"{name:>13}" for name in sets)
+              + f"{'drop':>7}{'drop unseen':>13}{'clean ECE':>11}")
     print(header)
     print("-" * len(header))
     for name, r in results.items():
-        drop = 100 * (r["clean_accuracy"] - r["perturbed_accuracy"])
-        print(f"{name:<22}{r['train_seconds']:>9.0f}" + "".join(f"{100 * r[f'{s}_accuracy']:>14.2f}" for s in sets)
-              + f"{drop:>8.2f}")
+        print(f"{name:<22}{r['train_seconds']:>9.0f}" + "".join(f"{100 * r[f'{s}_accuracy']:>13.2f}" for s in sets)
+              + f"{100 * r['drop']:>7.2f}{100 * r['drop_unseen']:>13.2f}{r['clean_ece']:>11.4f}")
     if "lora" in results:
         base = results["lora"]
         print("\nvs plain LoRA (points, means over seeds; sd of clean accuracy over seeds in brackets):")
@@ -175,7 +177,7 @@ def main() -> None:
         k: getattr(args, k)
         for k in ("train_rows", "batch_size", "max_length", "epochs", "lr", "seeds", "data_seed", "perturbation_seed")
     }
-    settings["perturbations"] = {name: rate for name, (_, rate) in PERTURBATIONS.items()}
+    settings["perturbations"] = PERTURBATIONS
     with sst2_workers(args) as (model, worker_args), tempfile.TemporaryDirectory() as tmp:
         write_perturbed_dev_sets(args.data_dir / "dev.tsv", Path(tmp), args.perturbation_seed)
         per_seed = run_all(__file__, args.runs, args.seeds, [*worker_args, "--perturbed-dir", tmp])
@@ -183,8 +185,7 @@ def main() -> None:
     for name, records in per_seed.items():
         results[name]["perturbed_accuracy_std"] = statistics.pstdev(r["perturbed_accuracy"] for r in records)
     print_robustness_table(results)
-    configurations = {name: {"adversarial": CONFIGURATIONS[name][0], "regularization": CONFIGURATIONS[name][1]}
-                      for name in args.runs}
+    configurations = {name: CONFIGURATIONS[name] for name in args.runs}
     write_json(args.json, results, {**settings, "model": model, "configurations": configurations})
 
 

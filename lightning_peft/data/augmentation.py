@@ -28,7 +28,7 @@ class TextAugmentation:
     Args:
         char_swap: swap two adjacent inner letters of a word (of 4+ letters; first and last letters kept).
         char_drop: drop one inner letter of such a word.
-        word_dropout: drop the word (at least one word of a text stays). A tagger drops the word's tag with it.
+        word_dropout: drop the word (a text keeps at least its first word). A tagger drops the word's tag with it.
         word_swap: swap the word with the next one (a tagger's tags move with their words).
 
     Applied by the datamodule to training rows only, anew each epoch: the draws of row ``i`` in epoch ``e`` come from
@@ -63,7 +63,7 @@ class TextAugmentation:
         """Augmented ``words``: for each output word, the index of the word it came from, and the word itself."""
         kept = [i for i in range(len(words)) if not (self.word_dropout and rng.random() < self.word_dropout)]
         if not kept and words:
-            kept = [rng.randrange(len(words))]
+            kept = [0]  # a text keeps at least its first word
         position = 0
         while self.word_swap and position < len(kept) - 1:
             if rng.random() < self.word_swap:

@@ -35,7 +35,7 @@ def test_each_kind_changes_what_it_names():
     _, out = TextAugmentation(char_drop=0.99).words(words, rng)
     assert [len(w) for w in out] == [len(w) - (len(w) >= 4) for w in words]
     assert TextAugmentation().text("left as it is", rng) == "left as it is"
-    assert TextAugmentation(word_dropout=0.99).text("one two three", random.Random(1)) in ("one", "two", "three")
+    assert TextAugmentation(word_dropout=0.99).text("one two three", random.Random(1)) == "one"
 
 
 def test_a_probability_outside_0_1_names_the_field():
