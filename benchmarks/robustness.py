@@ -13,7 +13,8 @@ decay 0.01), linear decay, gradients clipped at 1.0, our default batching; seeds
 - ``lora_label_smoothing``: + ``regularization.label_smoothing=0.1``;
 - ``lora_l2``: + ``regularization.trainable_l2=1e-3`` (L2 on the adapter and head only);
 - ``lora_augment``: + ``data.augmentation: {char_swap: 0.1, word_dropout: 0.1}`` (``TextAugmentation``, drawn anew
-  each epoch);
+  each epoch); ``lora_augment_half``: ``{char_swap: 0.2, word_dropout: 0.2, row_probability: 0.5}`` (the test
+  sets' rates on half of the rows); ``lora_augment_strong``: ``{char_swap: 0.2, word_dropout: 0.2}`` (every row);
 - ``lora_mixup``: + ``mixup_alpha=0.4`` (mixup of the pooled representation, soft labels).
 
 Each model is evaluated on the full dev set as is, and on perturbed copies of it that this script makes,
@@ -43,7 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from classification import add_sst2_arguments, lora_config, sst2_workers  # noqa: E402
 from common import QUIET, base_parser, report, run_all, summarise, timed_fit, write_json  # noqa: E402
 
-RUNS = ("lora", "lora_fgm", "lora_pgd", "lora_rdrop", "lora_label_smoothing", "lora_l2", "lora_augment", "lora_mixup")
+RUNS = (
+    "lora", "lora_fgm", "lora_pgd", "lora_rdrop", "lora_label_smoothing", "lora_l2", "lora_augment",
+    "lora_augment_half", "lora_augment_strong", "lora_mixup",
+)
 #: run → what it adds to plain LoRA: AdversarialTraining options, Regularization options, data augmentation, mixup
 CONFIGURATIONS: dict[str, dict[str, Any]] = {
     "lora": {},
@@ -53,6 +57,8 @@ CONFIGURATIONS: dict[str, dict[str, Any]] = {
     "lora_label_smoothing": {"regularization": {"label_smoothing": 0.1}},
     "lora_l2": {"regularization": {"trainable_l2": 1e-3}},
     "lora_augment": {"augmentation": {"char_swap": 0.1, "word_dropout": 0.1}},
+    "lora_augment_half": {"augmentation": {"char_swap": 0.2, "word_dropout": 0.2, "row_probability": 0.5}},
+    "lora_augment_strong": {"augmentation": {"char_swap": 0.2, "word_dropout": 0.2}},
     "lora_mixup": {"mixup_alpha": 0.4},
 }
 #: perturbation kinds that ``lora_augment`` never sees in training

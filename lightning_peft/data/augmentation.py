@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset as TorchDataset
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from lightning_peft.data.base import TextDataModule
     from lightning_peft.data.sampling import EpochSeededSampler
 
+#: the kinds of noise, each a probability per word
+KINDS = ("char_swap", "char_drop", "word_dropout", "word_swap")
 #: letters a word needs before its inner letters are edited (first and last stay, as in the robustness benchmark)
 MIN_EDITED_LETTERS = 4
 
@@ -30,6 +32,8 @@ class TextAugmentation:
         char_drop: drop one inner letter of such a word.
         word_dropout: drop the word (a text keeps at least its first word). A tagger drops the word's tag with it.
         word_swap: swap the word with the next one (a tagger's tags move with their words).
+        row_probability: the share of training rows augmented at all, drawn per row and epoch (1: every row); the
+            others train as they are, which keeps clean text in every epoch when the per-word rates are high.
 
     Applied by the datamodule to training rows only, anew each epoch: the draws of row ``i`` in epoch ``e`` come from
     a generator seeded by ``(data seed, e, i)``, so a resumed run sees exactly what an uninterrupted one would.
@@ -45,19 +49,28 @@ class TextAugmentation:
     char_drop: float = 0.0
     word_dropout: float = 0.0
     word_swap: float = 0.0
+    row_probability: float = 1.0
 
     def __post_init__(self) -> None:
-        for spec in fields(self):
-            value = getattr(self, spec.name)
+        for name in KINDS:
+            value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise LightningPeftError(
-                    f"data.init_args.augmentation.{spec.name}: a probability per word in [0, 1), got {value}"
+                    f"data.init_args.augmentation.{name}: a probability per word in [0, 1), got {value}"
                 )
+        if not 0.0 < self.row_probability <= 1.0:
+            raise LightningPeftError(
+                f"data.init_args.augmentation.row_probability: a share of rows in (0, 1], got {self.row_probability}"
+            )
 
     @property
     def kinds(self) -> list[str]:
         """The kinds switched on."""
-        return [spec.name for spec in fields(self) if getattr(self, spec.name) > 0]
+        return [name for name in KINDS if getattr(self, name) > 0]
+
+    def applies(self, rng: random.Random) -> bool:
+        """Whether this row is augmented (``row_probability``; no draw when every row is)."""
+        return self.row_probability >= 1.0 or rng.random() < self.row_probability
 
     def words(self, words: Sequence[str], rng: random.Random) -> tuple[list[int], list[str]]:
         """Augmented ``words``: for each output word, the index of the word it came from, and the word itself."""
@@ -118,6 +131,8 @@ class AugmentedRows(TorchDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = random.Random(f"{self.sampler.seed}:{self.sampler.epoch}:{index}")
-        example = self.datamodule.augment_example(dict(self.raw[index]), rng)
+        example = dict(self.raw[index])
+        if self.datamodule.augmentation.applies(rng):
+            example = self.datamodule.augment_example(example, rng)
         encoded = self.datamodule.preprocess({key: [value] for key, value in example.items()}, "train")
         return {key: values[0] for key, values in encoded.items() if key not in self.datamodule.count_columns}

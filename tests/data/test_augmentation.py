@@ -108,3 +108,12 @@ def test_seq2seq_augments_the_source_and_keeps_the_target(tiny_t5_dir, toy_pairs
 def test_a_datamodule_that_cannot_augment_says_so(tmp_path):
     with pytest.raises(LightningPeftError, match="data.init_args.augmentation: ChatDataModule does not augment"):
         ChatDataModule(tokenizer="unused", train_file=str(tmp_path / "x.jsonl"), augmentation={"word_dropout": 0.1})
+
+
+def test_row_probability_leaves_a_share_of_rows_as_they_are():
+    augmentation = TextAugmentation(word_dropout=0.9, row_probability=0.5)
+    augmented = sum(augmentation.applies(random.Random(row)) for row in range(400))
+    assert 160 < augmented < 240
+    assert all(TextAugmentation(word_dropout=0.9).applies(random.Random(row)) for row in range(10))
+    with pytest.raises(LightningPeftError, match="augmentation.row_probability: a share of rows in \\(0, 1\\]"):
+        TextAugmentation(row_probability=0.0)
