@@ -53,6 +53,8 @@ DEQUANTIZED_MERGE_NOTE = (
     "computed with) and the adapter merged into them in float32, so this model is the trained one in full precision, "
     "not re-quantised."
 )
+
+
 class CannotMerge(LightningPeftError):
     """The PEFT method cannot be folded into the base weights (the message says why)."""
 
@@ -393,11 +395,13 @@ def _save_alongside(task: PeftModule, directory: Path, tokenizer: Any | None) ->
 def hub_operations(directory: Path) -> list[CommitOperationAdd]:
     """The files of an export as the Hub repository holds them: the adapter's files at the root (so
     ``AutoPeftModelFor*.from_pretrained(repo_id)`` loads it; without PEFT, the merged model's), the merged model
-    under ``merged/`` (``from_pretrained(repo_id, subfolder="merged")``), the model card as the root README.md."""
+    under ``merged/`` (``from_pretrained(repo_id, subfolder="merged")``), compressed exports under ``int8/`` and
+    ``onnx/``, the model card as the root README.md."""
     root = directory / ADAPTER_DIR if (directory / ADAPTER_DIR).is_dir() else directory / MERGED_DIR
     sources = [(root, "")]
-    if root.name == ADAPTER_DIR and (directory / MERGED_DIR).is_dir():
-        sources.append((directory / MERGED_DIR, f"{MERGED_DIR}/"))
+    for name in (MERGED_DIR, INT8_DIR, ONNX_DIR):
+        if (directory / name).is_dir() and directory / name != root:
+            sources.append((directory / name, f"{name}/"))
     return [CommitOperationAdd(path_in_repo=prefix + path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
             for folder, prefix in sources for path in sorted(folder.rglob("*")) if path.is_file()]
 

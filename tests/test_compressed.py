@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoModelForTokenCl
 from lightning_peft import BackboneConfig, LightningPeftError, Seq2SeqGenerator, SequenceClassifier
 from lightning_peft.cli import main
 from lightning_peft.compressed import INT8_DIR, ONNX_DIR, ONNX_FILE, ONNX_INT8_FILE, OnnxModel
+from lightning_peft.export import hub_operations
 from tests.test_cli import assert_one_error, run_main
 
 pytest.importorskip("torchao")
@@ -56,6 +57,9 @@ def test_the_export_holds_int8_and_onnx_models_that_compute_the_merged_logits(co
     assert (compressed / ONNX_DIR / ONNX_INT8_FILE).stat().st_size < (compressed / ONNX_DIR / ONNX_FILE).stat().st_size
     card = (compressed / "README.md").read_text()
     assert f"{INT8_DIR}/" in card and "onnxruntime.InferenceSession" in card and "model.compile" in card
+    uploaded = {operation.path_in_repo for operation in hub_operations(compressed)}
+    assert {"adapter_model.safetensors", "merged/model.safetensors", "int8/model.safetensors",
+            f"onnx/{ONNX_FILE}", f"onnx/{ONNX_INT8_FILE}"} <= uploaded
 
 
 def test_predict_runs_the_compressed_models(compressed, fitted, tmp_path):
