@@ -15,6 +15,8 @@ decay 0.01), linear decay, gradients clipped at 1.0, our default batching; seeds
 - ``lora_augment``: + ``data.augmentation: {char_swap: 0.1, word_dropout: 0.1}`` (``TextAugmentation``, drawn anew
   each epoch); ``lora_augment_half``: ``{char_swap: 0.2, word_dropout: 0.2, row_probability: 0.5}`` (the test
   sets' rates on half of the rows); ``lora_augment_strong``: ``{char_swap: 0.2, word_dropout: 0.2}`` (every row);
+  ``lora_augment_consistency``: the strong rates with ``consistency: 1.0`` (each row and its augmented view in the
+  batch, plus the symmetric KL between their predictions: twice the compute per batch);
 - ``lora_mixup``: + ``mixup_alpha=0.4`` (mixup of the pooled representation, soft labels).
 
 Each model is evaluated on the full dev set as is, and on perturbed copies of it that this script makes,
@@ -46,7 +48,7 @@ from common import QUIET, base_parser, report, run_all, summarise, timed_fit, wr
 
 RUNS = (
     "lora", "lora_fgm", "lora_pgd", "lora_rdrop", "lora_label_smoothing", "lora_l2", "lora_augment",
-    "lora_augment_half", "lora_augment_strong", "lora_mixup",
+    "lora_augment_half", "lora_augment_strong", "lora_augment_consistency", "lora_mixup",
 )
 #: run → what it adds to plain LoRA: AdversarialTraining options, Regularization options, data augmentation, mixup
 CONFIGURATIONS: dict[str, dict[str, Any]] = {
@@ -59,6 +61,7 @@ CONFIGURATIONS: dict[str, dict[str, Any]] = {
     "lora_augment": {"augmentation": {"char_swap": 0.1, "word_dropout": 0.1}},
     "lora_augment_half": {"augmentation": {"char_swap": 0.2, "word_dropout": 0.2, "row_probability": 0.5}},
     "lora_augment_strong": {"augmentation": {"char_swap": 0.2, "word_dropout": 0.2}},
+    "lora_augment_consistency": {"augmentation": {"char_swap": 0.2, "word_dropout": 0.2, "consistency": 1.0}},
     "lora_mixup": {"mixup_alpha": 0.4},
 }
 #: perturbation kinds that ``lora_augment`` never sees in training

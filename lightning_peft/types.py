@@ -87,3 +87,7 @@ class ExplainableTask(Protocol):
 
     def attribution_targets(self, logits: torch.Tensor, encoding: Any, text: str,
                             target: str | None) -> tuple[dict[str, Any], list[AttributionTarget]]: ...
+
+#: batch entry of a training batch that holds each row and then its augmented view (``augmentation.consistency``):
+#: per example, the weight of the symmetric KL between the two views' predictions
+CONSISTENCY = "consistency"

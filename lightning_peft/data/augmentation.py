@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import Sampler
 
 from lightning_peft.errors import LightningPeftError
+from lightning_peft.types import CONSISTENCY
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -34,6 +36,11 @@ class TextAugmentation:
         word_swap: swap the word with the next one (a tagger's tags move with their words).
         row_probability: the share of training rows augmented at all, drawn per row and epoch (1: every row); the
             others train as they are, which keeps clean text in every epoch when the per-word rates are high.
+        consistency: 0 (the default): an augmented row replaces its clean self. Above 0: every training batch holds
+            each row twice, as it is and augmented, both trained on, and the loss adds ``consistency`` × the
+            symmetric KL between the two views' predictions (R-Drop's term, between clean and noisy text) — the
+            clean signal is kept at twice the compute per batch. Sequence classification only (one prediction per
+            text); ``row_probability`` then does not apply.
 
     Applied by the datamodule to training rows only, anew each epoch: the draws of row ``i`` in epoch ``e`` come from
     a generator seeded by ``(data seed, e, i)``, so a resumed run sees exactly what an uninterrupted one would.
@@ -50,6 +57,7 @@ class TextAugmentation:
     word_dropout: float = 0.0
     word_swap: float = 0.0
     row_probability: float = 1.0
+    consistency: float = 0.0
 
     def __post_init__(self) -> None:
         for name in KINDS:
@@ -58,6 +66,8 @@ class TextAugmentation:
                 raise LightningPeftError(
                     f"data.init_args.augmentation.{name}: a probability per word in [0, 1), got {value}"
                 )
+        if self.consistency < 0:
+            raise LightningPeftError(f"data.init_args.augmentation.consistency: must be >= 0, got {self.consistency}")
         if not 0.0 < self.row_probability <= 1.0:
             raise LightningPeftError(
                 f"data.init_args.augmentation.row_probability: a share of rows in (0, 1], got {self.row_probability}"
@@ -116,6 +126,10 @@ class AugmentedRows(TorchDataset):
     """The training split, each row augmented and tokenised when the loader asks for it: the datamodule's
     ``augment_example`` changes the raw row, its own ``preprocess`` tokenises it as it tokenises every row.
 
+    With ``augmentation.consistency`` the split is twice as long: index ``i`` is row ``i`` as it is, index ``n + i``
+    its augmented view, each carrying the weight under :data:`~lightning_peft.types.CONSISTENCY`
+    (:class:`PairedBatches` puts both in one batch).
+
     Example::
 
         AugmentedRows(raw_train, datamodule, sampler)[0]  # {'input_ids': […], 'attention_mask': […], 'labels': 1}
@@ -125,14 +139,47 @@ class AugmentedRows(TorchDataset):
         self.raw = raw
         self.datamodule = datamodule
         self.sampler = sampler  # whose epoch the loader's workers see too
+        self.paired = datamodule.augmentation.consistency > 0
 
     def __len__(self) -> int:
-        return len(self.raw)
+        return len(self.raw) * (2 if self.paired else 1)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        rng = random.Random(f"{self.sampler.seed}:{self.sampler.epoch}:{index}")
-        example = dict(self.raw[index])
-        if self.datamodule.augmentation.applies(rng):
+        augmentation = self.datamodule.augmentation
+        row, is_view = index % len(self.raw), index >= len(self.raw)
+        rng = random.Random(f"{self.sampler.seed}:{self.sampler.epoch}:{row}")
+        example = dict(self.raw[row])
+        if is_view or (not self.paired and augmentation.applies(rng)):
             example = self.datamodule.augment_example(example, rng)
         encoded = self.datamodule.preprocess({key: [value] for key, value in example.items()}, "train")
-        return {key: values[0] for key, values in encoded.items() if key not in self.datamodule.count_columns}
+        features = {key: values[0] for key, values in encoded.items() if key not in self.datamodule.count_columns}
+        if self.paired:
+            features[CONSISTENCY] = augmentation.consistency
+        return features
+
+
+class PairedBatches(Sampler[list[int]]):
+    """Batches of the sampler's rows followed by their augmented views (``offset`` further on): what
+    :class:`AugmentedRows` with ``consistency`` is read with. The order, epochs and resuming are the inner sampler's.
+
+    Example::
+
+        DataLoader(AugmentedRows(raw, dm, sampler), batch_sampler=PairedBatches(sampler, 16, len(raw)))
+    """
+
+    def __init__(self, sampler: EpochSeededSampler, batch_size: int, offset: int) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.offset = offset
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rows = list(self.sampler)
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start:start + self.batch_size]
+            yield chunk + [row + self.offset for row in chunk]

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lightning_peft.backbone import load_tokenizer
-from lightning_peft.data.augmentation import AugmentedRows, TextAugmentation, as_augmentation
+from lightning_peft.data.augmentation import AugmentedRows, PairedBatches, TextAugmentation, as_augmentation
 from lightning_peft.data.sampling import EpochSeededSampler, ResumableDataLoader
 from lightning_peft.errors import LightningPeftError
 
@@ -147,6 +147,11 @@ class TextDataModule(LightningDataModule):
             raise LightningPeftError(
                 f"data.init_args.augmentation: {type(self).__name__} does not augment its rows; remove augmentation"
             )
+        if self.augmentation is not None and self.augmentation.consistency and not self.supports_consistency:
+            raise LightningPeftError(
+                f"data.init_args.augmentation.consistency: {type(self).__name__}'s views of a row do not give one "
+                "prediction each to compare (sequence classification only); set it to 0"
+            )
         self.datasets: dict[str, Dataset] = {}
         self._raw: dict[str, Dataset | None] = {}
         self._train_sampler: EpochSeededSampler | None = None
@@ -178,6 +183,8 @@ class TextDataModule(LightningDataModule):
     predict_order: list[int] | None = None
     #: whether :meth:`augment_example` is implemented (``augmentation`` may be set)
     supports_augmentation: ClassVar[bool] = False
+    #: whether a row and its augmented view give one prediction each (``augmentation.consistency`` may be set)
+    supports_consistency: ClassVar[bool] = False
     #: per-row counts that :meth:`preprocess` emits (e.g. truncated words), handed to :meth:`report_counts`
     count_columns: tuple[str, ...] = ()
 
@@ -370,10 +377,15 @@ class TextDataModule(LightningDataModule):
         )
         if self._train_position is not None:
             self._train_sampler.resume_at(*self._train_position)
-        dataset = None
-        if self.augmentation is not None and self.augmentation.kinds:  # rows tokenised as they are drawn
-            dataset = AugmentedRows(self.raw_split("train"), self, self._train_sampler)
-        return self._loader("train", self.batch_size, self._train_sampler, ResumableDataLoader, dataset)
+        if self.augmentation is None or not self.augmentation.kinds:
+            return self._loader("train", self.batch_size, self._train_sampler, ResumableDataLoader)
+        rows = AugmentedRows(self.raw_split("train"), self, self._train_sampler)  # tokenised as they are drawn
+        if not rows.paired:
+            return self._loader("train", self.batch_size, self._train_sampler, ResumableDataLoader, rows)
+        return ResumableDataLoader(
+            rows, batch_sampler=PairedBatches(self._train_sampler, self.batch_size, len(rows.raw)),
+            collate_fn=self.collator, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
 
     @property
     def order_seed(self) -> int:

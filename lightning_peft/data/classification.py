@@ -42,6 +42,7 @@ class ClassificationDataModule(LabelledDataModule):
 
     passthrough_columns = ("text", "text_pair")
     supports_augmentation = True
+    supports_consistency = True
 
     def __init__(
         self,

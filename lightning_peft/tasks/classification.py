@@ -24,6 +24,7 @@ from transformers import AutoModelForSequenceClassification
 
 from lightning_peft import figures
 from lightning_peft.backbone import BackboneConfig
+from lightning_peft.batching import MicroBatches
 from lightning_peft.calibration import (
     ConfidenceRecord,
     accuracy_coverage,
@@ -35,7 +36,7 @@ from lightning_peft.errors import LightningPeftError
 from lightning_peft.regularization import symmetric_kl
 from lightning_peft.tasks.base import LABELS_FILE, PeftModule, label_config
 from lightning_peft.training import TrainingConfig
-from lightning_peft.types import AttributionTarget, Batch, ProblemType
+from lightning_peft.types import CONSISTENCY, AttributionTarget, Batch, ProblemType
 from lightning_peft.uncertainty import (
     CALIBRATION_FILE,
     PredictionOptions,
@@ -228,7 +229,11 @@ class SequenceClassifier(PeftModule):
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
-        """With :attr:`mixup_alpha`, the mixup loss of one (micro-/packed) batch; otherwise the task's own."""
+        """With :attr:`mixup_alpha`, the mixup loss of one (micro-/packed) batch; with rows and their augmented views
+        (``data.augmentation.consistency``), the loss over both plus the weighted symmetric KL between each row's
+        two predictions; otherwise the task's own."""
+        if CONSISTENCY in batch:
+            return self.consistency_loss(batch)
         if not self.mixup_alpha:
             return super().training_loss(batch)
         labels = batch["labels"]
@@ -238,6 +243,21 @@ class SequenceClassifier(PeftModule):
             logits = self(batch)
         return mix * self.compute_loss(logits, batch) + (1 - mix) * self.compute_loss(
             logits, {**batch, "labels": labels[shuffled]})
+
+    def consistency_loss(self, batch: Batch) -> torch.Tensor:
+        """The task loss over a batch of rows followed by their augmented views, plus ``batch["consistency"]`` × the
+        symmetric KL between the two halves' predictions (the rows must arrive whole and in order: packed rows or
+        one padded pass, not micro-batches sorted by length)."""
+        if isinstance(self.batching, MicroBatches) or self.mixup_alpha or self.regularization.rdrop_alpha:
+            raise LightningPeftError(
+                "data.init_args.augmentation.consistency: needs each batch in one pass (packed rows, or "
+                "training.micro_batch_size null) and no mixup_alpha or rdrop_alpha beside it"
+            )
+        logits = self(batch)
+        clean, augmented = logits.chunk(2)
+        half = {key: value[: clean.shape[0]] for key, value in batch.items() if isinstance(value, torch.Tensor)}
+        weight = float(batch[CONSISTENCY][0])
+        return self.compute_loss(logits, batch) + weight * self.rdrop_divergence(clean, augmented, half)
 
     def classification_head(self) -> torch.nn.Module:
         """The module that turns the pooled representation into logits (``classifier``, or ``score`` for decoder

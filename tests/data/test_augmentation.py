@@ -117,3 +117,22 @@ def test_row_probability_leaves_a_share_of_rows_as_they_are():
     assert all(TextAugmentation(word_dropout=0.9).applies(random.Random(row)) for row in range(10))
     with pytest.raises(LightningPeftError, match="augmentation.row_probability: a share of rows in \\(0, 1\\]"):
         TextAugmentation(row_probability=0.0)
+
+
+def test_consistency_batches_hold_each_row_and_then_its_view(tiny_bert_dir, toy_data):
+    def datamodule(augmentation):
+        dm = ClassificationDataModule(tokenizer=str(tiny_bert_dir), train_file=str(toy_data["train"]), batch_size=8,
+                                      seed=3, augmentation=augmentation)
+        dm.setup("fit")
+        return dm
+
+    plain = next(iter(datamodule(None).train_dataloader()))
+    loader = datamodule({"word_dropout": 0.3, "consistency": 1.0}).train_dataloader()
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape[0] == 16 and len(loader) == 40  # 320 rows in batches of 8 rows + 8 views
+    clean, views = batch["input_ids"].chunk(2)
+    assert torch.equal(clean[:, : plain["input_ids"].shape[1]], plain["input_ids"])  # the rows as they are, in order
+    assert torch.equal(batch["labels"][:8], batch["labels"][8:]) and batch["consistency"].tolist() == [1.0] * 16
+    assert not torch.equal(views[:, : clean.shape[1]], clean)
+    with pytest.raises(LightningPeftError, match="augmentation.consistency: TokenClassificationDataModule"):
+        TokenClassificationDataModule(tokenizer="unused", augmentation={"word_dropout": 0.1, "consistency": 1.0})

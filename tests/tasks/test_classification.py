@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from peft import LoraConfig
 
 from lightning_peft import ClassificationDataModule, LightningPeftError, SequenceClassifier, TrainingConfig
+from lightning_peft.regularization import symmetric_kl
 from tests.conftest import write_csv
 
 LR = TrainingConfig(lr=1e-2)
@@ -241,3 +242,22 @@ def test_mixup_refuses_rdrop_and_negative_alphas(backbone, lora):
                            training=TrainingConfig(regularization=Regularization(rdrop_alpha=1.0)))
     with pytest.raises(LightningPeftError, match="model.init_args.mixup_alpha: -1"):
         SequenceClassifier(backbone, lora, labels=["a", "b"], mixup_alpha=-1)
+
+
+def test_augmentation_consistency_adds_the_kl_between_views_and_trains(backbone, tiny_bert_dir, toy_data, tmp_path):
+    pl.seed_everything(0)
+    dm = toy_dm(tiny_bert_dir, toy_data, augmentation={"char_swap": 0.2, "word_dropout": 0.2, "consistency": 1.0})
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense"])
+    model = SequenceClassifier(backbone, lora, labels=dm.labels, training=TrainingConfig(lr=5e-3))
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    model.train()
+    with torch.no_grad():
+        logits = model(batch)
+        clean, views = logits.chunk(2)
+        expected = torch.nn.functional.cross_entropy(logits, batch["labels"]) + symmetric_kl(clean, views)
+        assert float(model.training_loss(batch)) == pytest.approx(float(expected), rel=1e-5)
+    trainer = make_trainer(tmp_path, max_epochs=8)
+    trainer.fit(model, datamodule=dm)
+    assert type(model.batching).__name__ == "SequencePacking"
+    assert trainer.test(model, datamodule=dm, verbose=False)[0]["test/accuracy"] >= 0.9
