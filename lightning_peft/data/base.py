@@ -358,16 +358,11 @@ class TextDataModule(LightningDataModule):
         return PassthroughCollator(self.build_collator(), self.passthrough_columns)
 
     # -- loaders ----------------------------------------------------------------------------------------
-    def _loader(self, split: str, batch_size: int, sampler: Any = None, loader_class: type = DataLoader,
-                dataset: Any = None) -> DataLoader:
-        return loader_class(
-            self.datasets[split] if dataset is None else dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+    def _loader(self, dataset: Any, loader_class: type = DataLoader, **batching: Any) -> DataLoader:
+        """A loader of ``dataset`` with this datamodule's collator and workers; ``batching``: ``batch_size`` (and a
+        ``sampler``), or a ``batch_sampler``."""
+        return loader_class(dataset, collate_fn=self.collator, num_workers=self.num_workers,
+                            persistent_workers=self.num_workers > 0, **batching)
 
     def train_dataloader(self) -> DataLoader:
         """Batches in :class:`EpochSeededSampler` order, resumable mid-epoch (see :class:`ResumableDataLoader`)."""
@@ -377,15 +372,14 @@ class TextDataModule(LightningDataModule):
         )
         if self._train_position is not None:
             self._train_sampler.resume_at(*self._train_position)
+        in_order = {"batch_size": self.batch_size, "sampler": self._train_sampler}
         if self.augmentation is None or not self.augmentation.kinds:
-            return self._loader("train", self.batch_size, self._train_sampler, ResumableDataLoader)
+            return self._loader(self.datasets["train"], ResumableDataLoader, **in_order)
         rows = AugmentedRows(self.raw_split("train"), self, self._train_sampler)  # tokenised as they are drawn
         if not rows.paired:
-            return self._loader("train", self.batch_size, self._train_sampler, ResumableDataLoader, rows)
-        return ResumableDataLoader(
-            rows, batch_sampler=PairedBatches(self._train_sampler, self.batch_size, len(rows.raw)),
-            collate_fn=self.collator, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )
+            return self._loader(rows, ResumableDataLoader, **in_order)
+        paired = PairedBatches(self._train_sampler, self.batch_size, len(rows.raw))
+        return self._loader(rows, ResumableDataLoader, batch_sampler=paired)
 
     @property
     def order_seed(self) -> int:
@@ -415,10 +409,12 @@ class TextDataModule(LightningDataModule):
             self._train_sampler.resume_at(*self._train_position)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader("validation", self.eval_batch_size) if "validation" in self.datasets else []
+        if "validation" not in self.datasets:
+            return []
+        return self._loader(self.datasets["validation"], batch_size=self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)
+        return self._loader(self.datasets["test"], batch_size=self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", self.eval_batch_size)
+        return self._loader(self.datasets["predict"], batch_size=self.eval_batch_size)
