@@ -101,12 +101,20 @@ def quantization_note(config: QuantizationConfigMixin | None) -> str:
     )
 
 
+#: peft's tuners that replace layers, as their packages are named; the ones with a module for a backend list it
+LAYER_TUNERS = ("lora", "adalora", "ia3", "vera", "oft", "boft", "randlora", "road", "hira")
+
+
+def _has_backend_layers(tuner: str, method: str) -> bool:
+    """Whether peft's tuner package ``tuner`` has layers for the quantisation backend ``method``."""
+    module = BACKEND_MODULES.get(method)
+    return module is not None and importlib.util.find_spec(f"peft.tuners.{tuner}.{module}") is not None
+
+
 def _supports_backend(peft_config: PeftConfig, method: str) -> bool:
     if peft_config.is_prompt_learning:  # virtual tokens: no layer of the base is replaced
         return True
-    package = peft_config.peft_type.value.lower()
-    module = BACKEND_MODULES.get(method)
-    return module is not None and importlib.util.find_spec(f"peft.tuners.{package}.{module}") is not None
+    return _has_backend_layers(peft_config.peft_type.value.lower(), method)
 
 
 def check_quantization(
@@ -139,10 +147,7 @@ def check_quantization(
     if method == "torchao" and importlib.util.find_spec("torchao") is None:
         raise LightningPeftError(f"{FIELD}: {what} needs torchao: pip install 'lightning-peft[quantization]'")
     if not _supports_backend(peft_config, method):
-        supported = sorted(
-            name for name in ("lora", "adalora", "ia3", "vera", "oft", "boft", "randlora", "road", "hira")
-            if importlib.util.find_spec(f"peft.tuners.{name}.{BACKEND_MODULES.get(method, '-')}") is not None
-        )
+        supported = [tuner for tuner in LAYER_TUNERS if _has_backend_layers(tuner, method)]
         raise LightningPeftError(
             f"model.init_args.peft: peft cannot put {peft_config.peft_type.value} on {what} layers "
             f"({FIELD}); on {method} it supports {', '.join(supported) or 'no layer method'} and prompt, prefix and "
