@@ -14,6 +14,8 @@ import importlib.util
 import inspect
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,19 +93,17 @@ def save_onnx(model: PreTrainedModel, target: Path, quantize: bool) -> None:
     model.config.save_pretrained(target)
 
 
-class _quiet:
-    """Raise the named loggers to ERROR within the block (the exporters log every pass they run)."""
-
-    def __init__(self, *names: str) -> None:
-        self.loggers = [logging.getLogger(name) for name in (*names, "root")]
-
-    def __enter__(self) -> None:
-        self.levels = [logger.level for logger in self.loggers]
-        for logger in self.loggers:
-            logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc: object) -> None:
-        for logger, level in zip(self.loggers, self.levels, strict=True):
+@contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Within the block, the named loggers (and the root logger) log errors only: the exporters log every pass."""
+    loggers = [logging.getLogger(name) for name in (*names, "root")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
 
 
