@@ -92,6 +92,12 @@ class InputError(ValueError):
         self.field, self.status = field, status
 
 
+def unknown_adapter(field: str, name: Any, served: Sequence[str] | None = None) -> InputError:
+    """The 404 for a request naming an adapter that is not served (listing the served ones when given)."""
+    listing = f" ({', '.join(served) or 'none'})" if served is not None else ""
+    return InputError(field, f"no adapter named {name!r} is served{listing}; GET /adapters lists them", 404)
+
+
 @dataclass
 class Row:
     """One input of one request: its adapter, token ids, what the response repeats of the input, and (for
@@ -238,7 +244,7 @@ class AdapterEngine:
         the wrong type and inputs longer than the model takes."""
         adapter = self.adapters.get(name)
         if adapter is None:
-            raise InputError("adapter", f"no adapter named {name!r} is served; GET /adapters lists them", 404)
+            raise unknown_adapter("adapter", name)
         tokenizer = self.tokenizers[name]
         generation = self._generation_config(adapter, options) if adapter.task in ("seq2seq", "causal_lm") else None
         limit = self.max_length(adapter)

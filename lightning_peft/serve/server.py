@@ -31,7 +31,7 @@ from litserve.server import RegularRequestHandler
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.serve.engine import MAX_NEW_TOKENS_LIMIT, AdapterEngine, InputError
+from lightning_peft.serve.engine import MAX_NEW_TOKENS_LIMIT, AdapterEngine, InputError, unknown_adapter
 from lightning_peft.serve.exports import AdapterRefused, ServedAdapter, read_adapter
 from lightning_peft.serve.metrics import ServingMetrics
 
@@ -101,7 +101,7 @@ class AdapterWorkerAPI(ls.LitAPI):
         except AdapterRefused as err:
             return error_body(refused(err))
         except KeyError:
-            return error_body(InputError("name", f"no adapter named {operation.get('name')!r} is served", 404))
+            return error_body(unknown_adapter("name", operation.get("name")))
         return error_body(InputError("request", "not a request of this server", 404))
 
     def encode_response(self, output: dict[str, Any]) -> dict[str, Any]:
@@ -216,7 +216,7 @@ class AdapterServer:
 
     async def unload_adapter(self, name: str) -> JSONResponse:
         if name not in self.adapters:
-            return respond(error_body(InputError("name", f"no adapter named {name!r} is served", 404)))
+            return respond(error_body(unknown_adapter("name", name)))
         answer = await self._submit({"op": "unload", "name": name})
         if "error" not in answer:
             self.adapters.pop(name, None)
@@ -250,8 +250,7 @@ class AdapterServer:
 
     def _check_inputs(self, adapter: str, inputs: list[Any], field: str = "adapter") -> None:
         if adapter not in self.adapters:
-            raise InputError(field, f"no adapter named {adapter!r} is served ({', '.join(self.adapters) or 'none'});"
-                                    " GET /adapters lists them", 404)
+            raise unknown_adapter(field, adapter, list(self.adapters))
         if not inputs:
             raise InputError("inputs", "is empty; give at least one input")
         if len(inputs) > self.max_inputs:
