@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import torch
@@ -33,6 +34,8 @@ def plain_hyperparameters(hparams: dict[str, Any]) -> dict[str, Any]:
     """
     plain = {}
     for key, value in hparams.items():
+        if isinstance(value, os.PathLike):  # a pathlib.Path given from Python: torch.load(weights_only) refuses it
+            value = os.fspath(value)
         if isinstance(value, PeftConfig):
             value = json.loads(json.dumps(value.to_dict(), default=list))
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):  # BackboneConfig, TrainingConfig
@@ -44,7 +47,10 @@ def plain_hyperparameters(hparams: dict[str, Any]) -> dict[str, Any]:
 
 
 def _plain_field(value: Any) -> Any:
-    """A config dataclass's field as plain data: a quantisation config as the dict ``config.json`` holds."""
+    """A config dataclass's field as plain data: a quantisation config as the dict ``config.json`` holds, a path as
+    a string."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     if isinstance(value, QuantizationConfigMixin):
         return plain_quantization(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

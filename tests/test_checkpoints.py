@@ -161,3 +161,17 @@ def test_a_checkpoint_written_elsewhere_still_matches_its_model(fitted, tmp_path
     checkpoint = edited_checkpoint(fitted["ckpt"] / "best.ckpt", tmp_path / "moved.ckpt", backbone=moved)
     result = run_main(capsys, "test", "--config", str(fitted["config"]), "--ckpt_path", str(checkpoint))
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_paths_given_from_python_are_saved_as_strings(tmp_path):
+    """A ``pathlib.Path`` (the natural argument from Python) would make the checkpoint unloadable with
+    ``weights_only``: resume and load_from_checkpoint would both refuse it."""
+    from lightning_peft import BackboneConfig
+    from lightning_peft.adapter_checkpoint import plain_hyperparameters
+
+    hparams = plain_hyperparameters({"backbone": BackboneConfig(pretrained_model_name_or_path=tmp_path / "model"),
+                                     "output_dir": tmp_path / "out"})
+    torch.save({"hyper_parameters": hparams}, tmp_path / "saved.ckpt")
+    loaded = torch.load(tmp_path / "saved.ckpt", weights_only=True)["hyper_parameters"]
+    assert loaded["backbone"]["pretrained_model_name_or_path"] == str(tmp_path / "model")
+    assert loaded["output_dir"] == str(tmp_path / "out")
