@@ -12,6 +12,14 @@ starts at rank 12 and ends at an average rank 8, the budget of LoRA r=8, over th
 (``AdaLoRAScheduler`` sets ``total_step`` from the fit). Each run is a fresh subprocess; adapter KB is the size of
 ``adapter/`` as exported (weights + config + model card). Methods peft cannot run on this model are listed with
 the reason instead of numbers.
+
+Learning rates: ``<method>`` trains at the rate the method's preset ships with (``training.lr: null``, the measured
+per-method default of ``lightning_peft.training.DEFAULT_LEARNING_RATES``); ``<method>_auto`` with ``training.lr:
+auto`` (the range test's cost is recorded as ``search_seconds`` and ``search_share``, its part of the fit without
+it); ``<method>_probe_best`` is the best, by mean dev accuracy over the seeds, of a grid of the shipped rate times
+each of ``--probe-factors`` (the factor-1 runs are ``<method>``'s when that is run too).
+
+    python benchmarks/peft_methods.py --runs lora lora_auto lora_probe_best --json out.json
 """
 
 from __future__ import annotations
@@ -19,8 +27,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +45,7 @@ from common import (  # noqa: E402
     dir_bytes,
     report,
     run_all,
+    run_worker,
     summarise,
     timed_fit,
     write_json,
@@ -43,24 +54,31 @@ from common import (  # noqa: E402
 PRESETS = REPO / "configs" / "peft"
 METHODS = ("lora", "rslora", "dora", "pissa", "olora", "adalora", "ia3", "loha", "lokr", "vera", "prefix_tuning",
            "prompt_tuning", "p_tuning")
+AUTO_RUNS = tuple(f"{method}_auto" for method in METHODS)
+PROBE_RUNS = tuple(f"{method}_probe_best" for method in METHODS)
 #: the HF ``Trainer`` + peft on the AdaLoRA preset: the method apart from our wiring (not among the default runs)
 HF_RUNS = ("hf_adalora",)
-#: learning rate per method (LoRA's is the classification benchmark's)
-LEARNING_RATES = {"ia3": 5e-3, "loha": 3e-3, "lokr": 3e-3, "vera": 5e-3, "prefix_tuning": 1e-2, "prompt_tuning": 3e-2,
-                  "p_tuning": 3e-3}
-DEFAULT_LR = 5e-4
+#: the grid behind ``<method>_probe_best``: the method's shipped rate times each factor
+PROBE_FACTORS = (1 / 3, 1.0, 3.0)
+
+
+def method_of(run: str) -> str:
+    """The preset a run trains: ``lora`` for ``lora``, ``lora_auto``, ``lora_probe_best``; ``adalora`` for
+    ``hf_adalora``."""
+    return run.removeprefix("hf_").removesuffix("_auto").removesuffix("_probe_best")
 
 
 def learning_rates(args: argparse.Namespace) -> dict[str, float]:
-    """Each method's learning rate: :data:`LEARNING_RATES`, then ``--method-lr name=value`` overrides; an HF run
-    takes its method's (``hf_adalora``: ``adalora``'s)."""
-    rates = {name: LEARNING_RATES.get(name, DEFAULT_LR) for name in METHODS}
+    """Each method's learning rate: the default its preset ships with, then ``--method-lr name=value`` overrides."""
+    from lightning_peft.training import default_learning_rate
+
+    rates = {name: default_learning_rate(preset_peft_config(name)) for name in METHODS}
     for item in args.method_lr:
         name, _, value = item.partition("=")
         if name not in rates:
             sys.exit(f"error: --method-lr {item!r}: unknown method {name!r}")
         rates[name] = float(value)
-    return {**rates, **{run: rates[run.removeprefix("hf_")] for run in HF_RUNS}}
+    return rates
 
 
 def preset_peft_config(method: str) -> Any:
@@ -81,7 +99,7 @@ def run_hf_adalora(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     steps = math.ceil(rows / args.batch_size) * args.epochs
     config.resolve_schedule(steps)
     config.task_type = TaskType.SEQ_CLS
-    args.lr = learning_rates(args)[args.worker]
+    args.lr = learning_rates(args)["adalora"]
 
     class UpdateAndAllocate(TrainerCallback):
         def on_optimizer_step(self, training_args: Any, state: Any, control: Any, model: Any = None, **_: Any) -> None:
@@ -106,17 +124,27 @@ def run_method(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         TrainingConfig,
     )
     from lightning_peft.backbone import count_parameters
-    from lightning_peft.callbacks import AdaLoRAScheduler
+    from lightning_peft.callbacks import AdaLoRAScheduler, LearningRateSearch
+
+    class TimedSearch(LearningRateSearch):
+        seconds = 0.0
+
+        def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            start = time.perf_counter()
+            super().on_fit_start(trainer, pl_module)
+            self.seconds = time.perf_counter() - start
 
     pl.seed_everything(args.seed, verbose=False)
     dm = ClassificationDataModule(
         tokenizer=args.model, train_file=args.train_file, validation_file=args.dev_file, text_column="sentence",
         max_length=args.max_length, batch_size=args.batch_size, seed=args.seed,
     )
-    lr = learning_rates(args)[args.worker]
+    method = method_of(args.worker)
+    auto = args.worker.endswith("_auto")
+    lr = "auto" if auto else args.probe_lr or learning_rates(args)[method]
     try:
         model = SequenceClassifier(
-            BackboneConfig(pretrained_model_name_or_path=args.model), preset_peft_config(args.worker),
+            BackboneConfig(pretrained_model_name_or_path=args.model), preset_peft_config(method),
             labels=dm.labels, optimizer=partial(torch.optim.AdamW, weight_decay=0.01),
             training=TrainingConfig(lr=lr, **({"sequence_packing": False, "micro_batch_size": None}
                                               if args.padded_batches else {})),
@@ -124,13 +152,18 @@ def run_method(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     except LightningPeftError as err:
         return {"supported": False, "reason": str(err)}
     trainable, total = count_parameters(model)
-    callbacks = [AdaLoRAScheduler(heatmap=False)] if args.worker == "adalora" else []
-    seconds = timed_fit(model, dm, args.epochs, limit_val_batches=0, callbacks=callbacks)
+    search = TimedSearch()
+    callbacks = [search] if auto else []
+    callbacks += [AdaLoRAScheduler(heatmap=False)] if method == "adalora" else []
+    seconds = timed_fit(model, dm, args.epochs, limit_val_batches=0, callbacks=callbacks, default_root_dir=workdir)
     metrics = pl.Trainer(**QUIET).validate(model, datamodule=dm, verbose=False)[0]
     export = model.export(workdir / "export")
+    searched = {"search_seconds": search.seconds, "search_share": search.seconds / (seconds - search.seconds),
+                "lr_found": search.chosen_lr is not None} if auto else {}
     return {
         "supported": True,
-        "lr": lr,
+        "lr": model.learning_rate,
+        **searched,
         "trainable_params": trainable,
         "trainable_percent": 100 * trainable / total,
         "train_seconds": seconds,
@@ -138,6 +171,29 @@ def run_method(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "dev_accuracy": metrics["val/accuracy"],
         "adapter_bytes": dir_bytes(export / "adapter"),
     }
+
+
+def run_probe_grid(run: str, args: argparse.Namespace, worker_args: list[str],
+                   shipped: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """``<method>_probe_best``: the grid of :data:`PROBE_FACTORS` around the shipped rate, every seed each; the rate
+    with the best mean dev accuracy, its records, and every rate's mean."""
+    shipped_lr = learning_rates(args)[method_of(run)]
+    grid: dict[float, list[dict[str, Any]]] = {}
+    for factor in args.probe_factors:
+        rate = shipped_lr * factor
+        if factor == 1.0 and shipped is not None:
+            grid[rate] = shipped
+            continue
+        grid[rate] = []
+        for seed in args.seeds:
+            print(f"running {run} at lr {rate:.2g} (seed {seed}) …", flush=True)
+            grid[rate].append(run_worker(__file__, run, seed, [*worker_args, "--probe-lr", str(rate)]))
+    if not grid[shipped_lr * args.probe_factors[0]][0]["supported"]:
+        return {"method": run, "supported": False, "reason": grid[shipped_lr * args.probe_factors[0]][0]["reason"]}
+    means = {rate: statistics.mean(r["dev_accuracy"] for r in records) for rate, records in grid.items()}
+    best = max(means, key=means.__getitem__)
+    return {"method": run, "supported": True, **summarise(grid[best], "dev_accuracy"),
+            "grid": {f"{rate:.3g}": mean for rate, mean in sorted(means.items())}}
 
 
 def print_methods_table(results: dict[str, dict[str, Any]]) -> None:
@@ -158,13 +214,34 @@ def print_methods_table(results: dict[str, dict[str, Any]]) -> None:
         gap = 100 * (results["adalora"]["dev_accuracy"] - results["lora"]["dev_accuracy"])
         verdict = "reaches" if gap >= 0 else f"falls {-gap:.2f} points short of"
         print(f"\nAdaLoRA (average rank 8) {verdict} LoRA r=8's dev accuracy ({gap:+.2f} points, means over seeds)")
+    print_auto_table(results)
+
+
+def print_auto_table(results: dict[str, dict[str, Any]]) -> None:
+    """``lr: auto`` against the best probed rate, per method that has both runs."""
+    methods = [m for m in METHODS if results.get(f"{m}_auto", {}).get("supported")
+               and results.get(f"{m}_probe_best", {}).get("supported")]
+    if not methods:
+        return
+    header = f"\n{'method':<15}{'auto lr':>10}{'auto acc':>10}{'best lr':>10}{'best acc':>10}{'gap':>8}{'search':>9}"
+    print(header)
+    print("-" * len(header.strip()))
+    for m in methods:
+        auto, best = results[f"{m}_auto"], results[f"{m}_probe_best"]
+        gap = 100 * (auto["dev_accuracy"] - best["dev_accuracy"])
+        print(f"{m:<15}{auto['lr']:>10.2g}{100 * auto['dev_accuracy']:>10.2f}{best['lr']:>10.2g}"
+              f"{100 * best['dev_accuracy']:>10.2f}{gap:>+8.2f}{100 * auto['search_share']:>8.0f}%")
+    print("(gap: points of mean dev accuracy, auto minus best probed; search: the range test's time over the fit's)")
 
 
 def main() -> None:
-    parser = base_parser(__doc__, "sst2", METHODS + HF_RUNS, seeds=[42, 43, 44])
+    parser = base_parser(__doc__, "sst2", METHODS + AUTO_RUNS + PROBE_RUNS + HF_RUNS, seeds=[42, 43, 44])
     parser.set_defaults(runs=list(METHODS))
-    add_sst2_arguments(parser)  # --lr is replaced per method (LEARNING_RATES, --method-lr)
+    add_sst2_arguments(parser)  # --lr is replaced per method (the presets' defaults, --method-lr)
     parser.add_argument("--method-lr", nargs="*", default=[], metavar="METHOD=LR", help="override a method's lr")
+    parser.add_argument("--probe-factors", nargs="+", type=float, default=list(PROBE_FACTORS),
+                        help="the grid of <method>_probe_best: the shipped rate times each")
+    parser.add_argument("--probe-lr", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--padded-batches", action="store_true",
                         help="compute our batches as the HF Trainer does (one padded pass, no packing)")
     args = parser.parse_args()
@@ -174,19 +251,22 @@ def main() -> None:
         return
 
     settings = {k: getattr(args, k) for k in ("train_rows", "batch_size", "max_length", "epochs", "seeds", "data_seed",
-                                              "padded_batches")}
+                                              "padded_batches", "probe_factors")}
     with sst2_workers(args) as (model, worker_args):
-        per_seed = run_all(__file__, args.runs, args.seeds, [*worker_args, *["--padded-batches"] * args.padded_batches,
-                                                             "--method-lr", *args.method_lr])
-    results = {}
-    for name, records in per_seed.items():
-        if not records[0]["supported"]:
-            results[name] = {"method": name, "supported": False, "reason": records[0]["reason"]}
-        else:
-            results[name] = {"method": name, "supported": True, **summarise(records, "dev_accuracy")}
+        worker_args = [*worker_args, *["--padded-batches"] * args.padded_batches, "--method-lr", *args.method_lr]
+        per_seed = run_all(__file__, [r for r in args.runs if r not in PROBE_RUNS], args.seeds, worker_args)
+        results = {}
+        for name, records in per_seed.items():
+            if not records[0]["supported"]:
+                results[name] = {"method": name, "supported": False, "reason": records[0]["reason"]}
+            else:
+                results[name] = {"method": name, "supported": True, **summarise(records, "dev_accuracy")}
+        for name in [r for r in args.runs if r in PROBE_RUNS]:
+            results[name] = run_probe_grid(name, args, worker_args, per_seed.get(method_of(name)))
     print_methods_table(results)
     rates = learning_rates(args)
-    write_json(args.json, results, {**settings, "model": model, "learning_rates": {n: rates[n] for n in args.runs}})
+    write_json(args.json, results, {**settings, "model": model, "learning_rates": {
+        n: rates[method_of(n)] for n in args.runs if n not in AUTO_RUNS}})
 
 
 if __name__ == "__main__":

@@ -145,6 +145,8 @@ def task_model_card(
     skipped = ("backbone", "peft", "labels", "training", *task.inference_arguments)
     hparams = {k: v for k, v in hparams.items() if k not in skipped and k[0] != "_"}
     hparams.update(task.resolved_training_options())
+    if task.found_learning_rate is not None:
+        hparams["lr"] = f"{task.learning_rate:g} ({task.learning_rate_source()})"
     hparams["optimizer"] = optimizer_summary(task.optimizer_factory, task.learning_rate)
     labels = task.model_config_kwargs().get("id2label")
     base = task.backbone_config.pretrained_model_name_or_path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from peft import PeftConfig, PeftType
 
@@ -32,6 +32,8 @@ DEFAULT_LEARNING_RATES: dict[str, float] = {
 }
 #: for a PEFT method without a measured rate: torch's AdamW default
 FALLBACK_LEARNING_RATE = 1e-3
+#: ``training.lr`` that asks for a range test before fit (:class:`lightning_peft.callbacks.LearningRateSearch`)
+AUTO = "auto"
 
 
 def method_name(peft: PeftConfig | None) -> str:
@@ -54,7 +56,9 @@ class TrainingConfig:
     Args:
         lr: the peak learning rate; ``null`` takes the PEFT method's default (:data:`DEFAULT_LEARNING_RATES`: LoRA
             2e-3, AdaLoRA 1e-2, IA3 2e-2, prompt tuning 3e-2, full fine-tuning 5e-5, …), logged at fit start and
-            written to the model card. The optimizer's own ``lr`` is not used.
+            written to the model card. ``auto`` runs a learning-rate range test before fit and trains with the rate
+            it points to (see :class:`~lightning_peft.callbacks.LearningRateSearch`). The optimizer's own ``lr`` is
+            not used.
         lr_scheduler_type: a ``transformers.get_scheduler`` name (``linear``, ``cosine``, ``constant_with_warmup``…),
             stepped once per optimizer step.
         warmup_ratio: fraction of the optimizer steps spent warming the learning rate up from 0.
@@ -74,7 +78,7 @@ class TrainingConfig:
     or in YAML: ``model.init_args.training: {lr: 1.0e-3, warmup_ratio: 0.06, regularization: {rdrop_alpha: 1.0}}``.
     """
 
-    lr: float | None = None
+    lr: float | Literal["auto"] | None = None
     lr_scheduler_type: str = "linear"
     warmup_ratio: float = 0.0
     micro_batch_size: int | None = 16
@@ -83,8 +87,10 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         self.regularization = as_regularization(self.regularization)
-        if self.lr is not None and not self.lr >= 0:
-            raise LightningPeftError(f"model.init_args.training.lr: must be >= 0 or null, got {self.lr}")
+        if isinstance(self.lr, str) and self.lr != AUTO:
+            raise LightningPeftError(f"model.init_args.training.lr: must be a number, auto or null, got {self.lr!r}")
+        if isinstance(self.lr, (int, float)) and not self.lr >= 0:
+            raise LightningPeftError(f"model.init_args.training.lr: must be >= 0, auto or null, got {self.lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise LightningPeftError(
                 f"model.init_args.training.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}"
@@ -95,9 +101,14 @@ class TrainingConfig:
                 f"got {self.micro_batch_size}"
             )
 
+    @property
+    def searches_learning_rate(self) -> bool:
+        """Whether ``lr`` is ``auto``."""
+        return self.lr == AUTO
+
     def learning_rate(self, peft: PeftConfig | None) -> float:
-        """``lr``, or the default of ``peft``'s method when it is ``null``."""
-        return self.lr if self.lr is not None else default_learning_rate(peft)
+        """``lr``, or the default of ``peft``'s method when it is ``null`` (or ``auto``, until a search finds one)."""
+        return default_learning_rate(peft) if self.lr is None or self.searches_learning_rate else float(self.lr)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

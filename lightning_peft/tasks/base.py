@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from peft import PeftConfig, TaskType, get_peft_config
@@ -24,6 +24,7 @@ from lightning_peft.adapter_checkpoint import (
 )
 from lightning_peft.backbone import BackboneConfig, count_parameters, load_backbone, new_weights
 from lightning_peft.batching import BatchingStrategy, choose_batching
+from lightning_peft.callbacks.learning_rate_search import RULE, LearningRateSearch
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import export_task, initial_adapter_state
 from lightning_peft.regularization import Regularization, squared_l2, symmetric_kl
@@ -127,6 +128,8 @@ class PeftModule(LightningModule, ABC):
         self.training_config = training
         #: how training batches are computed in this fit (packed rows, micro-batches…), chosen on its first batch
         self.batching: BatchingStrategy | None = None
+        #: the rate a range test picked for ``training.lr: auto`` (kept in checkpoints, so a resumed fit reuses it)
+        self.found_learning_rate: float | None = None
         # Checkpoints hold only the trainable weights; the frozen base is rebuilt from the backbone config.
         self.strict_loading = False
         #: terms added to every training loss, by name (callbacks register them, e.g. AdaLoRA's orthogonality or
@@ -352,8 +355,32 @@ class PeftModule(LightningModule, ABC):
 
     @property
     def learning_rate(self) -> float:
-        """The peak learning rate: ``training.lr``, or the PEFT method's default when that is ``null``."""
+        """The peak learning rate: ``training.lr``, the PEFT method's default when that is ``null``, or the rate the
+        range test found when it is ``auto``."""
+        if self.found_learning_rate is not None:
+            return self.found_learning_rate
         return self.training_config.learning_rate(self.peft_config)
+
+    @property
+    def searches_learning_rate(self) -> bool:
+        """``training.lr: auto``: :class:`~lightning_peft.callbacks.LearningRateSearch` picks the rate before fit."""
+        return self.training_config.searches_learning_rate
+
+    def learning_rate_source(self) -> str:
+        """Where :attr:`learning_rate` comes from, as the fit's log and the model card say it."""
+        if self.found_learning_rate is not None:
+            return f"training.lr: auto, found by a learning-rate range test: {RULE}"
+        if self.training_config.lr is None or self.searches_learning_rate:
+            return (f"the default for {method_name(self.peft_config)}; set model.init_args.training.lr to a number or "
+                    "auto to change it")
+        return "model.init_args.training.lr"
+
+    def configure_callbacks(self) -> list[Callback]:
+        """:class:`~lightning_peft.callbacks.LearningRateSearch` for ``training.lr: auto``, unless the trainer has
+        one (with the user's settings)."""
+        if not self.searches_learning_rate or any(isinstance(c, LearningRateSearch) for c in self.trainer.callbacks):
+            return []
+        return [LearningRateSearch()]
 
     def resolved_training_options(self) -> dict[str, Any]:
         """:attr:`training_config` as plain data, with the learning rate actually used."""
@@ -370,9 +397,7 @@ class PeftModule(LightningModule, ABC):
         rank_zero_info(
             f"trainable params: {trainable:,} || all params: {total:,} || trainable: {100 * trainable / total:.4f}%"
         )
-        source = "model.init_args.training.lr" if self.training_config.lr is not None else (
-            f"the default for {method_name(self.peft_config)}; set model.init_args.training.lr to change it")
-        rank_zero_info(f"learning rate: {self.learning_rate:g} ({source})")
+        rank_zero_info(f"learning rate: {self.learning_rate:g} ({self.learning_rate_source()})")
 
     # -- adapter-only checkpoints ---------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -387,8 +412,12 @@ class PeftModule(LightningModule, ABC):
         adapter_only_checkpoint(self, checkpoint, metrics, keep_base=not self.backbone_config.is_pretrained)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose weights do not fit this model; restore AdaLoRA's rank pattern."""
+        """Refuse a checkpoint whose weights do not fit this model; restore AdaLoRA's rank pattern and, for
+        ``training.lr: auto``, the rate the checkpoint trained with (a resumed fit does not search again)."""
         check_and_restore(self, checkpoint)
+        saved = checkpoint.get("hyper_parameters", {}).get("training", {}).get("lr")
+        if self.searches_learning_rate and isinstance(saved, (int, float)):
+            self.found_learning_rate = float(saved)
 
     # -- export ---------------------------------------------------------------------------------------
     def model_config_kwargs(self) -> dict[str, Any]:

@@ -1,0 +1,172 @@
+"""``training.lr: auto``: a learning-rate range test on the real setup before fit, with the rate picked by one
+documented rule (:func:`choose_learning_rate`), logged, drawn and kept in the checkpoint and the model card."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import LearningRateFinder
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_peft.figures import plotting, save_figure
+
+PLOT_FILE = "lr_find.png"
+CURVE_FILE = "lr_find.json"
+#: the rule, as logs and model cards state it
+RULE = "a third of the rate where the loss falls fastest, before its minimum"
+#: the loss must fall by this fraction of its starting value for the test to count
+MIN_RELATIVE_FALL = 0.10
+SMOOTHING_WINDOW = 9  # steps in the running median that takes out single-batch noise
+DIVISOR = 3.0
+
+
+def smoothed(losses: Sequence[float], window: int = SMOOTHING_WINDOW) -> list[float]:
+    """The running median of ``losses`` over ``window`` steps centred on each (shorter at the ends)."""
+    half = window // 2
+    return [float(torch.tensor(losses[max(0, i - half):i + half + 1]).median()) for i in range(len(losses))]
+
+
+def choose_learning_rate(lrs: Sequence[float], losses: Sequence[float]) -> float | None:
+    """The rate a range test (``losses[i]``: the training loss with the learning rate rising to ``lrs[i]``) points
+    to, by :data:`RULE`: take out single-batch noise with a running median, stop at the first non-finite loss, find
+    the smoothed loss's minimum, and before it the rate at which the loss falls fastest per decade of rate; return a
+    third of it. ``None`` when the loss never fell by :data:`MIN_RELATIVE_FALL` (too few steps, or a method that
+    needs longer to move): no rate can be read from such a curve.
+
+    Example::
+
+        choose_learning_rate([1e-4, 1e-3, 1e-2, 1e-1, 1.0] * 2, [0.69] * 10)  # a flat curve: None
+    """
+    finite = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), len(losses))
+    lrs, losses = list(lrs[:finite]), smoothed(losses[:finite])
+    if len(losses) < 2 * SMOOTHING_WINDOW:
+        return None
+    lowest = min(range(len(losses)), key=losses.__getitem__)
+    start = losses[0]
+    if lowest == 0 or losses[lowest] > start * (1 - MIN_RELATIVE_FALL):
+        return None
+    slopes = torch.gradient(torch.tensor(losses[:lowest + 1]), spacing=[torch.tensor(lrs[:lowest + 1]).log10()])[0]
+    return lrs[int(slopes.argmin())] / DIVISOR
+
+
+@contextmanager
+def recorded_losses(module: pl.LightningModule, accumulate: int) -> Iterator[list[float]]:
+    """Record the loss of each optimizer step (the mean over ``accumulate`` batches) that ``module`` trains while
+    the block runs. Lightning's finder keeps only a heavily smoothed loss, which hides where a short test turns."""
+    batch_losses: list[float] = []
+    step_losses: list[float] = []
+    training_step = module.training_step
+
+    def recording_step(*args: Any, **kwargs: Any) -> Any:
+        output = training_step(*args, **kwargs)
+        loss = output["loss"] if isinstance(output, Mapping) else output
+        batch_losses.append(float(loss.detach()) if loss is not None else math.nan)
+        if len(batch_losses) == accumulate:
+            step_losses.append(sum(batch_losses) / accumulate)
+            batch_losses.clear()
+        return output
+
+    module.training_step = recording_step  # type: ignore[method-assign]
+    try:
+        yield step_losses
+    finally:
+        del module.training_step  # the class's method again
+
+
+class LearningRateSearch(LearningRateFinder):
+    """Pick the peak learning rate of a fit by a range test on its real setup (task, PEFT method, data, batch size,
+    precision, strategy): Lightning's ``LearningRateFinder`` trains ``num_training_steps`` steps with the rate
+    rising exponentially from ``min_lr`` to ``max_lr`` and then restores the model; :func:`choose_learning_rate` reads
+    the rate off the losses. The task then trains with it (optimizer and schedule built anew), logs it, keeps it in
+    its checkpoints (a resumed fit reuses it, no second test) and in the model card; ``lr_find.png`` (loss against
+    rate, the pick marked) and ``lr_find.json`` are written beside the checkpoints and the plot goes to every logger
+    that takes images. Under DDP the losses of process 0 decide and every process trains with the same rate. When the
+    curve shows no fall, the method's default rate is kept, with a warning.
+
+    Tasks add it themselves for ``training.lr: auto``; list it under ``trainer.callbacks`` to change its settings.
+
+    Example::
+
+        model:
+          init_args:
+            training: {lr: auto}
+        trainer:
+          callbacks:  # optional
+            - class_path: lightning_peft.callbacks.LearningRateSearch
+              init_args: {num_training_steps: 200}
+    """
+
+    def __init__(self, min_lr: float = 1e-5, max_lr: float = 1.0, num_training_steps: int = 100,
+                 early_stop_threshold: float | None = 4.0) -> None:
+        super().__init__(min_lr=min_lr, max_lr=max_lr, num_training_steps=num_training_steps, mode="exponential",
+                         early_stop_threshold=early_stop_threshold, update_attr=False)
+        self.losses: list[float] = []
+        self.chosen_lr: float | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not getattr(pl_module, "searches_learning_rate", False):
+            return
+        if trainer.ckpt_path is not None:
+            rank_zero_info("learning-rate search skipped: a resumed fit keeps the rate its checkpoint was trained with")
+            return
+        self._warn_if_costly(trainer)
+        with recorded_losses(pl_module, trainer.accumulate_grad_batches) as losses:
+            self.lr_find(trainer, pl_module)
+        if self.optimal_lr is None:  # Lightning skips it under fast_dev_run, saying so
+            return
+        self.losses = trainer.strategy.broadcast(losses)  # process 0's curve decides, as Lightning's finder does
+        lrs = self.optimal_lr.results["lr"][:len(self.losses)]
+        self.chosen_lr = choose_learning_rate(lrs, self.losses)
+        if self.chosen_lr is None:
+            rank_zero_warn(
+                f"training.lr: auto: the loss did not fall by {MIN_RELATIVE_FALL:.0%} over the {len(lrs)}-step range "
+                f"test ({self._min_lr:g} to {self._max_lr:g}), so no rate can be read from it; training with the "
+                "method's default. Give the test more steps (LearningRateSearch num_training_steps) or set training.lr"
+            )
+            return
+        pl_module.found_learning_rate = self.chosen_lr
+        trainer.strategy.setup_optimizers(trainer)  # the schedule's peak is the rate found
+        for logger in trainer.loggers:
+            logger.log_metrics({"lr_search/lr": self.chosen_lr}, step=trainer.global_step)
+        if trainer.is_global_zero:
+            self._write_curve(trainer, lrs)
+
+    def _warn_if_costly(self, trainer: pl.Trainer) -> None:
+        steps = trainer.estimated_stepping_batches
+        if math.isfinite(steps) and self._num_training_steps > 0.15 * steps:
+            rank_zero_warn(
+                f"training.lr: auto: the range test's {self._num_training_steps} steps cost about "
+                f"{100 * self._num_training_steps / steps:.0f}% of this fit's {int(steps)} optimizer steps; for a "
+                "fit this short, a fixed training.lr (the method's default is a measured one) is cheaper"
+            )
+
+    def output_dir(self, trainer: pl.Trainer) -> Path:
+        """Where the curve goes: the checkpoint directory, else the log directory, else ``default_root_dir``."""
+        checkpoint = trainer.checkpoint_callback
+        directory = getattr(checkpoint, "dirpath", None) or trainer.log_dir or trainer.default_root_dir
+        return Path(directory)
+
+    def _write_curve(self, trainer: pl.Trainer, lrs: Sequence[float]) -> None:
+        directory = self.output_dir(trainer)
+        directory.mkdir(parents=True, exist_ok=True)
+        curve = {"rule": RULE, "lr": self.chosen_lr, "lrs": list(lrs), "losses": self.losses,
+                 "smoothed_losses": smoothed(self.losses)}
+        (directory / CURVE_FILE).write_text(json.dumps(curve, indent=1) + "\n")
+        figures = plotting("learning-rate search")
+        if figures is not None:
+            figure, axes = figures.subplots(figsize=(5, 3.5))
+            axes.plot(lrs, self.losses, color="0.75", linewidth=0.8, label="loss per step")
+            axes.plot(lrs, curve["smoothed_losses"], label=f"running median ({SMOOTHING_WINDOW} steps)")
+            axes.axvline(self.chosen_lr, color="red", linestyle="--", label=f"chosen: {self.chosen_lr:.2g}")
+            axes.set(xscale="log", xlabel="learning rate", ylabel="training loss", title=RULE)
+            axes.title.set_fontsize(8)
+            axes.legend(fontsize=7)
+            save_figure(trainer, figure, directory / PLOT_FILE, key="lr_search/curve")
+        rank_zero_info(f"learning-rate range test: {directory / PLOT_FILE}")
