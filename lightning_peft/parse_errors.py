@@ -6,15 +6,32 @@ whole given value); the user needs the innermost key and reason first.
 
 from __future__ import annotations
 
+import dataclasses
+import pydoc
 import re
 
 _KEY = re.compile(r'Parser key "([^"]+)"')
 _CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
 _OPTION = re.compile(r"Option '([^']+)' is not accepted")
 _GROUP_OPTION = re.compile(r"Group '([^']+)' does not accept option '([^']+)'")
+_EXPECTED = re.compile(r"Expected a ([^.]+|typing\.Literal\[.*\])$")  # one union member's refusal, alone on its line
+_GIVEN = re.compile(r"Given value: (.*)$")
 #: lines of the nested report that only describe its structure
-_STRUCTURE = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>",
-              "Expected a <class 'NoneType'>")
+_STRUCTURE = ("Does not validate against", "Subtypes:", "Errors:", "Given value type")
+
+
+def _plain_mapping(class_path: str) -> bool:
+    """Whether a config written as plain keys (``training: {lr: …}``) is behind ``class_path``: our option
+    dataclasses are; peft's and transformers' configs take ``class_path`` / ``init_args``."""
+    return class_path.startswith("lightning_peft.") and dataclasses.is_dataclass(pydoc.locate(class_path))
+
+
+def _type_name(expected: str) -> str:
+    """``<class 'float'>`` as ``float``, ``typing.Literal['auto']`` as ``'auto'``, ``NoneType`` as ``null``."""
+    if literal := re.fullmatch(r"typing\.Literal\[(.*)\]", expected):
+        return literal.group(1).replace(", ", " or ")
+    name = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", expected)
+    return "null" if name == "NoneType" else name
 
 
 def describe_parse_error(message: str, command: list[str]) -> str:
@@ -36,8 +53,17 @@ def describe_parse_error(message: str, command: list[str]) -> str:
     keys: list[str] = []
     class_path = None
     reason = None
+    expected: list[str] = []  # a union's members, each of which refused the value
+    given = None
     for raw in message.splitlines():
         line = raw.strip().removeprefix("- ").strip()
+        if found := _EXPECTED.match(line):
+            if given is None:  # the innermost union's members come first; outer ones only add null
+                expected.append(_type_name(found.group(1)))
+            continue
+        if found := _GIVEN.match(line):
+            given = given if given is not None else found.group(1)
+            continue
         if not line or line.startswith(_STRUCTURE):
             continue
         if key := _KEY.match(line):
@@ -47,9 +73,12 @@ def describe_parse_error(message: str, command: list[str]) -> str:
                 reason = rest
         elif found := _CLASS_PATH.match(line):
             class_path = found.group(1)
-            keys.append("init_args")
+            if not _plain_mapping(class_path):
+                keys.append("init_args")
         elif reason is None:
             reason = line
+    if reason is None and expected and given is not None:
+        reason = f"expected {' or '.join(expected)}, got {given!r}"
     if reason is None or not keys:
         first = message.strip().splitlines()[0] if message.strip() else "the configuration is invalid"
         return f"{first}; {hint}"

@@ -50,11 +50,15 @@ def test_a_bad_key_or_type_is_named_first(case, tmp_path, tiny_bert_dir, toy_dat
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model.init_args.training.lr", "-0.1"], "model.init_args.training.lr: must be >= 0 or null"),
+        (["--model.init_args.training.lr", "-0.1"], "model.init_args.training.lr: must be >= 0, auto or null"),
         (["--trainer.max_epochs", "-3"], "trainer: `max_epochs` must be a non-negative integer"),
         (["--model.init_args.training.warmup_ratio", "1.5"], "warmup_ratio: must be in [0, 1)"),
+        (["--model.init_args.training.lr", "fastest"],  # a union: every member that refused it, and the value
+         "model.init_args.training.lr: expected float or 'auto' or null, got 'fastest'"),
+        (["--model.init_args.training.micro_batch_size", "x"],
+         "model.init_args.training.micro_batch_size: expected int or null, got 'x'"),
     ],
-    ids=["negative-lr", "negative-epochs", "warmup-ratio"],
+    ids=["negative-lr", "negative-epochs", "warmup-ratio", "lr-word", "union"],
 )
 def test_an_invalid_value_is_one_error_line(args, message, tmp_path, tiny_bert_dir, toy_data, capsys):
     config = write_config(tmp_path, tiny_bert_dir, toy_data)
