@@ -124,19 +124,20 @@ class LearningRateSearch(LearningRateFinder):
         self.losses = trainer.strategy.broadcast(losses)  # process 0's curve decides, as Lightning's finder does
         lrs = self.optimal_lr.results["lr"][:len(self.losses)]
         self.chosen_lr = choose_learning_rate(lrs, self.losses)
+        if trainer.is_global_zero:
+            self._write_curve(trainer, lrs)
         if self.chosen_lr is None:
             rank_zero_warn(
                 f"training.lr: auto: the loss did not fall by {MIN_RELATIVE_FALL:.0%} over the {len(lrs)}-step range "
-                f"test ({self._min_lr:g} to {self._max_lr:g}), so no rate can be read from it; training with the "
-                "method's default. Give the test more steps (LearningRateSearch num_training_steps) or set training.lr"
+                f"test ({self._min_lr:g} to {self._max_lr:g}; {CURVE_FILE} has the curve), so no rate can be read "
+                "from it; training with the method's default. Give the test more steps (LearningRateSearch "
+                "num_training_steps) or set training.lr"
             )
             return
         pl_module.found_learning_rate = self.chosen_lr
         trainer.strategy.setup_optimizers(trainer)  # the schedule's peak is the rate found
         for logger in trainer.loggers:
             logger.log_metrics({"lr_search/lr": self.chosen_lr}, step=trainer.global_step)
-        if trainer.is_global_zero:
-            self._write_curve(trainer, lrs)
 
     def _warn_if_costly(self, trainer: pl.Trainer) -> None:
         steps = trainer.estimated_stepping_batches
@@ -164,7 +165,8 @@ class LearningRateSearch(LearningRateFinder):
             figure, axes = figures.subplots(figsize=(5, 3.5))
             axes.plot(lrs, self.losses, color="0.75", linewidth=0.8, label="loss per step")
             axes.plot(lrs, curve["smoothed_losses"], label=f"running median ({SMOOTHING_WINDOW} steps)")
-            axes.axvline(self.chosen_lr, color="red", linestyle="--", label=f"chosen: {self.chosen_lr:.2g}")
+            if self.chosen_lr is not None:
+                axes.axvline(self.chosen_lr, color="red", linestyle="--", label=f"chosen: {self.chosen_lr:.2g}")
             axes.set(xscale="log", xlabel="learning rate", ylabel="training loss", title=RULE)
             axes.title.set_fontsize(8)
             axes.legend(fontsize=7)

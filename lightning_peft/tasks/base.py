@@ -32,6 +32,7 @@ from lightning_peft.training import TrainingConfig, as_training_config, explicit
 from lightning_peft.types import IGNORE_INDEX, AttributionTarget, Batch, LossTerm
 
 LABELS_FILE = "labels.json"
+FOUND_LEARNING_RATE_KEY = "found_learning_rate"  # checkpoint entry: the rate training.lr: auto found (or None)
 
 
 def label_config(labels: list[str]) -> dict[str, Any]:
@@ -410,14 +411,14 @@ class PeftModule(LightningModule, ABC):
         checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if k not in self.inference_arguments}
         metrics = validation_metrics(self.trainer.callback_metrics) if self._trainer is not None else None
         adapter_only_checkpoint(self, checkpoint, metrics, keep_base=not self.backbone_config.is_pretrained)
+        checkpoint[FOUND_LEARNING_RATE_KEY] = self.found_learning_rate
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose weights do not fit this model; restore AdaLoRA's rank pattern and, for
         ``training.lr: auto``, the rate the checkpoint trained with (a resumed fit does not search again)."""
         check_and_restore(self, checkpoint)
-        saved = checkpoint.get("hyper_parameters", {}).get("training", {}).get("lr")
-        if self.searches_learning_rate and isinstance(saved, (int, float)):
-            self.found_learning_rate = float(saved)
+        if self.searches_learning_rate and checkpoint.get(FOUND_LEARNING_RATE_KEY) is not None:
+            self.found_learning_rate = float(checkpoint[FOUND_LEARNING_RATE_KEY])
 
     # -- export ---------------------------------------------------------------------------------------
     def model_config_kwargs(self) -> dict[str, Any]:

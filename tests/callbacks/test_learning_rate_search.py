@@ -1,0 +1,145 @@
+"""``training.lr: auto``: the rule, the loss recording, and fits through the CLI that search, train with the rate
+found, keep it in checkpoints and cards, and resume without searching again."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+
+from lightning_peft import LightningPeftError, TrainingConfig
+from lightning_peft.callbacks.learning_rate_search import (
+    CURVE_FILE,
+    DIVISOR,
+    PLOT_FILE,
+    choose_learning_rate,
+    recorded_losses,
+)
+from tests.test_cli import run_main, write_config
+
+LRS = [10 ** (-5 + 5 * i / 99) for i in range(100)]  # 1e-5 … 1, as the default test
+
+
+def range_test_curve(fall_from: int, lowest_at: int, noise: float = 0.0) -> list[float]:
+    """Flat at 0.69 until step ``fall_from``, falling linearly to 0.3 at ``lowest_at``, then diverging."""
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for i in range(100):
+        if i < fall_from:
+            loss = 0.69
+        elif i <= lowest_at:
+            loss = 0.69 - 0.39 * (i - fall_from) / (lowest_at - fall_from)
+        else:
+            loss = 0.3 + 0.2 * (i - lowest_at)
+        losses.append(loss + noise * float(torch.randn((), generator=generator)))
+    return losses
+
+
+def test_the_rule_takes_a_third_of_the_steepest_fall_before_the_minimum():
+    losses = range_test_curve(fall_from=50, lowest_at=70)
+    chosen = choose_learning_rate(LRS, losses)
+    # the fall is straight in log-rate, so its steepest point lies within it; a third of that rate
+    assert LRS[50] / DIVISOR <= chosen <= LRS[70] / DIVISOR
+    assert choose_learning_rate(LRS, range_test_curve(fall_from=20, lowest_at=40)) < chosen  # an earlier fall: lower
+
+
+def test_the_rule_ignores_single_batch_spikes_and_stops_at_a_non_finite_loss():
+    losses = range_test_curve(fall_from=50, lowest_at=70, noise=0.01)
+    losses[30] = 0.05  # one lucky batch long before the real fall
+    losses[80:] = [math.nan] * 20  # diverged
+    assert LRS[50] / DIVISOR <= choose_learning_rate(LRS, losses) <= LRS[70] / DIVISOR
+
+
+@pytest.mark.parametrize("losses", [
+    [0.69] * 100,  # nothing learnt: a method that needs longer, or too small a range
+    [0.69 - 0.0003 * i for i in range(100)],  # a fall within noise (< 10 %)
+    range_test_curve(50, 70)[:6],  # too few steps to read anything
+])
+def test_no_rate_is_read_off_a_curve_that_did_not_fall(losses):
+    assert choose_learning_rate(LRS[:len(losses)], losses) is None
+
+
+def test_recorded_losses_average_accumulated_batches_and_put_the_method_back():
+    class Module(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.values = iter([1.0, 3.0, 2.0, 4.0, 5.0])
+
+        def training_step(self, batch, batch_idx):
+            return {"loss": torch.tensor(next(self.values))}
+
+    module = Module()
+    with recorded_losses(module, accumulate=2) as losses:
+        for i in range(5):
+            module.training_step(None, i)
+    assert losses == [2.0, 3.0]  # the fifth batch did not complete an optimizer step
+    assert "training_step" not in vars(module)
+
+
+@pytest.mark.parametrize("value", ["fast", -1.0])
+def test_lr_is_a_rate_auto_or_null(value):
+    with pytest.raises(LightningPeftError, match="training.lr: must be"):
+        TrainingConfig(lr=value)
+    assert TrainingConfig(lr="auto").searches_learning_rate
+
+
+def fit_config(tmp_path, tiny_bert_dir, toy_data, steps: int = 60) -> str:
+    """The CLI test config with ``lr: auto`` and a range test of ``steps`` over the fit's 4 epochs of 20 batches,
+    from 0.01 to 3 (the tiny random-init model moves only at large rates)."""
+    import yaml
+
+    path = write_config(tmp_path, tiny_bert_dir, toy_data)
+    config = yaml.safe_load(path.read_text())
+    config["model"]["init_args"]["training"]["lr"] = "auto"
+    search = {"num_training_steps": steps, "min_lr": 0.01, "max_lr": 3.0}
+    config["trainer"].update(max_epochs=4, callbacks=[
+        {"class_path": "lightning_peft.callbacks.LearningRateSearch", "init_args": search}])
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_fit_searches_trains_with_the_rate_and_keeps_it(tmp_path, tiny_bert_dir, toy_data, capsys, caplog):
+    config = fit_config(tmp_path, tiny_bert_dir, toy_data)
+    with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match="cost about 75% of this fit's 80"):
+        result = run_main(capsys, "fit", "--config", config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    curve = json.loads((tmp_path / "ckpt" / CURVE_FILE).read_text())
+    assert (tmp_path / "ckpt" / PLOT_FILE).stat().st_size > 0
+    assert len(curve["lrs"]) == len(curve["losses"]) == 60
+    found = curve["lr"]
+    assert found == choose_learning_rate(curve["lrs"], curve["losses"])
+    assert f"learning rate: {found:g} (training.lr: auto, found by a learning-rate range test" in caplog.text
+
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["hyper_parameters"]["training"]["lr"] == last["found_learning_rate"] == pytest.approx(found)
+    schedule = last["lr_schedulers"][0]
+    assert schedule["base_lrs"] == [pytest.approx(found)] * len(schedule["base_lrs"])  # the schedule peaks there
+
+    exported = run_main(capsys, "export", "--config", config, "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"),
+                        "--export_dir", str(tmp_path / "export"))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "found by a learning-rate range test" in (tmp_path / "export" / "README.md").read_text()
+
+    (tmp_path / "ckpt" / CURVE_FILE).unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        resumed = run_main(capsys, "fit", "--config", config, "--trainer.max_epochs", "5",
+                           "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (tmp_path / "ckpt" / CURVE_FILE).exists()  # no second search
+    assert f"learning rate: {found:g} (training.lr: auto" in caplog.text
+
+
+def test_a_curve_without_a_fall_keeps_the_method_default_and_says_so(tmp_path, tiny_bert_dir, toy_data, capsys,
+                                                                     caplog):
+    config = fit_config(tmp_path, tiny_bert_dir, toy_data, steps=5)  # far too short to read a rate from
+    with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match="did not fall by 10% over the 5-step range"):
+        result = run_main(capsys, "fit", "--config", config, "--trainer.max_epochs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "learning rate: 0.002 (the default for LORA" in caplog.text
+    assert json.loads((tmp_path / "ckpt" / CURVE_FILE).read_text())["lr"] is None  # the curve, to see why
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["found_learning_rate"] is None
+
