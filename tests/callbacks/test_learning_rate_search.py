@@ -6,20 +6,27 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
+from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch import Callback
+from peft import LoraConfig
 
 from lightning_peft import LightningPeftError, TrainingConfig
 from lightning_peft.callbacks.learning_rate_search import (
     CURVE_FILE,
     DIVISOR,
     PLOT_FILE,
+    LearningRateSearch,
     choose_learning_rate,
     recorded_losses,
 )
-from tests.test_cli import run_main, write_config
+from tests.test_cli import REPO, run_cli, run_main, write_config
 
+QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
 LRS = [10 ** (-5 + 5 * i / 99) for i in range(100)]  # 1e-5 … 1, as the default test
 
 
@@ -143,3 +150,74 @@ def test_a_curve_without_a_fall_keeps_the_method_default_and_says_so(tmp_path, t
     assert json.loads((tmp_path / "ckpt" / CURVE_FILE).read_text())["lr"] is None  # the curve, to see why
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["found_learning_rate"] is None
 
+
+
+class RecordRate(Callback):
+    """Writes each process's peak learning rate (its schedule's base rate) to ``rate-<rank>.txt`` in ``directory``."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        rate = trainer.lr_scheduler_configs[0].scheduler.base_lrs[0]
+        (Path(self.directory) / f"rate-{trainer.global_rank}.txt").write_text(repr(rate))
+
+
+def test_every_ddp_process_trains_with_the_rate_process_zero_found(tmp_path, tiny_bert_dir, toy_data):
+    import yaml
+
+    config_path = fit_config(tmp_path, tiny_bert_dir, toy_data, steps=60)
+    config = yaml.safe_load(Path(config_path).read_text())
+    config["trainer"]["callbacks"].append({"class_path": "tests.callbacks.test_learning_rate_search.RecordRate",
+                                           "init_args": {"directory": str(tmp_path)}})
+    Path(config_path).write_text(yaml.safe_dump(config))
+    fit = run_cli("fit", "--config", config_path, "--config", str(REPO / "configs" / "trainer" / "ddp.yaml"),
+                  "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_epochs", "7", cwd=REPO)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    found = json.loads((tmp_path / "ckpt" / CURVE_FILE).read_text())["lr"]
+    rates = [float((tmp_path / f"rate-{rank}.txt").read_text()) for rank in (0, 1)]
+    assert found is not None and rates == [found, found]
+
+
+def ner_task(request, lr):
+    from lightning_peft import TokenClassificationDataModule, TokenClassifier
+
+    backbone, files = request.getfixturevalue("tiny_bert_dir"), request.getfixturevalue("toy_ner")
+    dm = TokenClassificationDataModule(tokenizer=str(backbone), train_file=str(files["train"]), batch_size=16, seed=0)
+    lora = LoraConfig(r=4, target_modules=["query", "value"])
+    return TokenClassifier({"pretrained_model_name_or_path": str(backbone)}, lora, labels=dm.labels,
+                           training={"lr": lr}), dm
+
+
+def seq2seq_task(request, lr):
+    from lightning_peft import Seq2SeqDataModule, Seq2SeqGenerator
+
+    backbone, files = request.getfixturevalue("tiny_t5_dir"), request.getfixturevalue("toy_pairs")
+    dm = Seq2SeqDataModule(tokenizer=str(backbone), train_file=str(files["train"]), batch_size=16, seed=0)
+    lora = LoraConfig(r=4, target_modules=["q", "v"])
+    return Seq2SeqGenerator({"pretrained_model_name_or_path": str(backbone)}, lora, training={"lr": lr}), dm
+
+
+def chat_task(request, lr):
+    from lightning_peft import CausalGenerator, ChatDataModule
+
+    backbone, files = request.getfixturevalue("tiny_llama_dir"), request.getfixturevalue("toy_chat")
+    dm = ChatDataModule(tokenizer=str(backbone), train_file=str(files["train"]), batch_size=8, seed=0)
+    return CausalGenerator({"pretrained_model_name_or_path": str(backbone)},
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), training={"lr": lr}), dm
+
+
+@pytest.mark.parametrize("build", [ner_task, seq2seq_task, chat_task], ids=["ner", "seq2seq", "chat"])
+def test_every_task_searches(build, request, tmp_path):
+    model, dm = build(request, "auto")
+    search = LearningRateSearch(num_training_steps=12, min_lr=1e-3, max_lr=10.0)
+    trainer = pl.Trainer(max_epochs=6, limit_val_batches=0, callbacks=[search], default_root_dir=tmp_path, **QUIET)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the cost warning; a curve without a fall
+        trainer.fit(model, datamodule=dm)
+    assert search.output_dir(trainer) == tmp_path / "checkpoints"  # beside the checkpoints
+    curve = json.loads((tmp_path / "checkpoints" / CURVE_FILE).read_text())
+    assert 6 <= len(curve["losses"]) == len(curve["lrs"]) <= 12  # fewer: Lightning stopped it at a diverging loss
+    assert all(math.isfinite(loss) for loss in curve["losses"][:6])
+    expected = curve["lr"] if curve["lr"] is not None else build(request, None)[0].learning_rate
+    assert trainer.lr_scheduler_configs[0].scheduler.base_lrs[0] == pytest.approx(expected)
