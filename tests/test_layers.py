@@ -16,7 +16,7 @@ LAYERS = {
     "errors": 0, "types": 0,
     "training": 1, "regularization": 1, "packing": 1, "metrics": 1, "encoder_decoder": 1, "backbone": 1,
     "checkpoints": 1, "adapter_checkpoint": 1, "model_card": 1, "export": 1, "calibration": 1, "uncertainty": 1,
-    "figures": 1, "parse_errors": 1, "strategies": 1, "gguf": 1, "quantization": 1,
+    "figures": 1, "parse_errors": 1, "strategies": 1, "gguf": 1, "quantization": 1, "learning_rate_search": 1,
     "compressed": 1,
     "batching": 2, "data": 2,
     "tasks": 3,

@@ -24,9 +24,9 @@ from lightning_peft.adapter_checkpoint import (
 )
 from lightning_peft.backbone import BackboneConfig, count_parameters, load_backbone, new_weights
 from lightning_peft.batching import BatchingStrategy, choose_batching
-from lightning_peft.callbacks.learning_rate_search import RULE, LearningRateSearch
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import export_task, initial_adapter_state
+from lightning_peft.learning_rate_search import RULE, LearningRateSearch
 from lightning_peft.regularization import Regularization, squared_l2, symmetric_kl
 from lightning_peft.training import TrainingConfig, as_training_config, explicit_optimizer_lr, method_name
 from lightning_peft.types import IGNORE_INDEX, AttributionTarget, Batch, LossTerm

@@ -16,7 +16,7 @@ from lightning.pytorch import Callback
 from peft import LoraConfig
 
 from lightning_peft import LightningPeftError, TrainingConfig
-from lightning_peft.callbacks.learning_rate_search import (
+from lightning_peft.learning_rate_search import (
     CURVE_FILE,
     DIVISOR,
     PLOT_FILE,
@@ -168,7 +168,7 @@ def test_every_ddp_process_trains_with_the_rate_process_zero_found(tmp_path, tin
 
     config_path = fit_config(tmp_path, tiny_bert_dir, toy_data, steps=60)
     config = yaml.safe_load(Path(config_path).read_text())
-    config["trainer"]["callbacks"].append({"class_path": "tests.callbacks.test_learning_rate_search.RecordRate",
+    config["trainer"]["callbacks"].append({"class_path": "tests.test_learning_rate_search.RecordRate",
                                            "init_args": {"directory": str(tmp_path)}})
     Path(config_path).write_text(yaml.safe_dump(config))
     fit = run_cli("fit", "--config", config_path, "--config", str(REPO / "configs" / "trainer" / "ddp.yaml"),
