@@ -112,6 +112,7 @@ class LearningRateSearch(LearningRateFinder):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not getattr(pl_module, "searches_learning_rate", False):
+            rank_zero_warn("LearningRateSearch: no search, since model.init_args.training.lr is not auto")
             return
         if trainer.ckpt_path is not None:
             rank_zero_info("learning-rate search skipped: a resumed fit keeps the rate its checkpoint was trained with")

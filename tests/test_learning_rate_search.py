@@ -163,6 +163,15 @@ class RecordRate(Callback):
         (Path(self.directory) / f"rate-{trainer.global_rank}.txt").write_text(repr(rate))
 
 
+def test_a_listed_search_without_lr_auto_says_it_does_nothing(tmp_path, tiny_bert_dir, toy_data, capsys):
+    config = fit_config(tmp_path, tiny_bert_dir, toy_data)
+    with pytest.warns(UserWarning, match="no search, since model.init_args.training.lr is not auto"):
+        result = run_main(capsys, "fit", "--config", config, "--model.init_args.training.lr", "0.01",
+                          "--trainer.max_epochs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "ckpt" / CURVE_FILE).exists()
+
+
 def test_every_ddp_process_trains_with_the_rate_process_zero_found(tmp_path, tiny_bert_dir, toy_data):
     import yaml
 
