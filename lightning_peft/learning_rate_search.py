@@ -42,7 +42,8 @@ def choose_learning_rate(lrs: Sequence[float], losses: Sequence[float]) -> float
 
     Example::
 
-        choose_learning_rate([1e-4, 1e-3, 1e-2, 1e-1, 1.0] * 2, [0.69] * 10)  # a flat curve: None
+        rates = [10 ** (i / 20 - 5) for i in range(100)]  # 1e-5 … 1
+        choose_learning_rate(rates, [0.69] * 100)  # a flat curve: None
     """
     finite = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), len(losses))
     lrs, losses = list(lrs[:finite]), smoothed(losses[:finite])
@@ -172,4 +173,4 @@ class LearningRateSearch(LearningRateFinder):
             axes.title.set_fontsize(8)
             axes.legend(fontsize=7)
             save_figure(trainer, figure, directory / PLOT_FILE, key="lr_search/curve")
-        rank_zero_info(f"learning-rate range test: {directory / PLOT_FILE}")
+        rank_zero_info(f"learning-rate range test: {directory / (PLOT_FILE if figures is not None else CURVE_FILE)}")
