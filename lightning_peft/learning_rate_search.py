@@ -20,11 +20,11 @@ from lightning_peft.figures import plotting, save_figure
 PLOT_FILE = "lr_find.png"
 CURVE_FILE = "lr_find.json"
 #: the rule, as logs and model cards state it
-RULE = "a third of the rate where the loss falls fastest, before its minimum"
+RULE = "half the rate where the loss falls fastest, before its minimum"
 #: the loss must fall by this fraction of its starting value for the test to count
 MIN_RELATIVE_FALL = 0.10
 SMOOTHING_WINDOW = 9  # steps in the running median that takes out single-batch noise
-DIVISOR = 3.0
+DIVISOR = 2.0
 
 
 def smoothed(losses: Sequence[float], window: int = SMOOTHING_WINDOW) -> list[float]:
@@ -36,8 +36,8 @@ def smoothed(losses: Sequence[float], window: int = SMOOTHING_WINDOW) -> list[fl
 def choose_learning_rate(lrs: Sequence[float], losses: Sequence[float]) -> float | None:
     """The rate a range test (``losses[i]``: the training loss with the learning rate rising to ``lrs[i]``) points
     to, by :data:`RULE`: take out single-batch noise with a running median, stop at the first non-finite loss, find
-    the smoothed loss's minimum, and before it the rate at which the loss falls fastest per decade of rate; return a
-    third of it. ``None`` when the loss never fell by :data:`MIN_RELATIVE_FALL` (too few steps, or a method that
+    the smoothed loss's minimum, and before it the rate at which the loss falls fastest per decade of rate; return
+    half of it. ``None`` when the loss never fell by :data:`MIN_RELATIVE_FALL` (too few steps, or a method that
     needs longer to move): no rate can be read from such a curve.
 
     Example::

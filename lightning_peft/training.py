@@ -21,9 +21,9 @@ FULL_FINE_TUNING = "full fine-tuning"
 DEFAULT_LEARNING_RATES: dict[str, float] = {
     FULL_FINE_TUNING: 5e-5,
     PeftType.LORA.value: 2e-3,
-    PeftType.ADALORA.value: 1e-2,
+    PeftType.ADALORA.value: 3e-2,
     PeftType.IA3.value: 2e-2,
-    PeftType.LOHA.value: 3e-3,
+    PeftType.LOHA.value: 9e-3,
     PeftType.LOKR.value: 3e-3,
     PeftType.VERA.value: 5e-2,
     PeftType.PROMPT_TUNING.value: 3e-2,
@@ -55,7 +55,7 @@ class TrainingConfig:
 
     Args:
         lr: the peak learning rate; ``null`` takes the PEFT method's default (:data:`DEFAULT_LEARNING_RATES`: LoRA
-            2e-3, AdaLoRA 1e-2, IA3 2e-2, prompt tuning 3e-2, full fine-tuning 5e-5, …), logged at fit start and
+            2e-3, AdaLoRA 3e-2, IA3 2e-2, prompt tuning 3e-2, full fine-tuning 5e-5, …), logged at fit start and
             written to the model card. ``auto`` runs a learning-rate range test before fit and trains with the rate
             it points to (see :class:`~lightning_peft.callbacks.LearningRateSearch`). The optimizer's own ``lr`` is
             not used.
