@@ -126,9 +126,10 @@ def test_fit_searches_trains_with_the_rate_and_keeps_it(tmp_path, tiny_bert_dir,
     assert schedule["base_lrs"] == [pytest.approx(found)] * len(schedule["base_lrs"])  # the schedule peaks there
 
     exported = run_main(capsys, "export", "--config", config, "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"),
-                        "--export_dir", str(tmp_path / "export"))
+                        "--export_dir", str(tmp_path / "export"), "--model.init_args.training.lr", "0.05")
     assert exported.returncode == 0, exported.stderr[-3000:]
-    assert "found by a learning-rate range test" in (tmp_path / "export" / "README.md").read_text()
+    card = (tmp_path / "export" / "README.md").read_text()  # the rate trained with, not the export config's
+    assert f"| lr | {found:g} (training.lr: auto, found by a learning-rate range test" in card
 
     (tmp_path / "ckpt" / CURVE_FILE).unlink()
     caplog.clear()

@@ -414,11 +414,12 @@ class PeftModule(LightningModule, ABC):
         checkpoint[FOUND_LEARNING_RATE_KEY] = self.found_learning_rate
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose weights do not fit this model; restore AdaLoRA's rank pattern and, for
-        ``training.lr: auto``, the rate the checkpoint trained with (a resumed fit does not search again)."""
+        """Refuse a checkpoint whose weights do not fit this model; restore AdaLoRA's rank pattern and the rate a
+        ``training.lr: auto`` search found for it (a resumed fit does not search again; an export's card states it
+        whatever this config's ``lr`` says)."""
         check_and_restore(self, checkpoint)
-        if self.searches_learning_rate and checkpoint.get(FOUND_LEARNING_RATE_KEY) is not None:
-            self.found_learning_rate = float(checkpoint[FOUND_LEARNING_RATE_KEY])
+        if checkpoint.get(FOUND_LEARNING_RATE_KEY) is not None:  # also where this config's lr is not auto: the
+            self.found_learning_rate = float(checkpoint[FOUND_LEARNING_RATE_KEY])  # weights trained with it
 
     # -- export ---------------------------------------------------------------------------------------
     def model_config_kwargs(self) -> dict[str, Any]:
