@@ -106,9 +106,15 @@ class TrainingConfig:
         """Whether ``lr`` is ``auto``."""
         return self.lr == AUTO
 
+    @property
+    def uses_method_default(self) -> bool:
+        """Whether :meth:`learning_rate` is the method's default: ``lr`` is ``null``, or ``auto`` (until a search
+        finds a rate)."""
+        return self.lr is None or self.searches_learning_rate
+
     def learning_rate(self, peft: PeftConfig | None) -> float:
         """``lr``, or the default of ``peft``'s method when it is ``null`` (or ``auto``, until a search finds one)."""
-        return default_learning_rate(peft) if self.lr is None or self.searches_learning_rate else float(self.lr)
+        return default_learning_rate(peft) if self.uses_method_default else float(self.lr)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

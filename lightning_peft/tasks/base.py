@@ -371,7 +371,7 @@ class PeftModule(LightningModule, ABC):
         """Where :attr:`learning_rate` comes from, as the fit's log and the model card say it."""
         if self.found_learning_rate is not None:
             return f"training.lr: auto, found by a learning-rate range test: {RULE}"
-        if self.training_config.lr is None or self.searches_learning_rate:
+        if self.training_config.uses_method_default:
             return (f"the default for {method_name(self.peft_config)}; set model.init_args.training.lr to a number or "
                     "auto to change it")
         return "model.init_args.training.lr"
