@@ -80,16 +80,18 @@ def save_onnx(model: PreTrainedModel, target: Path, quantize: bool) -> None:
     example = {name: torch.ones(2, 8, dtype=torch.long, device=model.device) for name in names}
     was_training = model.training
     dims = {"batch": torch.export.Dim("batch"), "sequence": torch.export.Dim("sequence")}
-    with _quiet("onnxscript", "torch.onnx", "onnx_ir"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", (UserWarning, FutureWarning))  # the exporter's notes on axis names, pytree
-        torch.onnx.export(
-            model.eval(), (), str(target / ONNX_FILE), kwargs=example, input_names=names, output_names=["logits"],
-            dynamic_shapes={name: {0: dims["batch"], 1: dims["sequence"]} for name in names}, dynamo=True,
-            external_data=False, verbose=False,
-        )
-        if quantize:
-            quantize_dynamic(target / ONNX_FILE, target / ONNX_INT8_FILE, weight_type=QuantType.QInt8)
-    model.train(was_training)
+    try:
+        with _quiet("onnxscript", "torch.onnx", "onnx_ir"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", (UserWarning, FutureWarning))  # the exporter's notes on axis names, pytree
+            torch.onnx.export(
+                model.eval(), (), str(target / ONNX_FILE), kwargs=example, input_names=names, output_names=["logits"],
+                dynamic_shapes={name: {0: dims["batch"], 1: dims["sequence"]} for name in names}, dynamo=True,
+                external_data=False, verbose=False,
+            )
+            if quantize:
+                quantize_dynamic(target / ONNX_FILE, target / ONNX_INT8_FILE, weight_type=QuantType.QInt8)
+    finally:
+        model.train(was_training)  # also when the export fails: the caller's model keeps its mode
     model.config.save_pretrained(target)
 
 
