@@ -159,7 +159,8 @@ def run_method(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     metrics = pl.Trainer(**QUIET).validate(model, datamodule=dm, verbose=False)[0]
     export = model.export(workdir / "export")
     searched = {"search_seconds": search.seconds, "search_share": search.seconds / (seconds - search.seconds),
-                "lr_found": search.chosen_lr is not None} if auto else {}
+                "lr_found": search.chosen_lr is not None, "range_test": {"lrs": search.lrs, "losses": search.losses}
+                } if auto else {}
     return {
         "supported": True,
         "lr": model.learning_rate,
@@ -175,21 +176,34 @@ def run_method(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def run_probe_grid(run: str, args: argparse.Namespace, worker_args: list[str],
                    shipped: list[dict[str, Any]] | None) -> dict[str, Any]:
-    """``<method>_probe_best``: the grid of :data:`PROBE_FACTORS` around the shipped rate, every seed each; the rate
-    with the best mean dev accuracy, its records, and every rate's mean."""
+    """``<method>_probe_best``: the grid of :data:`PROBE_FACTORS` around the shipped rate, every seed each, extended
+    past an edge (by the grid's outer ratio, at most ``--probe-extend`` rates) while the best rate is on it, so the
+    reference is a best between two worse rates, not the end of a range; the rate with the best mean dev accuracy,
+    its records, and every rate's mean."""
     shipped_lr = learning_rates(args)[method_of(run)]
     grid: dict[float, list[dict[str, Any]]] = {}
-    for factor in args.probe_factors:
-        rate = shipped_lr * factor
-        if factor == 1.0 and shipped is not None:
+
+    def probe(rate: float) -> float:
+        if math.isclose(rate, shipped_lr) and shipped is not None:
             grid[rate] = shipped
-            continue
-        grid[rate] = []
-        for seed in args.seeds:
-            print(f"running {run} at lr {rate:.2g} (seed {seed}) …", flush=True)
-            grid[rate].append(run_worker(__file__, run, seed, [*worker_args, "--probe-lr", str(rate)]))
-    if not grid[shipped_lr * args.probe_factors[0]][0]["supported"]:
-        return {"method": run, "supported": False, "reason": grid[shipped_lr * args.probe_factors[0]][0]["reason"]}
+        else:
+            grid[rate] = []
+            for seed in args.seeds:
+                print(f"running {run} at lr {rate:.2g} (seed {seed}) …", flush=True)
+                grid[rate].append(run_worker(__file__, run, seed, [*worker_args, "--probe-lr", str(rate)]))
+        return rate
+
+    factors = sorted(args.probe_factors)
+    for factor in factors:
+        if not grid[probe(shipped_lr * factor)][0]["supported"]:
+            return {"method": run, "supported": False, "reason": grid[shipped_lr * factor][0]["reason"]}
+    for _ in range(args.probe_extend):
+        rates = sorted(grid)
+        means = [statistics.mean(r["dev_accuracy"] for r in grid[rate]) for rate in rates]
+        best = means.index(max(means))
+        if 0 < best < len(rates) - 1 or len(rates) < 2:
+            break
+        probe(rates[-1] ** 2 / rates[-2] if best else rates[0] ** 2 / rates[1])
     means = {rate: statistics.mean(r["dev_accuracy"] for r in records) for rate, records in grid.items()}
     best = max(means, key=means.__getitem__)
     return {"method": run, "supported": True, **summarise(grid[best], "dev_accuracy"),
@@ -241,6 +255,8 @@ def main() -> None:
     parser.add_argument("--method-lr", nargs="*", default=[], metavar="METHOD=LR", help="override a method's lr")
     parser.add_argument("--probe-factors", nargs="+", type=float, default=list(PROBE_FACTORS),
                         help="the grid of <method>_probe_best: the shipped rate times each")
+    parser.add_argument("--probe-extend", type=int, default=2,
+                        help="rates <method>_probe_best adds past the grid's edge while its best rate is there")
     parser.add_argument("--probe-lr", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--padded-batches", action="store_true",
                         help="compute our batches as the HF Trainer does (one padded pass, no packing)")
@@ -251,7 +267,7 @@ def main() -> None:
         return
 
     settings = {k: getattr(args, k) for k in ("train_rows", "batch_size", "max_length", "epochs", "seeds", "data_seed",
-                                              "padded_batches", "probe_factors")}
+                                              "padded_batches", "probe_factors", "probe_extend")}
     with sst2_workers(args) as (model, worker_args):
         worker_args = [*worker_args, *["--padded-batches"] * args.padded_batches, "--method-lr", *args.method_lr]
         per_seed = run_all(__file__, [r for r in args.runs if r not in PROBE_RUNS], args.seeds, worker_args)

@@ -108,6 +108,7 @@ class LearningRateSearch(LearningRateFinder):
                  early_stop_threshold: float | None = 4.0) -> None:
         super().__init__(min_lr=min_lr, max_lr=max_lr, num_training_steps=num_training_steps, mode="exponential",
                          early_stop_threshold=early_stop_threshold, update_attr=False)
+        self.lrs: list[float] = []
         self.losses: list[float] = []
         self.chosen_lr: float | None = None
 
@@ -124,7 +125,7 @@ class LearningRateSearch(LearningRateFinder):
         if self.optimal_lr is None:  # Lightning skips it under fast_dev_run, saying so
             return
         self.losses = trainer.strategy.broadcast(losses)  # process 0's curve decides, as Lightning's finder does
-        lrs = self.optimal_lr.results["lr"][:len(self.losses)]
+        self.lrs = lrs = self.optimal_lr.results["lr"][:len(self.losses)]
         self.chosen_lr = choose_learning_rate(lrs, self.losses)
         if trainer.is_global_zero:
             self._write_curve(trainer, lrs)
