@@ -112,6 +112,60 @@ def test_orthogonal_regulariser_is_peft_s_and_lands_in_every_task_loss(backbone,
     assert tuner.peft_config["default"].orth_reg_weight == 0.5 and not model.loss_terms  # restored after fit
 
 
+class BatchRecorder(Callback):
+    """Copies of the training batches, in the order the fit saw them."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append({key: value.clone() for key, value in batch.items()})
+
+
+def test_fit_trains_the_weights_and_ranks_of_peft_s_own_adalora_loop(tiny_bert_dir, toy_data):
+    """The whole wiring (loss + orthogonal regulariser, optimizer, schedule, clipping, update_and_allocate) against
+    the loop peft documents — forward with labels, backward, clip, step, update_and_allocate(step), zero_grad — on
+    the same batches without dropout: the same adapter weights and the same final ranks."""
+    import copy
+
+    from transformers import get_scheduler
+
+    from lightning_peft import BackboneConfig
+
+    no_dropout = BackboneConfig(pretrained_model_name_or_path=str(tiny_bert_dir),
+                                model_config={"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
+    config = adalora(tinit=3, tfinal=4, total_step=16, lora_dropout=0.0, orth_reg_weight=0.5)
+    pl.seed_everything(0)
+    dm = toy(tiny_bert_dir, toy_data)
+    model = SequenceClassifier(no_dropout, config, labels=dm.labels,
+                               training=TrainingConfig(lr=2e-2, sequence_packing=False, micro_batch_size=None))
+    reference = copy.deepcopy(model.model)
+    recorder = BatchRecorder()
+    pl.Trainer(max_steps=16, gradient_clip_val=1.0, callbacks=[AdaLoRAScheduler(heatmap=False), recorder],
+               enable_checkpointing=False, limit_val_batches=0, **QUIET).fit(model, datamodule=dm)
+
+    trainable = [p for p in reference.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim >= 2]},
+                                   {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}], lr=2e-2)
+    schedule = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=16)
+    reference.train()
+    for step, batch in enumerate(recorder.batches):
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+        reference(**inputs, labels=batch["labels"]).loss.backward()  # peft adds the regulariser here
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        reference.base_model.update_and_allocate(step)
+        optimizer.zero_grad()
+        schedule.step()
+
+    ours = adalora_model(model).peft_config["default"].rank_pattern
+    assert len(recorder.batches) == 16 and ours == reference.peft_config["default"].rank_pattern
+    theirs = dict(reference.named_parameters())
+    for name, param in model.model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param, theirs[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_schedule_longer_than_the_fit_is_an_error(backbone, tiny_bert_dir, toy_data):
     dm = toy(tiny_bert_dir, toy_data)
     model = SequenceClassifier(backbone, adalora(tinit=5, tfinal=5), labels=dm.labels)
