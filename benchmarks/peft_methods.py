@@ -20,6 +20,9 @@ it); ``<method>_probe_best`` is the best, by mean dev accuracy over the seeds, o
 each of ``--probe-factors`` (the factor-1 runs are ``<method>``'s when that is run too).
 
     python benchmarks/peft_methods.py --runs lora lora_auto lora_probe_best --json out.json
+
+``--method-set METHOD.FIELD=VALUE`` changes one field of a preset for every run of that method (ours and HF's), as
+the AdaLoRA schedule measurements do: ``--runs adalora hf_adalora --method-set adalora.tfinal=0.5``.
 """
 
 from __future__ import annotations
@@ -81,10 +84,19 @@ def learning_rates(args: argparse.Namespace) -> dict[str, float]:
     return rates
 
 
-def preset_peft_config(method: str) -> Any:
+def preset_peft_config(method: str, changes: list[str] = ()) -> Any:
+    """The method's preset config, with each ``METHOD.FIELD=VALUE`` of ``changes`` for it applied (YAML values)."""
     spec = yaml.safe_load((PRESETS / f"{method}.yaml").read_text())["model"]["init_args"]["peft"]
+    settings = dict(spec["init_args"])
+    for item in changes:
+        target, _, value = item.partition("=")
+        name, _, key = target.partition(".")
+        if name not in METHODS or not key:
+            sys.exit(f"error: --method-set {item!r}: expected METHOD.FIELD=VALUE with METHOD one of {METHODS}")
+        if name == method:
+            settings[key] = yaml.safe_load(value)
     module, name = spec["class_path"].rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)(**spec["init_args"])
+    return getattr(importlib.import_module(module), name)(**settings)
 
 
 def run_hf_adalora(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -94,7 +106,7 @@ def run_hf_adalora(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from peft import TaskType
     from transformers import TrainerCallback
 
-    config = preset_peft_config("adalora")
+    config = preset_peft_config("adalora", args.method_set)
     rows = len(Path(args.train_file).read_text(encoding="utf-8").splitlines()) - 1  # the header
     steps = math.ceil(rows / args.batch_size) * args.epochs
     config.resolve_schedule(steps)
@@ -144,7 +156,7 @@ def run_method(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     lr = "auto" if auto else args.probe_lr or learning_rates(args)[method]
     try:
         model = SequenceClassifier(
-            BackboneConfig(pretrained_model_name_or_path=args.model), preset_peft_config(method),
+            BackboneConfig(pretrained_model_name_or_path=args.model), preset_peft_config(method, args.method_set),
             labels=dm.labels, optimizer=partial(torch.optim.AdamW, weight_decay=0.01),
             training=TrainingConfig(lr=lr, **({"sequence_packing": False, "micro_batch_size": None}
                                               if args.padded_batches else {})),
@@ -253,6 +265,8 @@ def main() -> None:
     parser.set_defaults(runs=list(METHODS))
     add_sst2_arguments(parser)  # --lr is replaced per method (the presets' defaults, --method-lr)
     parser.add_argument("--method-lr", nargs="*", default=[], metavar="METHOD=LR", help="override a method's lr")
+    parser.add_argument("--method-set", nargs="*", default=[], metavar="METHOD.FIELD=VALUE",
+                        help="change a field of a method's preset (e.g. adalora.tfinal=0.5)")
     parser.add_argument("--probe-factors", nargs="+", type=float, default=list(PROBE_FACTORS),
                         help="the grid of <method>_probe_best: the shipped rate times each")
     parser.add_argument("--probe-extend", type=int, default=2,
@@ -267,9 +281,10 @@ def main() -> None:
         return
 
     settings = {k: getattr(args, k) for k in ("train_rows", "batch_size", "max_length", "epochs", "seeds", "data_seed",
-                                              "padded_batches", "probe_factors", "probe_extend")}
+                                              "padded_batches", "probe_factors", "probe_extend", "method_set")}
     with sst2_workers(args) as (model, worker_args):
-        worker_args = [*worker_args, *["--padded-batches"] * args.padded_batches, "--method-lr", *args.method_lr]
+        worker_args = [*worker_args, *["--padded-batches"] * args.padded_batches, "--method-lr", *args.method_lr,
+                       "--method-set", *args.method_set]
         per_seed = run_all(__file__, [r for r in args.runs if r not in PROBE_RUNS], args.seeds, worker_args)
         results = {}
         for name, records in per_seed.items():
