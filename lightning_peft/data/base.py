@@ -181,8 +181,6 @@ class TextDataModule(LightningDataModule):
     #: ``predict_order`` (original row of each served row), by which the prediction writer restores input order
     length_sorted_splits: tuple[str, ...] = ("validation", "test")
     predict_order: list[int] | None = None
-    #: whether :meth:`augment_example` is implemented (``augmentation`` may be set)
-    supports_augmentation: ClassVar[bool] = False
     #: whether a row and its augmented view give one prediction each (``augmentation.consistency`` may be set)
     supports_consistency: ClassVar[bool] = False
     #: per-row counts that :meth:`preprocess` emits (e.g. truncated words), handed to :meth:`report_counts`
@@ -201,9 +199,14 @@ class TextDataModule(LightningDataModule):
     def report_counts(self, split: str, counts: dict[str, list[int]]) -> None:
         """Warn about what preprocessing had to change in ``split`` (e.g. truncation); the columns are then dropped."""
 
+    @property
+    def supports_augmentation(self) -> bool:
+        """Whether this datamodule implements :meth:`augment_example`, so that ``augmentation`` may be set."""
+        return type(self).augment_example is not TextDataModule.augment_example
+
     def augment_example(self, example: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         """One raw training row with :attr:`augmentation` applied to its input text (never to labels or targets),
-        drawing from ``rng``; implemented by the datamodules that set :attr:`supports_augmentation`."""
+        drawing from ``rng``; implemented by the datamodules that can augment (:attr:`supports_augmentation`)."""
         raise NotImplementedError
 
     def finish_split(self, dataset: Dataset, split: str) -> Dataset:

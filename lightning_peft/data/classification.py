@@ -41,7 +41,6 @@ class ClassificationDataModule(LabelledDataModule):
     """
 
     passthrough_columns = ("text", "text_pair")
-    supports_augmentation = True
     supports_consistency = True
 
     def __init__(

@@ -44,7 +44,6 @@ class Seq2SeqDataModule(TextDataModule):
     """
 
     passthrough_columns = ("source", "reference")
-    supports_augmentation = True
     count_columns = ("source_truncated", "target_truncated")
     length_sorted_splits = ("validation", "test", "predict")
 

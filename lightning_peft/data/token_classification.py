@@ -102,7 +102,6 @@ class TokenClassificationDataModule(LabelledDataModule):
     """
 
     passthrough_columns = ("words", "word_ids", "word_tags")
-    supports_augmentation = True
     count_columns = ("truncated_words",)
 
     def __init__(
