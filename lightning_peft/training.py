@@ -24,10 +24,10 @@ DEFAULT_LEARNING_RATES: dict[str, float] = {
     PeftType.ADALORA.value: 3e-2,
     PeftType.IA3.value: 2e-2,
     PeftType.LOHA.value: 9e-3,
-    PeftType.LOKR.value: 3e-3,
+    PeftType.LOKR.value: 9e-3,
     PeftType.VERA.value: 5e-2,
     PeftType.PROMPT_TUNING.value: 3e-2,
-    PeftType.P_TUNING.value: 3e-3,
+    PeftType.P_TUNING.value: 9e-3,
     PeftType.PREFIX_TUNING.value: 1e-2,
 }
 #: for a PEFT method without a measured rate: torch's AdamW default
