@@ -132,6 +132,12 @@ class AdaLoRAScheduler(Callback):
         total = int(trainer.estimated_stepping_batches)
         if isinstance(config, AdaLoraConfig):
             config.resolve_schedule(total)
+        if config.init_r <= config.target_r:
+            raise LightningPeftError(
+                f"model.peft: AdaLoRA prunes ranks from init_r down to target_r, but init_r={config.init_r} <= "
+                f"target_r={config.target_r} leaves nothing to prune (peft's allocator fails on it); raise init_r "
+                "above target_r, or use LoRA (peft.LoraConfig) for one fixed rank"
+            )
         if config.tinit + config.tfinal >= total:
             raise LightningPeftError(
                 f"model.peft: AdaLoRA needs tinit + tfinal < total optimizer steps, but tinit={config.tinit} + "

@@ -174,6 +174,16 @@ def test_schedule_longer_than_the_fit_is_an_error(backbone, tiny_bert_dir, toy_d
         trainer.fit(model, datamodule=dm)
 
 
+@pytest.mark.parametrize("init_r", [2, 1])
+def test_nothing_to_prune_is_an_error_before_training(init_r, backbone, tiny_bert_dir, toy_data):
+    dm = toy(tiny_bert_dir, toy_data)
+    model = SequenceClassifier(backbone, adalora(init_r=init_r, target_r=2), labels=dm.labels)
+    trainer = pl.Trainer(max_steps=8, callbacks=[AdaLoRAScheduler()], enable_checkpointing=False, **QUIET)
+    with pytest.raises(LightningPeftError, match=rf"init_r={init_r} <= target_r=2 leaves nothing to prune"):
+        trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 0
+
+
 def test_config_without_total_step_takes_the_fit_s_steps_and_fractional_phases(backbone, tiny_bert_dir, toy_data):
     import lightning_peft
 
