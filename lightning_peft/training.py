@@ -26,7 +26,7 @@ DEFAULT_LEARNING_RATES: dict[str, float] = {
     PeftType.LOHA.value: 9e-3,
     PeftType.LOKR.value: 9e-3,
     PeftType.VERA.value: 5e-2,
-    PeftType.PROMPT_TUNING.value: 3e-2,
+    PeftType.PROMPT_TUNING.value: 9e-2,
     PeftType.P_TUNING.value: 9e-3,
     PeftType.PREFIX_TUNING.value: 1e-2,
 }

@@ -17,7 +17,7 @@ from lightning_peft.training import default_learning_rate, explicit_optimizer_lr
     (LoraConfig(r=8), 2e-3),
     (LoraConfig(r=8, use_dora=True), 2e-3),
     (IA3Config(), 2e-2),
-    (PromptTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS"), 3e-2),
+    (PromptTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS"), 9e-2),
     (None, 5e-5),  # full fine-tuning: the HF Trainer's rate, not an adapter's
     (BOFTConfig(boft_block_size=4), 1e-3),  # no measured default: torch's AdamW default
 ], ids=["lora", "dora", "ia3", "prompt_tuning", "full", "unmeasured"])
