@@ -55,7 +55,7 @@ class TrainingConfig:
 
     Args:
         lr: the peak learning rate; ``null`` takes the PEFT method's default (:data:`DEFAULT_LEARNING_RATES`: LoRA
-            2e-3, AdaLoRA 3e-2, IA3 2e-2, prompt tuning 3e-2, full fine-tuning 5e-5, …), logged at fit start and
+            2e-3, AdaLoRA 3e-2, IA3 2e-2, prompt tuning 9e-2, full fine-tuning 5e-5, …), logged at fit start and
             written to the model card. ``auto`` runs a learning-rate range test before fit and trains with the rate
             it points to (see :class:`~lightning_peft.callbacks.LearningRateSearch`). The optimizer's own ``lr`` is
             not used.
