@@ -195,7 +195,7 @@ def run_probe_grid(run: str, args: argparse.Namespace, worker_args: list[str],
     shipped_lr = learning_rates(args)[method_of(run)]
     grid: dict[float, list[dict[str, Any]]] = {}
 
-    def probe(rate: float) -> float:
+    def probe(rate: float) -> list[dict[str, Any]]:
         if math.isclose(rate, shipped_lr) and shipped is not None:
             grid[rate] = shipped
         else:
@@ -203,23 +203,24 @@ def run_probe_grid(run: str, args: argparse.Namespace, worker_args: list[str],
             for seed in args.seeds:
                 print(f"running {run} at lr {rate:.2g} (seed {seed}) …", flush=True)
                 grid[rate].append(run_worker(__file__, run, seed, [*worker_args, "--probe-lr", str(rate)]))
-        return rate
+        return grid[rate]
 
-    factors = sorted(args.probe_factors)
-    for factor in factors:
-        if not grid[probe(shipped_lr * factor)][0]["supported"]:
-            return {"method": run, "supported": False, "reason": grid[shipped_lr * factor][0]["reason"]}
+    def mean_accuracy(rate: float) -> float:
+        return statistics.mean(r["dev_accuracy"] for r in grid[rate])
+
+    for factor in sorted(args.probe_factors):
+        records = probe(shipped_lr * factor)
+        if not records[0]["supported"]:
+            return {"method": run, "supported": False, "reason": records[0]["reason"]}
     for _ in range(args.probe_extend):
         rates = sorted(grid)
-        means = [statistics.mean(r["dev_accuracy"] for r in grid[rate]) for rate in rates]
-        best = means.index(max(means))
+        best = max(range(len(rates)), key=lambda i: mean_accuracy(rates[i]))
         if 0 < best < len(rates) - 1 or len(rates) < 2:
             break
         probe(rates[-1] ** 2 / rates[-2] if best else rates[0] ** 2 / rates[1])
-    means = {rate: statistics.mean(r["dev_accuracy"] for r in records) for rate, records in grid.items()}
-    best = max(means, key=means.__getitem__)
+    best = max(grid, key=mean_accuracy)
     return {"method": run, "supported": True, **summarise(grid[best], "dev_accuracy"),
-            "grid": {f"{rate:.3g}": mean for rate, mean in sorted(means.items())}}
+            "grid": {f"{rate:.3g}": mean_accuracy(rate) for rate in sorted(grid)}}
 
 
 def print_methods_table(results: dict[str, dict[str, Any]]) -> None:
