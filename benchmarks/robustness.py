@@ -16,7 +16,7 @@ decay 0.01), linear decay, gradients clipped at 1.0, our default batching; seeds
   each epoch); ``lora_augment_half``: ``{char_swap: 0.2, word_dropout: 0.2, row_probability: 0.5}`` (the test
   sets' rates on half of the rows); ``lora_augment_strong``: ``{char_swap: 0.2, word_dropout: 0.2}`` (every row);
   ``lora_augment_consistency``: the strong rates with ``consistency: 1.0`` (each row and its augmented view in the
-  batch, plus the symmetric KL between their predictions: twice the compute per batch);
+  batch: the clean rows' loss plus the KL from each row's prediction to its view's — twice the compute per batch);
 - ``lora_mixup``: + ``mixup_alpha=0.4`` (mixup of the pooled representation, soft labels).
 
 Each model is evaluated on the full dev set as is, and on perturbed copies of it that this script makes,

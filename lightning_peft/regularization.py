@@ -65,6 +65,14 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: torch.Ten
     return per_position.mean() if per_position.numel() else per_position.sum()
 
 
+def kl_to_target(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``KL(p_target‖p)`` of the categorical distributions over the last dimension, averaged over the other
+    positions, with ``p_target`` a fixed target: no gradient flows into ``target_logits`` (UDA's consistency term)."""
+    log_target = F.log_softmax(target_logits.detach().float(), -1)
+    per_position = F.kl_div(F.log_softmax(logits.float(), -1), log_target, reduction="none", log_target=True).sum(-1)
+    return per_position.mean()
+
+
 def squared_l2(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     """``Σ‖θ‖²`` over the parameters that require gradients."""
     return torch.stack([p.float().pow(2).sum() for p in parameters if p.requires_grad]).sum()

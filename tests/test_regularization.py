@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from peft import LoraConfig
 
 from lightning_peft import BackboneConfig, LightningPeftError, SequenceClassifier, TokenClassifier, TrainingConfig
-from lightning_peft.regularization import Regularization, squared_l2, symmetric_kl
+from lightning_peft.regularization import Regularization, kl_to_target, squared_l2, symmetric_kl
 from tests.test_batching import padded_batch
 
 
@@ -38,6 +38,17 @@ def test_symmetric_kl_matches_a_hand_computation():
     assert symmetric_kl(torch.stack([a, a], 1), torch.stack([b, a], 1), mask).item() == pytest.approx(
         (kl_pq + kl_qp) / 2
     )
+
+
+def test_kl_to_target_is_the_kl_from_a_fixed_target():
+    target = torch.tensor([[0.0, 1.0], [2.0, 0.0]], requires_grad=True)
+    logits = torch.tensor([[1.0, 0.0], [2.0, 0.0]], requires_grad=True)
+    p, q = target.detach().softmax(-1), logits.detach().softmax(-1)
+    divergence = kl_to_target(target, logits)
+    assert divergence.item() == pytest.approx(float((p * (p / q).log()).sum(-1).mean()))
+    divergence.backward()
+    assert target.grad is None and logits.grad.abs().sum() > 0  # only the prediction moves toward the target
+    assert kl_to_target(logits, logits).item() == 0.0
 
 
 def test_rdrop_term_is_zero_without_dropout_and_positive_with_it(backbone):

@@ -37,10 +37,11 @@ class TextAugmentation:
         row_probability: the share of training rows augmented at all, drawn per row and epoch (1: every row); the
             others train as they are, which keeps clean text in every epoch when the per-word rates are high.
         consistency: 0 (the default): an augmented row replaces its clean self. Above 0: every training batch holds
-            each row twice, as it is and augmented, both trained on, and the loss adds ``consistency`` × the
-            symmetric KL between the two views' predictions (R-Drop's term, between clean and noisy text) — the
-            clean signal is kept at twice the compute per batch. Sequence classification only (one prediction per
-            text); ``row_probability`` then does not apply.
+            each row twice, as it is and augmented; the task loss is the clean rows' and adds ``consistency`` × the
+            KL from each clean row's prediction, held fixed, to its augmented view's (UDA's consistency term, Xie et
+            al. 2020): the noisy view learns to predict what the clean text does and its label is not trained on,
+            so the clean signal is kept, at twice the compute per batch. Sequence classification only (one
+            prediction per text); ``row_probability`` then does not apply.
 
     Applied by the datamodule to training rows only, anew each epoch: the draws of row ``i`` in epoch ``e`` come from
     a generator seeded by ``(data seed, e, i)``, so a resumed run sees exactly what an uninterrupted one would.

@@ -33,7 +33,7 @@ from lightning_peft.calibration import (
     reliability_bins,
 )
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.regularization import symmetric_kl
+from lightning_peft.regularization import kl_to_target, symmetric_kl
 from lightning_peft.tasks.base import LABELS_FILE, PeftModule, label_config
 from lightning_peft.training import TrainingConfig
 from lightning_peft.types import CONSISTENCY, AttributionTarget, Batch, ProblemType
@@ -230,8 +230,8 @@ class SequenceClassifier(PeftModule):
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
         """With :attr:`mixup_alpha`, the mixup loss of one (micro-/packed) batch; with rows and their augmented views
-        (``data.augmentation.consistency``), the loss over both plus the weighted symmetric KL between each row's
-        two predictions; otherwise the task's own."""
+        (``data.augmentation.consistency``), the rows' loss plus the weighted divergence of each view's prediction
+        from its row's; otherwise the task's own."""
         if CONSISTENCY in batch:
             return self.consistency_loss(batch)
         if not self.mixup_alpha:
@@ -245,9 +245,10 @@ class SequenceClassifier(PeftModule):
             logits, {**batch, "labels": labels[shuffled]})
 
     def consistency_loss(self, batch: Batch) -> torch.Tensor:
-        """The task loss over a batch of rows followed by their augmented views, plus ``batch["consistency"]`` × the
-        symmetric KL between the two halves' predictions (the rows must arrive whole and in order: packed rows or
-        one padded pass, not micro-batches sorted by length)."""
+        """For a batch of rows followed by their augmented views: the task loss of the rows as they are, plus
+        ``batch["consistency"]`` × the divergence of each view's prediction from its row's, the row's taken as a
+        fixed target (UDA's consistency term; the views' labels are not trained on). The rows must arrive whole and
+        in order: packed rows or one padded pass, not micro-batches sorted by length."""
         if isinstance(self.batching, MicroBatches) or self.mixup_alpha or self.regularization.rdrop_alpha:
             raise LightningPeftError(
                 "data.init_args.augmentation.consistency: needs each batch in one pass (packed rows, or "
@@ -257,7 +258,7 @@ class SequenceClassifier(PeftModule):
         clean, augmented = logits.chunk(2)
         half = {key: value[: clean.shape[0]] for key, value in batch.items() if isinstance(value, torch.Tensor)}
         weight = float(batch[CONSISTENCY][0])
-        return self.compute_loss(logits, batch) + weight * self.rdrop_divergence(clean, augmented, half)
+        return self.compute_loss(clean, half) + weight * self.consistency_divergence(clean, augmented)
 
     def classification_head(self) -> torch.nn.Module:
         """The module that turns the pooled representation into logits (``classifier``, or ``score`` for decoder
@@ -278,6 +279,16 @@ class SequenceClassifier(PeftModule):
         if self.problem_type == "multi_label_classification":  # each label a two-class distribution
             return symmetric_kl(bernoulli_logits(logits_a), bernoulli_logits(logits_b))
         return symmetric_kl(logits_a, logits_b)
+
+    def consistency_divergence(self, target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """How far ``logits`` predict from ``target_logits``, held fixed: the KL from the target's class distribution;
+        per-label Bernoulli distributions for multi-label problems (averaged over labels); the squared difference of
+        the scores for regression."""
+        if self.problem_type == "regression":
+            return F.mse_loss(logits.float(), target_logits.detach().float())
+        if self.problem_type == "multi_label_classification":
+            return kl_to_target(bernoulli_logits(target_logits), bernoulli_logits(logits))
+        return kl_to_target(target_logits, logits)
 
     def update_metrics(self, metrics: MetricCollection, logits: torch.Tensor, batch: Batch) -> None:
         labels = batch["labels"]
