@@ -92,6 +92,23 @@ def test_other_heads_train_and_predict(backbone, lora, tiny_bert_dir, tmp_path, 
         assert all(set(r["labels"]) <= {"complaint", "food", "praise"} for r in records)
 
 
+@pytest.mark.parametrize("problem_type", ["multi_label_classification", "regression"])
+def test_consistency_divergence_of_the_other_heads_holds_the_target_fixed(backbone, lora, problem_type):
+    labels = ["a", "b"] if problem_type == "multi_label_classification" else None
+    model = SequenceClassifier(backbone, lora, labels=labels, problem_type=problem_type)
+    target = torch.tensor([[0.5, -1.0], [2.0, 0.0]], requires_grad=True)
+    logits = torch.tensor([[0.0, 1.0], [2.0, 0.5]], requires_grad=True)
+    if problem_type == "regression":
+        expected = ((logits - target) ** 2).mean()
+    else:  # each label a two-class distribution: KL(p_target‖p) per label, averaged
+        p, q = torch.sigmoid(target), torch.sigmoid(logits)
+        expected = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).mean()
+    divergence = model.consistency_divergence(target, logits)
+    assert divergence.item() == pytest.approx(expected.item(), rel=1e-5)
+    divergence.backward()
+    assert target.grad is None and logits.grad.abs().sum() > 0
+
+
 def test_classifier_needs_labels(backbone, lora):
     with pytest.raises(LightningPeftError, match="model.labels"):
         SequenceClassifier(backbone, lora)
