@@ -34,11 +34,11 @@ def smoothed(losses: Sequence[float], window: int = SMOOTHING_WINDOW) -> list[fl
 
 
 def choose_learning_rate(lrs: Sequence[float], losses: Sequence[float]) -> float | None:
-    """The rate a range test (``losses[i]``: the training loss with the learning rate rising to ``lrs[i]``) points
-    to, by :data:`RULE`: take out single-batch noise with a running median, stop at the first non-finite loss, find
-    the smoothed loss's minimum, and before it the rate at which the loss falls fastest per decade of rate; return
-    half of it. ``None`` when the loss never fell by :data:`MIN_RELATIVE_FALL` (too few steps, or a method that
-    needs longer to move): no rate can be read from such a curve.
+    """The rate a range test (``losses[i]``: the task's training loss with the learning rate rising to ``lrs[i]``)
+    points to, by :data:`RULE`: take out single-batch noise with a running median, stop at the first non-finite
+    loss, find the smoothed loss's minimum, and before it the rate at which the loss falls fastest per decade of
+    rate; return half of it. ``None`` when the loss never fell by :data:`MIN_RELATIVE_FALL` (too few steps, or a
+    method that needs longer to move): no rate can be read from such a curve.
 
     Example::
 
@@ -60,14 +60,28 @@ def choose_learning_rate(lrs: Sequence[float], losses: Sequence[float]) -> float
 @contextmanager
 def recorded_losses(module: pl.LightningModule, accumulate: int) -> Iterator[list[float]]:
     """Record the loss of each optimizer step (the mean over ``accumulate`` batches) that ``module`` trains while
-    the block runs. Lightning's finder keeps only a heavily smoothed loss, which hides where a short test turns."""
+    the block runs. Lightning's finder keeps only a heavily smoothed loss, which hides where a short test turns.
+
+    The loss recorded is the task's own (a lightning-peft task's first ``batch_loss`` of the step), without the
+    terms added to it for training (an AdaLoRA orthogonality penalty, L2 on the adapter): those are trained, but a
+    penalty falls at any rate and would hide where the task's loss turns. Other modules: ``training_step``'s loss.
+    """
     batch_losses: list[float] = []
     step_losses: list[float] = []
     training_step = module.training_step
+    batch_loss = getattr(module, "batch_loss", None)
+    task_losses: list[torch.Tensor] = []
+
+    def recording_batch_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = batch_loss(*args, **kwargs)
+        task_losses.append(loss)
+        return loss
 
     def recording_step(*args: Any, **kwargs: Any) -> Any:
+        task_losses.clear()
         output = training_step(*args, **kwargs)
-        loss = output["loss"] if isinstance(output, Mapping) else output
+        step_loss = output["loss"] if isinstance(output, Mapping) else output
+        loss = task_losses[0] if task_losses else step_loss
         batch_losses.append(float(loss.detach()) if loss is not None else math.nan)
         if len(batch_losses) == accumulate:
             step_losses.append(sum(batch_losses) / accumulate)
@@ -75,10 +89,14 @@ def recorded_losses(module: pl.LightningModule, accumulate: int) -> Iterator[lis
         return output
 
     module.training_step = recording_step  # type: ignore[method-assign]
+    if batch_loss is not None:
+        module.batch_loss = recording_batch_loss  # type: ignore[method-assign]
     try:
         yield step_losses
     finally:
-        del module.training_step  # the class's method again
+        del module.training_step  # the class's methods again
+        if batch_loss is not None:
+            del module.batch_loss
 
 
 class LearningRateSearch(LearningRateFinder):
@@ -170,7 +188,7 @@ class LearningRateSearch(LearningRateFinder):
             axes.plot(lrs, curve["smoothed_losses"], label=f"running median ({SMOOTHING_WINDOW} steps)")
             if self.chosen_lr is not None:
                 axes.axvline(self.chosen_lr, color="red", linestyle="--", label=f"chosen: {self.chosen_lr:.2g}")
-            axes.set(xscale="log", xlabel="learning rate", ylabel="training loss", title=RULE)
+            axes.set(xscale="log", xlabel="learning rate", ylabel="task loss (training)", title=RULE)
             axes.title.set_fontsize(8)
             axes.legend(fontsize=7)
             save_figure(trainer, figure, directory / PLOT_FILE, key="lr_search/curve")

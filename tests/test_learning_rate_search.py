@@ -86,6 +86,27 @@ def test_recorded_losses_average_accumulated_batches_and_put_the_method_back():
     assert "training_step" not in vars(module)
 
 
+def test_recorded_losses_are_the_task_s_own_without_the_terms_added_for_training():
+    class Task(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.values = iter([1.0, 9.0, 2.0, 9.0])
+
+        def batch_loss(self, batch):
+            return torch.tensor(next(self.values))
+
+        def training_step(self, batch, batch_idx):
+            task_loss = self.batch_loss(batch)
+            return task_loss + 10.0 + 0 * self.batch_loss(batch)  # a penalty, and a second pass (adversarial)
+
+    module = Task()
+    with recorded_losses(module, accumulate=1) as losses:
+        for i in range(2):
+            module.training_step(None, i)
+    assert losses == [1.0, 2.0]
+    assert "training_step" not in vars(module) and "batch_loss" not in vars(module)
+
+
 @pytest.mark.parametrize("value", ["fast", -1.0])
 def test_lr_is_a_rate_auto_or_null(value):
     with pytest.raises(LightningPeftError, match="training.lr: must be"):

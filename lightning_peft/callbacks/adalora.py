@@ -22,6 +22,8 @@ from lightning_peft.figures import plotting, save_figure
 HEATMAP_FILE = "adalora_ranks.png"
 CHECKPOINT_KEY = "adalora"
 ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+#: the task's loss term that carries AdaLoRA's orthogonal regulariser during a fit
+ORTH_REG_TERM = "adalora_orth_reg"
 
 
 @dataclass
@@ -117,9 +119,22 @@ class AdaLoRAScheduler(Callback):
     def __init__(self, heatmap: bool = True) -> None:
         self.heatmap = heatmap
         self.last_step = -1
-        self._orth_reg_weight = 0.0
+        self._orth_reg_weight: float | None = None  # peft's weight while the task's loss term applies it
 
     # -- fit lifecycle -----------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Move the orthogonal regulariser's weight from peft's config into the task's loss terms. Done here, before
+        any ``on_fit_start``, so that a learning-rate range test (``training.lr: auto``, run at fit start with
+        Lightning's finder as the only callback) trains the objective the fit trains."""
+        if stage != "fit":
+            return
+        tuner = adalora_model(pl_module)
+        config = tuner.peft_config[tuner.trainable_adapter_name]
+        weight = self._orth_reg_weight = config.orth_reg_weight
+        config.orth_reg_weight = 0.0  # peft would add it to a loss computed from labels; the task adds it instead
+        if weight > 0:
+            pl_module.loss_terms[ORTH_REG_TERM] = lambda *_: weight * orthogonal_regulariser(tuner)
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         tuner = adalora_model(pl_module)
         if isinstance(trainer.strategy, FSDPStrategy):
@@ -146,9 +161,6 @@ class AdaLoRAScheduler(Callback):
         if config.total_step != total:  # peft requires some total_step > 0 in the config; this fit decides it
             rank_zero_info(f"AdaLoRA total_step: {total} optimizer steps (the config said {config.total_step})")
         tuner.rankallocator.set_total_step(total)
-        self._orth_reg_weight, config.orth_reg_weight = config.orth_reg_weight, 0.0
-        if self._orth_reg_weight > 0:
-            pl_module.loss_terms["adalora_orth_reg"] = lambda *_: self._orth_reg_weight * orthogonal_regulariser(tuner)
         self.last_step = trainer.global_step
 
     def on_train_batch_end(
@@ -165,12 +177,21 @@ class AdaLoRAScheduler(Callback):
         pl_module.log("adalora/target_budget", float(tuner.rankallocator.target_bgt))
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        tuner = adalora_model(pl_module)
-        config = tuner.peft_config[tuner.trainable_adapter_name]
-        config.orth_reg_weight = self._orth_reg_weight
-        pl_module.loss_terms.pop("adalora_orth_reg", None)
+        config = self._detach_regulariser(pl_module)
         if config.rank_pattern:
             self.report(trainer, config.rank_pattern)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._detach_regulariser(pl_module)
+
+    def _detach_regulariser(self, pl_module: LightningModule) -> AdaLoraConfig:
+        """Undo :meth:`setup`: the regulariser's weight back in peft's config, the loss term gone; the config."""
+        tuner = adalora_model(pl_module)
+        config = tuner.peft_config[tuner.trainable_adapter_name]
+        if self._orth_reg_weight is not None:
+            config.orth_reg_weight, self._orth_reg_weight = self._orth_reg_weight, None
+        pl_module.loss_terms.pop(ORTH_REG_TERM, None)
+        return config
 
     # -- report ------------------------------------------------------------------------------------------
     @rank_zero_only

@@ -10,7 +10,7 @@ from peft import AdaLoraConfig, PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from lightning_peft import ClassificationDataModule, LightningPeftError, SequenceClassifier, TrainingConfig
-from lightning_peft.callbacks import AdaLoRAScheduler
+from lightning_peft.callbacks import AdaLoRAScheduler, LearningRateSearch
 from lightning_peft.callbacks.adalora import adalora_model, orthogonal_regulariser, rank_table
 
 QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -182,6 +182,28 @@ def test_nothing_to_prune_is_an_error_before_training(init_r, backbone, tiny_ber
     with pytest.raises(LightningPeftError, match=rf"init_r={init_r} <= target_r=2 leaves nothing to prune"):
         trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 0
+    assert adalora_model(model).peft_config["default"].orth_reg_weight == 0.5  # peft's again, as before the fit
+    assert not model.loss_terms
+
+
+class LossTermsAtSearch(LearningRateSearch):
+    """The task's loss terms when the range test starts."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.loss_terms = set(pl_module.loss_terms)
+        super().on_fit_start(trainer, pl_module)
+
+
+def test_learning_rate_range_test_trains_the_orthogonal_regulariser(backbone, tiny_bert_dir, toy_data, tmp_path):
+    pl.seed_everything(0)
+    dm = toy(tiny_bert_dir, toy_data)
+    model = SequenceClassifier(backbone, adalora(), labels=dm.labels, training=TrainingConfig(lr="auto"))
+    search = LossTermsAtSearch(num_training_steps=8, min_lr=1e-3, max_lr=1.0)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=16, callbacks=[AdaLoRAScheduler(heatmap=False), search],
+                         enable_checkpointing=False, limit_val_batches=0, default_root_dir=tmp_path, **QUIET)
+    trainer.fit(model, datamodule=dm)
+    assert search.loss_terms == {"adalora_orth_reg"} and len(search.losses) == 8
+    assert adalora_model(model).peft_config["default"].orth_reg_weight == 0.5 and not model.loss_terms
 
 
 def test_config_without_total_step_takes_the_fit_s_steps_and_fractional_phases(backbone, tiny_bert_dir, toy_data):
