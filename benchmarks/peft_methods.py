@@ -99,6 +99,17 @@ def preset_peft_config(method: str, changes: list[str] = ()) -> Any:
     return getattr(importlib.import_module(module), name)(**settings)
 
 
+def check_method_set(changes: list[str]) -> None:
+    """Build each preset that ``changes`` name once, so that a wrong METHOD or FIELD stops the benchmark before any
+    worker starts, with peft's own message for a field its config does not take."""
+    named = {item.partition(".")[0] for item in changes}
+    for method in sorted(named & set(METHODS)) or METHODS[:1]:  # an unknown METHOD fails in any preset's loop
+        try:
+            preset_peft_config(method, changes)
+        except (TypeError, ValueError) as error:
+            sys.exit(f"error: --method-set for {method}: {error}")
+
+
 def run_hf_adalora(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """The AdaLoRA preset through the HF ``Trainer`` + peft, at our learning rate and budget: ``update_and_allocate``
     after each optimizer step and before gradients are zeroed (``on_optimizer_step``), as peft's docs prescribe;
@@ -281,6 +292,7 @@ def main() -> None:
             report((run_hf_adalora if args.worker in HF_RUNS else run_method)(args, Path(tmp)))
         return
 
+    check_method_set(args.method_set)
     settings = {k: getattr(args, k) for k in ("train_rows", "batch_size", "max_length", "epochs", "seeds", "data_seed",
                                               "padded_batches", "probe_factors", "probe_extend", "method_set")}
     with sst2_workers(args) as (model, worker_args):
