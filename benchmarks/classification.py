@@ -29,7 +29,7 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -68,10 +68,10 @@ INT8_BASE = {"lightning_peft_int8_base"}
 HF_GROUPED = {"hf_trainer": False, "hf_trainer_grouped": True}
 
 
-def lora_config(task_type: Any = None) -> Any:
+def lora_config(task_type: Any = None, target_modules: Sequence[str] = ("query", "value")) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"], task_type=task_type)
+    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=list(target_modules), task_type=task_type)
 
 
 def run_lightning_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:

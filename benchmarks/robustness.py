@@ -2,7 +2,8 @@
 
     python benchmarks/robustness.py --json benchmarks/results/robustness.json
 
-Setting: the packaged MiniLM-L6 encoder, LoRA r=8 (alpha 16, dropout 0.1) on query/value, 4,000 shuffled SST-2
+Setting: the packaged MiniLM-L6 encoder, LoRA r=8 (alpha 16, dropout 0.1) on query/value (``--target-modules``
+changes it for every run), 4,000 shuffled SST-2
 training rows (the classification benchmark's sample), batch 32, max_length 64, 1 epoch, AdamW lr 2e-3 (weight
 decay 0.01), linear decay, gradients clipped at 1.0, our default batching; seeds 42, 43, 44. Configurations:
 
@@ -126,7 +127,8 @@ def run_configuration(args: argparse.Namespace) -> dict[str, Any]:
         augmentation=configuration.get("augmentation"),
     )
     model = SequenceClassifier(
-        BackboneConfig(pretrained_model_name_or_path=args.model), lora_config(), labels=dm.labels,
+        BackboneConfig(pretrained_model_name_or_path=args.model), lora_config(target_modules=args.target_modules),
+        labels=dm.labels,
         optimizer=partial(torch.optim.AdamW, weight_decay=0.01), mixup_alpha=configuration.get("mixup_alpha", 0.0),
         training=TrainingConfig(lr=args.lr, regularization=configuration.get("regularization", {})),
     )
@@ -177,6 +179,8 @@ def main() -> None:
     parser.set_defaults(lr=DEFAULT_LR)
     parser.add_argument("--perturbation-seed", type=int, default=0, help="seed of the perturbed dev sets")
     parser.add_argument("--perturbed-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--target-modules", nargs="+", default=["query", "value"],
+                        help="the LoRA adapter's modules in every run (e.g. query key value dense: all linear layers)")
     args = parser.parse_args()
     if args.worker:
         report(run_configuration(args))
@@ -184,12 +188,14 @@ def main() -> None:
 
     settings = {
         k: getattr(args, k)
-        for k in ("train_rows", "batch_size", "max_length", "epochs", "lr", "seeds", "data_seed", "perturbation_seed")
+        for k in ("train_rows", "batch_size", "max_length", "epochs", "lr", "seeds", "data_seed", "perturbation_seed",
+                  "target_modules")
     }
     settings["perturbations"] = PERTURBATIONS
     with sst2_workers(args) as (model, worker_args), tempfile.TemporaryDirectory() as tmp:
         write_perturbed_dev_sets(args.data_dir / "dev.tsv", Path(tmp), args.perturbation_seed)
-        per_seed = run_all(__file__, args.runs, args.seeds, [*worker_args, "--perturbed-dir", tmp])
+        per_seed = run_all(__file__, args.runs, args.seeds,
+                           [*worker_args, "--perturbed-dir", tmp, "--target-modules", *args.target_modules])
     results = {name: {"run": name, **summarise(records, "clean_accuracy")} for name, records in per_seed.items()}
     for name, records in per_seed.items():
         results[name]["perturbed_accuracy_std"] = statistics.pstdev(r["perturbed_accuracy"] for r in records)
