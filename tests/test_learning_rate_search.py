@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch import Callback
 from peft import LoraConfig
 
-from lightning_peft import LightningPeftError, TrainingConfig
+from lightning_peft import ClassificationDataModule, LightningPeftError, SequenceClassifier, TrainingConfig
 from lightning_peft.learning_rate_search import (
     CURVE_FILE,
     DIVISOR,
@@ -105,6 +105,30 @@ def test_recorded_losses_are_the_task_s_own_without_the_terms_added_for_training
             module.training_step(None, i)
     assert losses == [1.0, 2.0]
     assert "training_step" not in vars(module) and "batch_loss" not in vars(module)
+
+
+class BatchingOfTheTest(LearningRateSearch):
+    """How the range test computed its batches."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self.batching = type(pl_module.batching).__name__
+
+
+class NoPacking(Callback):
+    supports_sequence_packing = False
+
+
+def test_range_test_batches_as_the_fit_does(backbone, tiny_bert_dir, toy_data, tmp_path):
+    dm = ClassificationDataModule(tokenizer=str(tiny_bert_dir), train_file=str(toy_data["train"]), batch_size=8)
+    model = SequenceClassifier(backbone, LoraConfig(r=4, target_modules=["query", "value"]), labels=dm.labels,
+                               training=TrainingConfig(lr="auto"))
+    search = BatchingOfTheTest(num_training_steps=4, min_lr=1e-3, max_lr=1.0)
+    trainer = pl.Trainer(max_steps=6, callbacks=[search, NoPacking()], accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    assert search.batching == type(model.batching).__name__ == "MicroBatches"
 
 
 @pytest.mark.parametrize("value", ["fast", -1.0])

@@ -52,6 +52,11 @@ def as_peft_config(value: PeftConfig | dict[str, Any] | None) -> PeftConfig | No
     return get_peft_config(value) if isinstance(value, dict) else value
 
 
+def packing_blockers(callbacks: list[Any]) -> list[str]:
+    """The names of the ``callbacks`` that declare ``supports_sequence_packing = False``."""
+    return [type(c).__name__ for c in callbacks if getattr(c, "supports_sequence_packing", True) is False]
+
+
 class PeftModule(LightningModule, ABC):
     """Base task: a (PEFT-wrapped) transformer, its loss and metrics, trained with AdamW and a schedule.
 
@@ -129,6 +134,8 @@ class PeftModule(LightningModule, ABC):
         self.training_config = training
         #: how training batches are computed in this fit (packed rows, micro-batches…), chosen on its first batch
         self.batching: BatchingStrategy | None = None
+        #: the names of this fit's callbacks that declare ``supports_sequence_packing = False`` (set at setup)
+        self.fit_packing_blockers: list[str] | None = None
         #: the rate a range test picked for ``training.lr: auto`` (kept in checkpoints, so a resumed fit reuses it)
         self.found_learning_rate: float | None = None
         # Checkpoints hold only the trainable weights; the frozen base is rebuilt from the backbone config.
@@ -237,13 +244,21 @@ class PeftModule(LightningModule, ABC):
         return self.batching.loss(self, batch)
 
     def packing_blocker(self) -> str | None:
-        """Why this fit cannot train on packed rows whatever the model (the task, or a callback that declares
-        ``supports_sequence_packing = False``), or ``None``."""
+        """Why this fit cannot train on packed rows whatever the model (the task, or a callback of the fit that
+        declares ``supports_sequence_packing = False``), or ``None``."""
         if not self.supports_sequence_packing:
             return f"{type(self).__name__} does not support them"
-        callbacks = self.trainer.callbacks if self._trainer is not None else []
-        blocking = [type(c).__name__ for c in callbacks if getattr(c, "supports_sequence_packing", True) is False]
+        blocking = self.fit_packing_blockers
+        if blocking is None:
+            blocking = packing_blockers(self.trainer.callbacks if self._trainer is not None else [])
         return f"{', '.join(blocking)} cannot work with packed rows" if blocking else None
+
+    def setup(self, stage: str) -> None:
+        """Note which of the fit's callbacks cannot work with packed rows (:attr:`fit_packing_blockers`): a
+        learning-rate range test at fit start runs with Lightning's finder as the trainer's only callback, and must
+        batch as the fit will."""
+        if stage == "fit":
+            self.fit_packing_blockers = packing_blockers(self.trainer.callbacks)
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
         """The task loss of one (micro-)batch in training; with R-Drop, the mean loss of two dropout passes (one
