@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -272,23 +272,23 @@ class SequenceClassifier(PeftModule):
         )
 
     def rdrop_divergence(self, logits_a: torch.Tensor, logits_b: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Symmetric KL between the two passes' class distributions; per-label Bernoulli distributions for
-        multi-label problems (averaged over labels); the squared difference of the two scores for regression."""
+        """Symmetric KL between the two passes' predictions (see :meth:`prediction_divergence`)."""
+        return self.prediction_divergence(logits_a, logits_b, symmetric_kl)
+
+    def consistency_divergence(self, target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """How far ``logits`` predict from ``target_logits``, held fixed: the KL from the target's distribution (see
+        :meth:`prediction_divergence`)."""
+        return self.prediction_divergence(target_logits.detach(), logits, kl_to_target)
+
+    def prediction_divergence(self, logits_a: torch.Tensor, logits_b: torch.Tensor,
+                              kl: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``kl`` of the class distributions; of per-label Bernoulli distributions for multi-label problems
+        (averaged over labels); the squared difference of the two scores for regression."""
         if self.problem_type == "regression":
             return F.mse_loss(logits_a.float(), logits_b.float())
         if self.problem_type == "multi_label_classification":  # each label a two-class distribution
-            return symmetric_kl(bernoulli_logits(logits_a), bernoulli_logits(logits_b))
-        return symmetric_kl(logits_a, logits_b)
-
-    def consistency_divergence(self, target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """How far ``logits`` predict from ``target_logits``, held fixed: the KL from the target's class distribution;
-        per-label Bernoulli distributions for multi-label problems (averaged over labels); the squared difference of
-        the scores for regression."""
-        if self.problem_type == "regression":
-            return F.mse_loss(logits.float(), target_logits.detach().float())
-        if self.problem_type == "multi_label_classification":
-            return kl_to_target(bernoulli_logits(target_logits), bernoulli_logits(logits))
-        return kl_to_target(target_logits, logits)
+            return kl(bernoulli_logits(logits_a), bernoulli_logits(logits_b))
+        return kl(logits_a, logits_b)
 
     def update_metrics(self, metrics: MetricCollection, logits: torch.Tensor, batch: Batch) -> None:
         labels = batch["labels"]
