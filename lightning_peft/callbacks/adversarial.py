@@ -85,12 +85,17 @@ class AdversarialTraining(Callback):
         self.steps = steps
         self.weight = weight
         self._hooks: list[Any] = []
-        self._recorded: list[torch.Tensor] | None = None  # embedding outputs of the clean pass, when recording
+        self._recorded: list[torch.Tensor] = []  # embedding outputs of the step's clean pass, in call order
         self._deltas: list[torch.Tensor] | None = None  # perturbations to add, in call order, when perturbing
         self._calls = 0  # embedding calls of the perturbed pass so far
 
     # -- lifecycle ---------------------------------------------------------------------------------------
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Attach the embedding hooks and the loss term. Done here, before any ``on_fit_start``, so that a
+        learning-rate range test (``training.lr: auto``, run at fit start with Lightning's finder as the only
+        callback) trains the objective the fit trains."""
+        if stage != "fit":
+            return
         if not isinstance(pl_module, LossTermTask):
             raise LightningPeftError(f"AdversarialTraining: needs a lightning-peft task, got {type(pl_module)}")
         self._hooks = [layer.register_forward_hook(self._on_embeddings)
@@ -98,7 +103,7 @@ class AdversarialTraining(Callback):
         pl_module.loss_terms[ADVERSARIAL_TERM] = lambda batch, loss: self.adversarial_loss(pl_module, batch, loss)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._recorded = []
+        self._recorded = []  # what a pass outside a training step may have left (the range test has no such hook)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._detach(pl_module)
@@ -107,24 +112,24 @@ class AdversarialTraining(Callback):
         self._detach(pl_module)
 
     def _detach(self, pl_module: LightningModule) -> None:
-        """Undo :meth:`on_fit_start` (whatever part of it ran): hooks, the loss term, the packing setting."""
+        """Undo :meth:`setup` (whatever part of it ran): hooks, the loss term, what was recorded."""
         for hook in self._hooks:
             hook.remove()
-        self._hooks = []
+        self._hooks, self._recorded = [], []
         if isinstance(pl_module, LossTermTask):
             pl_module.loss_terms.pop(ADVERSARIAL_TERM, None)
 
     # -- the perturbation --------------------------------------------------------------------------------
     def _on_embeddings(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
-        if self._recorded is not None:  # clean pass: make the output a point we can differentiate the loss at
+        if self._deltas is not None:  # perturbed pass
+            self._calls += 1
+            return output + self._deltas[self._calls - 1].to(output.dtype)
+        if torch.is_grad_enabled():  # clean pass: make the output a point we can differentiate the loss at
             if not output.requires_grad:
                 output = output.detach().requires_grad_()  # frozen embeddings: no graph above this point
             self._recorded.append(output)
             return output
-        if self._deltas is not None:
-            self._calls += 1
-            return output + self._deltas[self._calls - 1].to(output.dtype)
-        return None
+        return None  # evaluation: outputs unchanged
 
     def perturbed_loss(self, pl_module: LossTermTask, batch: Batch, deltas: list[torch.Tensor]) -> torch.Tensor:
         """The task loss with ``deltas[i]`` added to the i-th embedding output of the pass."""
@@ -136,7 +141,7 @@ class AdversarialTraining(Callback):
 
     def adversarial_loss(self, pl_module: LossTermTask, batch: Batch, clean_loss: torch.Tensor) -> torch.Tensor:
         """``weight`` × the task loss at the FGM / PGD perturbation of the clean pass's embedding outputs."""
-        recorded, self._recorded = self._recorded, None
+        recorded, self._recorded = self._recorded, []
         if not recorded:
             raise LightningPeftError(
                 "AdversarialTraining: the training step never ran the input-embedding layer "

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from peft import LoraConfig
 
-from lightning_peft import LightningPeftError, SequenceClassifier, TokenClassifier
+from lightning_peft import (
+    ClassificationDataModule,
+    LightningPeftError,
+    SequenceClassifier,
+    TokenClassifier,
+    TrainingConfig,
+)
 from lightning_peft.batching import MicroBatches
+from lightning_peft.callbacks import LearningRateSearch
 from lightning_peft.callbacks.adversarial import AdversarialTraining, per_example_unit, project
 from tests.test_batching import padded_batch
 
@@ -37,7 +45,7 @@ def test_perturbation_changes_the_loss_and_leaves_embeddings_exact(backbone, met
     clean_logits = model(batch).detach()
     callback = AdversarialTraining(method=method, epsilon=0.5, alpha=0.2, steps=3)
     assert not callback.supports_sequence_packing, "perturbations are bounded per example: no packed rows"
-    callback.on_fit_start(None, model)
+    callback.setup(None, model, "fit")
     callback.on_train_batch_start(None, model, batch, 0)
     clean_loss = model.batch_loss(batch)  # three micro-batches of at most 2 rows
     adversarial = model.loss_terms["adversarial"](batch, clean_loss)
@@ -55,7 +63,7 @@ def test_perturbation_changes_the_loss_and_leaves_embeddings_exact(backbone, met
 def test_works_for_tagging(backbone):
     model, batch = model_and_batch(backbone, peft=True, task="tagging")
     callback = AdversarialTraining(method="fgm", epsilon=0.5)
-    callback.on_fit_start(None, model)
+    callback.setup(None, model, "fit")
     callback.on_train_batch_start(None, model, batch, 0)
     clean_loss = model.batch_loss(batch)
     assert model.loss_terms["adversarial"](batch, clean_loss).item() > clean_loss.item()
@@ -86,7 +94,7 @@ def test_model_without_embedding_access_is_refused(backbone):
     model, _ = model_and_batch(backbone, peft=True)
     model.model.get_input_embeddings = lambda: None
     with pytest.raises(LightningPeftError, match="no access to its input embeddings"):
-        AdversarialTraining().on_fit_start(None, model)
+        AdversarialTraining().setup(None, model, "fit")
 
 
 def test_fit_from_yaml_with_pgd_rdrop_and_l2_logs_each_term(tmp_path, tiny_bert_dir, toy_data, capsys):
@@ -115,6 +123,41 @@ def test_fit_from_yaml_with_pgd_rdrop_and_l2_logs_each_term(tmp_path, tiny_bert_
     assert "error: AdversarialTraining.epsilon: must be > 0, got -1" in capsys.readouterr().err
 
 
+class CountedAdversarial(AdversarialTraining):
+    calls = 0
+
+    def adversarial_loss(self, pl_module, batch, clean_loss):
+        self.calls += 1
+        return super().adversarial_loss(pl_module, batch, clean_loss)
+
+
+class AdversarialStepsOfTheSearch(LearningRateSearch):
+    """How many steps of the range test trained the adversarial loss."""
+
+    def __init__(self, adversarial: CountedAdversarial, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.adversarial = adversarial
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        before = self.adversarial.calls
+        super().on_fit_start(trainer, pl_module)
+        self.adversarial_steps = self.adversarial.calls - before
+
+
+def test_learning_rate_range_test_trains_the_adversarial_loss(backbone, tiny_bert_dir, toy_data, tmp_path):
+    dm = ClassificationDataModule(tokenizer=str(tiny_bert_dir), train_file=str(toy_data["train"]), batch_size=8)
+    model = SequenceClassifier(backbone, LoraConfig(r=4, target_modules=["query", "value"]), labels=dm.labels,
+                               training=TrainingConfig(lr="auto"))
+    adversarial = CountedAdversarial()
+    search = AdversarialStepsOfTheSearch(adversarial, num_training_steps=6, min_lr=1e-3, max_lr=1.0)
+    trainer = pl.Trainer(max_steps=8, callbacks=[adversarial, search], accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    assert search.adversarial_steps == len(search.losses) == 6
+    assert adversarial.calls == 6 + 8 and "adversarial" not in model.loss_terms
+
+
 @pytest.mark.parametrize("method", ["prompt_tuning", "ia3"])
 def test_works_with_other_peft_methods(backbone, method):
     from peft import IA3Config, PromptTuningConfig
@@ -128,7 +171,7 @@ def test_works_with_other_peft_methods(backbone, method):
     batch = padded_batch([5, 9, 3])
     batch["labels"] = torch.tensor([0, 1, 1])
     callback = AdversarialTraining(method="pgd", epsilon=0.5, steps=2)
-    callback.on_fit_start(None, model)
+    callback.setup(None, model, "fit")
     callback.on_train_batch_start(None, model, batch, 0)
     clean_loss = model.batch_loss(batch)
     adversarial = model.loss_terms["adversarial"](batch, clean_loss)
@@ -149,7 +192,7 @@ def test_works_for_seq2seq_with_rdrop(tiny_t5_dir):
     batch["labels"] = torch.randint(5, 20, (3, 4))
     batch["labels"][0, 3] = -100
     callback = AdversarialTraining(method="fgm", epsilon=0.5)
-    callback.on_fit_start(None, model)
+    callback.setup(None, model, "fit")
     callback.on_train_batch_start(None, model, batch, 0)
     clean_loss = model.batch_loss(batch)  # R-Drop: two dropout passes inside
     adversarial = model.loss_terms["adversarial"](batch, clean_loss)
@@ -162,7 +205,7 @@ def test_an_exception_during_fit_surfaces_and_the_task_is_restored(backbone):
     model, batch = model_and_batch(backbone, peft=True)
     callback = AdversarialTraining()
     callback.on_exception(None, model, RuntimeError("before fit start"))  # nothing to undo yet
-    callback.on_fit_start(None, model)
+    callback.setup(None, model, "fit")
     callback.on_exception(None, model, RuntimeError("in a training step"))
     embeddings = model.model.get_input_embeddings()
     assert "adversarial" not in model.loss_terms and not embeddings._forward_hooks
