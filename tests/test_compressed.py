@@ -124,9 +124,10 @@ def test_what_cannot_be_compressed_is_one_error(fitted, compressed, tmp_path, ca
                      "--model.init_args.backbone.onnx_file", ONNX_FILE]
     assert_one_error(run_main(capsys, "predict", "--config", config, *onnx_backbone),
                      "backbone.onnx_file", "peft null")
-    assert_one_error(run_main(capsys, "fit", "--config", config, *onnx_backbone, "--model.init_args.peft", "null",
-                              "--checkpoint.dirpath", str(tmp_path / "c")),
-                     "backbone.onnx_file", "inference only")
+    for lr in ("null", "auto"):  # auto: refused before the range test would train it
+        fit = ["fit", "--config", config, *onnx_backbone, "--model.init_args.peft", "null",
+               "--model.init_args.training", f"{{lr: {lr}}}", "--checkpoint.dirpath", str(tmp_path / "c")]
+        assert_one_error(run_main(capsys, *fit), "backbone.onnx_file", "inference only")
     missing = ["--model.init_args.backbone.onnx_file", "model_int4.onnx", "--model.init_args.peft", "null",
                "--model.init_args.backbone.pretrained_model_name_or_path", str(compressed / ONNX_DIR)]
     assert_one_error(run_main(capsys, "predict", "--config", config, *missing), "backbone.onnx_file",

@@ -254,11 +254,17 @@ class PeftModule(LightningModule, ABC):
         return f"{', '.join(blocking)} cannot work with packed rows" if blocking else None
 
     def setup(self, stage: str) -> None:
-        """Note which of the fit's callbacks cannot work with packed rows (:attr:`fit_packing_blockers`): a
-        learning-rate range test at fit start runs with Lightning's finder as the trainer's only callback, and must
-        batch as the fit will."""
-        if stage == "fit":
-            self.fit_packing_blockers = packing_blockers(self.trainer.callbacks)
+        """Refuse to fit an ONNX backbone, before any fit-start hook (a learning-rate range test) would train it; note
+        which of the fit's callbacks cannot work with packed rows (:attr:`fit_packing_blockers`): a range test at fit
+        start runs with Lightning's finder as the trainer's only callback, and must batch as the fit will."""
+        if stage != "fit":
+            return
+        if self.backbone_config.onnx_file:
+            raise LightningPeftError(
+                "backbone.onnx_file: an ONNX model runs inference only (validate, test, predict); fit from the "
+                "transformers model (pretrained_model_name_or_path of the base, or an export's merged/)"
+            )
+        self.fit_packing_blockers = packing_blockers(self.trainer.callbacks)
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
         """The task loss of one (micro-)batch in training; with R-Drop, the mean loss of two dropout passes (one
@@ -403,11 +409,6 @@ class PeftModule(LightningModule, ABC):
         return {**self.training_config.as_dict(), "lr": self.learning_rate}
 
     def on_fit_start(self) -> None:
-        if self.backbone_config.onnx_file:
-            raise LightningPeftError(
-                "backbone.onnx_file: an ONNX model runs inference only (validate, test, predict); fit from the "
-                "transformers model (pretrained_model_name_or_path of the base, or an export's merged/)"
-            )
         self.batching = None  # chosen again: this fit's callbacks may differ
         trainable, total = count_parameters(self)
         rank_zero_info(
