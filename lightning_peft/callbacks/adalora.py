@@ -123,19 +123,12 @@ class AdaLoRAScheduler(Callback):
 
     # -- fit lifecycle -----------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Move the orthogonal regulariser's weight from peft's config into the task's loss terms. Done here, before
-        any ``on_fit_start``, so that a learning-rate range test (``training.lr: auto``, run at fit start with
-        Lightning's finder as the only callback) trains the objective the fit trains."""
+        """Check the config against this fit and complete its schedule, then move the orthogonal regulariser's weight
+        from peft's config into the task's loss terms. Done here, before any ``on_fit_start``, so that a
+        learning-rate range test (``training.lr: auto``, run at fit start with Lightning's finder as the only
+        callback) trains the objective the fit trains, and a config that cannot train fails before it."""
         if stage != "fit":
             return
-        tuner = adalora_model(pl_module)
-        config = tuner.peft_config[tuner.trainable_adapter_name]
-        weight = self._orth_reg_weight = config.orth_reg_weight
-        config.orth_reg_weight = 0.0  # peft would add it to a loss computed from labels; the task adds it instead
-        if weight > 0:
-            pl_module.loss_terms[ORTH_REG_TERM] = lambda *_: weight * orthogonal_regulariser(tuner)
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         tuner = adalora_model(pl_module)
         if isinstance(trainer.strategy, FSDPStrategy):
             raise LightningPeftError(
@@ -161,7 +154,13 @@ class AdaLoRAScheduler(Callback):
         if config.total_step != total:  # peft requires some total_step > 0 in the config; this fit decides it
             rank_zero_info(f"AdaLoRA total_step: {total} optimizer steps (the config said {config.total_step})")
         tuner.rankallocator.set_total_step(total)
-        self.last_step = trainer.global_step
+        weight = self._orth_reg_weight = config.orth_reg_weight
+        config.orth_reg_weight = 0.0  # peft would add it to a loss computed from labels; the task adds it instead
+        if weight > 0:
+            pl_module.loss_terms[ORTH_REG_TERM] = lambda *_: weight * orthogonal_regulariser(tuner)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.last_step = trainer.global_step  # after a resume restored it
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

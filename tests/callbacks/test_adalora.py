@@ -174,14 +174,25 @@ def test_schedule_longer_than_the_fit_is_an_error(backbone, tiny_bert_dir, toy_d
         trainer.fit(model, datamodule=dm)
 
 
+class StartedSearch(LearningRateSearch):
+    started = False
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.started = True
+        super().on_fit_start(trainer, pl_module)
+
+
+@pytest.mark.parametrize("lr", [None, "auto"])
 @pytest.mark.parametrize("init_r", [2, 1])
-def test_nothing_to_prune_is_an_error_before_training(init_r, backbone, tiny_bert_dir, toy_data):
+def test_nothing_to_prune_is_an_error_before_training(init_r, lr, backbone, tiny_bert_dir, toy_data):
     dm = toy(tiny_bert_dir, toy_data)
-    model = SequenceClassifier(backbone, adalora(init_r=init_r, target_r=2), labels=dm.labels)
-    trainer = pl.Trainer(max_steps=8, callbacks=[AdaLoRAScheduler()], enable_checkpointing=False, **QUIET)
+    model = SequenceClassifier(backbone, adalora(init_r=init_r, target_r=2), labels=dm.labels,
+                               training=TrainingConfig(lr=lr))
+    search = StartedSearch(num_training_steps=4)
+    trainer = pl.Trainer(max_steps=8, callbacks=[AdaLoRAScheduler(), search], enable_checkpointing=False, **QUIET)
     with pytest.raises(LightningPeftError, match=rf"init_r={init_r} <= target_r=2 leaves nothing to prune"):
         trainer.fit(model, datamodule=dm)
-    assert trainer.global_step == 0
+    assert trainer.global_step == 0 and not search.started, "refused before a range test would train"
     assert adalora_model(model).peft_config["default"].orth_reg_weight == 0.5  # peft's again, as before the fit
     assert not model.loss_terms
 
