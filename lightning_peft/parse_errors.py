@@ -79,6 +79,12 @@ def describe_parse_error(message: str, command: list[str]) -> str:
             reason = line
     if reason is None and expected and given is not None:
         reason = f"expected {' or '.join(expected)}, got {given!r}"
+        if given == "None" and "null" in expected and len(keys) > 1:
+            reason += (  # YAML's null is `null`; and jsonargparse hands a command-line null nested in init_args on
+                # as the text 'None', so the enclosing option given as YAML is the form that works
+                f" (write null as `null`; on the command line give the enclosing option as YAML: "
+                f"--{'.'.join(keys[:-1])} '{{{keys[-1]}: null}}')"
+            )
     if reason is None or not keys:
         first = message.strip().splitlines()[0] if message.strip() else "the configuration is invalid"
         return f"{first}; {hint}"

@@ -57,14 +57,25 @@ def test_a_bad_key_or_type_is_named_first(case, tmp_path, tiny_bert_dir, toy_dat
          "model.init_args.training.lr: expected float or 'auto' or null, got 'fastest'"),
         (["--model.init_args.training.micro_batch_size", "x"],
          "model.init_args.training.micro_batch_size: expected int or null, got 'x'"),
+        (["--model.init_args.training.lr", "null"],  # jsonargparse passes this nested null on as the text 'None'
+         "got 'None' (write null as `null`; on the command line give the enclosing option as YAML: "
+         "--model.init_args.training '{lr: null}')"),
     ],
-    ids=["negative-lr", "negative-epochs", "warmup-ratio", "lr-word", "union"],
+    ids=["negative-lr", "negative-epochs", "warmup-ratio", "lr-word", "union", "nested-null"],
 )
 def test_an_invalid_value_is_one_error_line(args, message, tmp_path, tiny_bert_dir, toy_data, capsys):
     config = write_config(tmp_path, tiny_bert_dir, toy_data)
     result = run_main(capsys, "fit", "--config", str(config), *args)
     assert_one_error(result, message)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_the_suggested_form_of_a_nested_null_is_accepted(tmp_path, tiny_bert_dir, toy_data, capsys):
+    config = write_config(tmp_path, tiny_bert_dir, toy_data)
+    result = run_main(capsys, "fit", "--config", str(config), "--model.init_args.training", "{lr: null}",
+                      "--print_config")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert yaml.safe_load(result.stdout)["model"]["init_args"]["training"]["lr"] is None
 
 
 def test_a_missing_config_file_is_named():
