@@ -48,4 +48,4 @@ def test_adalora_is_refused_under_fsdp(tiny_bert_dir):
     model = SequenceClassifier(BackboneConfig(str(tiny_bert_dir)), config, labels=["a", "b"])
     trainer = SimpleNamespace(strategy=PeftFSDPStrategy())
     with pytest.raises(LightningPeftError, match="AdaLoRA cannot run under FSDP"):
-        AdaLoRAScheduler().on_fit_start(trainer, model)
+        AdaLoRAScheduler().setup(trainer, model, "fit")
