@@ -133,6 +133,7 @@ def run_lightning_peft_yaml(args: argparse.Namespace, workdir: Path) -> dict[str
         "train_seconds": seconds,  # loading the model and validating after each epoch included
         "train_samples_per_s": len(cli.datamodule.datasets["train"]) * args.epochs / seconds,
         "test_f1": metrics["test/f1"],
+        "lr": cli.model.learning_rate,  # with training.lr: auto, the rate the range test found
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,12 @@ from lightning_peft.figures import plotting, save_figure
 PLOT_FILE = "lr_find.png"
 CURVE_FILE = "lr_find.json"
 #: the rule, as logs and model cards state it
-RULE = "half the rate where the loss falls fastest, before its minimum"
+RULE = "a third of the rate at which the smoothed loss is lowest"
 #: the loss must fall by this fraction of its starting value for the test to count
 MIN_RELATIVE_FALL = 0.10
 SMOOTHING_WINDOW = 9  # steps in the running median that takes out single-batch noise
-DIVISOR = 2.0
+DIVISOR = 3.0  # the loss's minimum lies at 2-3x the best rate for a whole fit (benchmarks/README.md)
+TURN = 0.5  # the test stops once the smoothed loss has climbed back this fraction of its fall
 
 
 def smoothed(losses: Sequence[float], window: int = SMOOTHING_WINDOW) -> list[float]:
@@ -33,34 +34,65 @@ def smoothed(losses: Sequence[float], window: int = SMOOTHING_WINDOW) -> list[fl
     return [float(torch.tensor(losses[max(0, i - half):i + half + 1]).median()) for i in range(len(losses))]
 
 
+def _minimum(losses: Sequence[float]) -> tuple[list[float], int] | None:
+    """The running median of the finite ``losses`` (up to the last step whose window is complete, so a test stopped
+    early reads as a full one does) and the index of its minimum; ``None`` when it never fell by
+    :data:`MIN_RELATIVE_FALL`."""
+    finite = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), len(losses))
+    curve = smoothed(losses[:finite])[:max(0, finite - SMOOTHING_WINDOW // 2)]
+    if len(curve) < 2 * SMOOTHING_WINDOW:
+        return None
+    lowest = min(range(len(curve)), key=curve.__getitem__)
+    if lowest == 0 or curve[lowest] > curve[0] * (1 - MIN_RELATIVE_FALL):
+        return None
+    return curve, lowest
+
+
 def choose_learning_rate(lrs: Sequence[float], losses: Sequence[float]) -> float | None:
     """The rate a range test (``losses[i]``: the task's training loss with the learning rate rising to ``lrs[i]``)
     points to, by :data:`RULE`: take out single-batch noise with a running median, stop at the first non-finite
-    loss, find the smoothed loss's minimum, and before it the rate at which the loss falls fastest per decade of
-    rate; return half of it. ``None`` when the loss never fell by :data:`MIN_RELATIVE_FALL` (too few steps, or a
-    method that needs longer to move): no rate can be read from such a curve.
+    loss, find the smoothed loss's minimum and return a third of its rate. ``None`` when the loss never fell by
+    :data:`MIN_RELATIVE_FALL` (too few steps, or a method that needs longer to move): no rate can be read from such
+    a curve.
+
+    The minimum, not the steepest fall: a classifier head that first learns the label prior (token classification,
+    where most tags are ``O``) makes the steepest fall come early, at a rate far below the one that trains the
+    adapter; the minimum lies past every such early fall.
 
     Example::
 
         rates = [10 ** (i / 20 - 5) for i in range(100)]  # 1e-5 … 1
         choose_learning_rate(rates, [0.69] * 100)  # a flat curve: None
     """
-    finite = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), len(losses))
-    lrs, losses = list(lrs[:finite]), smoothed(losses[:finite])
-    if len(losses) < 2 * SMOOTHING_WINDOW:
-        return None
-    lowest = min(range(len(losses)), key=losses.__getitem__)
-    start = losses[0]
-    if lowest == 0 or losses[lowest] > start * (1 - MIN_RELATIVE_FALL):
-        return None
-    slopes = torch.gradient(torch.tensor(losses[:lowest + 1]), spacing=[torch.tensor(lrs[:lowest + 1]).log10()])[0]
-    return lrs[int(slopes.argmin())] / DIVISOR
+    found = _minimum(losses)
+    return None if found is None else lrs[found[1]] / DIVISOR
+
+
+def has_turned(losses: Sequence[float]) -> bool:
+    """Whether a range test has shown its minimum, so that further steps would only cost time: the smoothed loss
+    fell by :data:`MIN_RELATIVE_FALL` and has climbed back :data:`TURN` of that fall since, or a loss is no longer
+    finite.
+
+    Example::
+
+        has_turned([0.69] * 30 + [0.5] * 30)  # still at its lowest: False
+    """
+    if not all(math.isfinite(loss) for loss in losses):
+        return True
+    found = _minimum(losses)
+    if found is None:
+        return False
+    curve, lowest = found
+    return curve[-1] > curve[lowest] + TURN * (curve[0] - curve[lowest])
 
 
 @contextmanager
-def recorded_losses(module: pl.LightningModule, accumulate: int) -> Iterator[list[float]]:
+def recorded_losses(module: pl.LightningModule, accumulate: int,
+                    stop_when: Callable[[list[float]], bool] | None = None) -> Iterator[list[float]]:
     """Record the loss of each optimizer step (the mean over ``accumulate`` batches) that ``module`` trains while
     the block runs. Lightning's finder keeps only a heavily smoothed loss, which hides where a short test turns.
+    With ``stop_when``, the module's trainer stops once ``stop_when(losses)`` holds (Lightning's finder then
+    broadcasts process 0's decision).
 
     The loss recorded is the task's own (a lightning-peft task's first ``batch_loss`` of the step), without the
     terms added to it for training (an AdaLoRA orthogonality penalty, L2 on the adapter): those are trained, but a
@@ -86,6 +118,8 @@ def recorded_losses(module: pl.LightningModule, accumulate: int) -> Iterator[lis
         if len(batch_losses) == accumulate:
             step_losses.append(sum(batch_losses) / accumulate)
             batch_losses.clear()
+            if stop_when is not None and stop_when(step_losses):
+                module.trainer.should_stop = True
         return output
 
     module.training_step = recording_step  # type: ignore[method-assign]
@@ -101,9 +135,10 @@ def recorded_losses(module: pl.LightningModule, accumulate: int) -> Iterator[lis
 
 class LearningRateSearch(LearningRateFinder):
     """Pick the peak learning rate of a fit by a range test on its real setup (task, PEFT method, data, batch size,
-    precision, strategy): Lightning's ``LearningRateFinder`` trains ``num_training_steps`` steps with the rate
-    rising exponentially from ``min_lr`` to ``max_lr`` and then restores the model; :func:`choose_learning_rate` reads
-    the rate off the losses. The task then trains with it (optimizer and schedule built anew), logs it, keeps it in
+    precision, strategy): Lightning's ``LearningRateFinder`` trains up to ``num_training_steps`` steps with the rate
+    rising exponentially from ``min_lr`` to ``max_lr`` (with ``stop_once_turned``, only until the loss has passed its
+    minimum: :func:`has_turned`) and then restores the model; :func:`choose_learning_rate` reads the rate off the
+    losses. The task then trains with it (optimizer and schedule built anew), logs it, keeps it in
     its checkpoints (a resumed fit reuses it, no second test) and in the model card; ``lr_find.png`` (loss against
     rate, the pick marked) and ``lr_find.json`` are written beside the checkpoints and the plot goes to every logger
     that takes images. Under DDP the losses of process 0 decide and every process trains with the same rate. When the
@@ -123,9 +158,10 @@ class LearningRateSearch(LearningRateFinder):
     """
 
     def __init__(self, min_lr: float = 1e-5, max_lr: float = 1.0, num_training_steps: int = 100,
-                 early_stop_threshold: float | None = 4.0) -> None:
+                 early_stop_threshold: float | None = 4.0, stop_once_turned: bool = True) -> None:
         super().__init__(min_lr=min_lr, max_lr=max_lr, num_training_steps=num_training_steps, mode="exponential",
                          early_stop_threshold=early_stop_threshold, update_attr=False)
+        self.stop_once_turned = stop_once_turned
         self.lrs: list[float] = []
         self.losses: list[float] = []
         self.chosen_lr: float | None = None
@@ -138,7 +174,8 @@ class LearningRateSearch(LearningRateFinder):
             rank_zero_info("learning-rate search skipped: a resumed fit keeps the rate its checkpoint was trained with")
             return
         self._warn_if_costly(trainer)
-        with recorded_losses(pl_module, trainer.accumulate_grad_batches) as losses:
+        stop_when = has_turned if self.stop_once_turned else None
+        with recorded_losses(pl_module, trainer.accumulate_grad_batches, stop_when) as losses:
             self.lr_find(trainer, pl_module)
         if self.optimal_lr is None:  # Lightning skips it under fast_dev_run, saying so
             return
@@ -164,9 +201,9 @@ class LearningRateSearch(LearningRateFinder):
         steps = trainer.estimated_stepping_batches
         if math.isfinite(steps) and self._num_training_steps > 0.15 * steps:
             rank_zero_warn(
-                f"training.lr: auto: the range test's {self._num_training_steps} steps cost about "
-                f"{100 * self._num_training_steps / steps:.0f}% of this fit's {int(steps)} optimizer steps; for a "
-                "fit this short, a fixed training.lr (the method's default is a measured one) is cheaper"
+                f"training.lr: auto: the range test's {self._num_training_steps} steps (fewer once the loss turns) "
+                f"cost up to {100 * self._num_training_steps / steps:.0f}% of this fit's {int(steps)} optimizer "
+                "steps; for a fit this short, a fixed training.lr (the method's default is a measured one) is cheaper"
             )
 
     def output_dir(self, trainer: pl.Trainer) -> Path:

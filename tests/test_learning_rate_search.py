@@ -22,6 +22,7 @@ from lightning_peft.learning_rate_search import (
     PLOT_FILE,
     LearningRateSearch,
     choose_learning_rate,
+    has_turned,
     recorded_losses,
 )
 from tests.test_cli import REPO, run_cli, run_main, write_config
@@ -45,19 +46,27 @@ def range_test_curve(fall_from: int, lowest_at: int, noise: float = 0.0) -> list
     return losses
 
 
-def test_the_rule_takes_a_third_of_the_steepest_fall_before_the_minimum():
-    losses = range_test_curve(fall_from=50, lowest_at=70)
-    chosen = choose_learning_rate(LRS, losses)
-    # the fall is straight in log-rate, so its steepest point lies within it; a third of that rate
-    assert LRS[50] / DIVISOR <= chosen <= LRS[70] / DIVISOR
-    assert choose_learning_rate(LRS, range_test_curve(fall_from=20, lowest_at=40)) < chosen  # an earlier fall: lower
+def test_the_rule_takes_a_third_of_the_rate_at_the_minimum():
+    chosen = choose_learning_rate(LRS, range_test_curve(fall_from=50, lowest_at=70))
+    # a third of the rate at the minimum; the running median moves a sharp V's bottom a few steps earlier
+    assert LRS[64] / DIVISOR <= chosen <= LRS[70] / DIVISOR
+    assert choose_learning_rate(LRS, range_test_curve(fall_from=20, lowest_at=40)) < chosen  # an earlier one: lower
+
+
+def test_an_early_fall_to_the_label_prior_does_not_decide():
+    # a token classifier's head first learns that most tags are O: a steep fall at low rates (2.2 -> 0.75 around
+    # step 40), then the adapter's slower fall to the minimum at step 80 (the shape of a CoNLL-2003 range test)
+    losses = [2.2 if i < 35 else 0.75 if i < 45 else 0.75 - 0.3 * (i - 45) / 35 for i in range(81)]
+    losses[35:45] = [2.2 - 1.45 * (i + 1) / 10 for i in range(10)]
+    losses += [0.45 + 0.3 * i for i in range(1, 20)]
+    assert LRS[74] / DIVISOR <= choose_learning_rate(LRS, losses) <= LRS[80] / DIVISOR  # the old rule: LRS[40] / 2
 
 
 def test_the_rule_ignores_single_batch_spikes_and_stops_at_a_non_finite_loss():
     losses = range_test_curve(fall_from=50, lowest_at=70, noise=0.01)
     losses[30] = 0.05  # one lucky batch long before the real fall
-    losses[80:] = [math.nan] * 20  # diverged
-    assert LRS[50] / DIVISOR <= choose_learning_rate(LRS, losses) <= LRS[70] / DIVISOR
+    losses[75:] = [math.nan] * 25  # diverged
+    assert LRS[64] / DIVISOR <= choose_learning_rate(LRS, losses) <= LRS[70] / DIVISOR
 
 
 @pytest.mark.parametrize("losses", [
@@ -67,6 +76,26 @@ def test_the_rule_ignores_single_batch_spikes_and_stops_at_a_non_finite_loss():
 ])
 def test_no_rate_is_read_off_a_curve_that_did_not_fall(losses):
     assert choose_learning_rate(LRS[:len(losses)], losses) is None
+
+
+def test_the_test_ends_once_the_loss_has_turned_and_reads_as_the_full_curve():
+    losses = range_test_curve(fall_from=50, lowest_at=70, noise=0.01)
+    turned_at = next(n for n in range(1, 101) if has_turned(losses[:n]))
+    assert 70 < turned_at < 80  # past the minimum by a few steps, not the full 100
+    assert choose_learning_rate(LRS[:turned_at], losses[:turned_at]) == choose_learning_rate(LRS, losses)
+
+
+@pytest.mark.parametrize("losses", [
+    [0.69] * 100,  # no fall
+    range_test_curve(fall_from=50, lowest_at=70)[:70],  # still falling
+    [0.69 - 0.0003 * i for i in range(60)] + [0.69] * 40,  # a bump after a fall within noise (< 10 %)
+])
+def test_a_curve_that_has_not_turned_goes_on(losses):
+    assert not has_turned(losses)
+
+
+def test_a_non_finite_loss_ends_the_test():
+    assert has_turned([0.69] * 10 + [math.nan])
 
 
 def test_recorded_losses_average_accumulated_batches_and_put_the_method_back():
@@ -155,12 +184,12 @@ def fit_config(tmp_path, tiny_bert_dir, toy_data, steps: int = 60) -> str:
 
 def test_fit_searches_trains_with_the_rate_and_keeps_it(tmp_path, tiny_bert_dir, toy_data, capsys, caplog):
     config = fit_config(tmp_path, tiny_bert_dir, toy_data)
-    with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match="cost about 75% of this fit's 80"):
+    with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match="cost up to 75% of this fit's 80"):
         result = run_main(capsys, "fit", "--config", config)
     assert result.returncode == 0, result.stderr[-3000:]
     curve = json.loads((tmp_path / "ckpt" / CURVE_FILE).read_text())
     assert (tmp_path / "ckpt" / PLOT_FILE).stat().st_size > 0
-    assert len(curve["lrs"]) == len(curve["losses"]) == 60
+    assert len(curve["lrs"]) == len(curve["losses"]) < 60  # stopped once the loss had turned
     found = curve["lr"]
     assert found == choose_learning_rate(curve["lrs"], curve["losses"])
     assert f"learning rate: {found:g} (training.lr: auto, found by a learning-rate range test" in caplog.text
@@ -184,6 +213,15 @@ def test_fit_searches_trains_with_the_rate_and_keeps_it(tmp_path, tiny_bert_dir,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (tmp_path / "ckpt" / CURVE_FILE).exists()  # no second search
     assert f"learning rate: {found:g} (training.lr: auto" in caplog.text
+
+
+def test_without_stop_once_turned_the_test_runs_its_whole_range(tmp_path, tiny_bert_dir, toy_data, capsys):
+    config = fit_config(tmp_path, tiny_bert_dir, toy_data)
+    result = run_main(capsys, "fit", "--config", config, "--trainer.max_epochs", "3",
+                      "--trainer.callbacks.init_args.stop_once_turned", "false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    curve = json.loads((tmp_path / "ckpt" / CURVE_FILE).read_text())
+    assert len(curve["losses"]) == 60  # the fit test above stops this same curve early
 
 
 def test_a_curve_without_a_fall_keeps_the_method_default_and_says_so(tmp_path, tiny_bert_dir, toy_data, capsys,
