@@ -68,6 +68,12 @@ def choose_learning_rate(lrs: Sequence[float], losses: Sequence[float]) -> float
     return None if found is None else lrs[found[1]] / DIVISOR
 
 
+def still_falling(losses: Sequence[float]) -> bool:
+    """Whether a range test's smoothed loss fell and is lowest at its last step: its minimum lies past the range."""
+    found = _minimum(losses)
+    return found is not None and found[1] == len(found[0]) - 1
+
+
 def has_turned(losses: Sequence[float]) -> bool:
     """Whether a range test has shown its minimum, so that further steps would only cost time: the smoothed loss
     fell by :data:`MIN_RELATIVE_FALL` and has climbed back :data:`TURN` of that fall since, or a loss is no longer
@@ -192,6 +198,12 @@ class LearningRateSearch(LearningRateFinder):
                 "num_training_steps) or set training.lr"
             )
             return
+        if still_falling(self.losses):
+            rank_zero_warn(
+                f"training.lr: auto: the loss was still falling at the end of the range test ({lrs[-1]:g}; "
+                f"{CURVE_FILE} has the curve), so its minimum lies beyond it and {self.chosen_lr:g}, a third of the "
+                "highest rate read, may be low; raise LearningRateSearch max_lr"
+            )
         pl_module.found_learning_rate = self.chosen_lr
         trainer.strategy.setup_optimizers(trainer)  # the schedule's peak is the rate found
         for logger in trainer.loggers:

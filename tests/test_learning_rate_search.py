@@ -24,6 +24,7 @@ from lightning_peft.learning_rate_search import (
     choose_learning_rate,
     has_turned,
     recorded_losses,
+    still_falling,
 )
 from tests.test_cli import REPO, run_cli, run_main, write_config
 
@@ -92,6 +93,13 @@ def test_the_test_ends_once_the_loss_has_turned_and_reads_as_the_full_curve():
 ])
 def test_a_curve_that_has_not_turned_goes_on(losses):
     assert not has_turned(losses)
+
+
+def test_a_curve_lowest_at_its_end_is_still_falling():
+    falling = [0.69 - 0.003 * i for i in range(60)]
+    assert still_falling(falling) and choose_learning_rate(LRS[:60], falling) == LRS[55] / DIVISOR
+    assert not still_falling(range_test_curve(fall_from=50, lowest_at=70))
+    assert not still_falling([0.69] * 60)  # no fall: no rate, nothing to warn about beyond that
 
 
 def test_a_non_finite_loss_ends_the_test():
