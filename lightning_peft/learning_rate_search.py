@@ -24,7 +24,7 @@ RULE = "a third of the rate at which the smoothed loss is lowest"
 #: the loss must fall by this fraction of its starting value for the test to count
 MIN_RELATIVE_FALL = 0.10
 SMOOTHING_WINDOW = 9  # steps in the running median that takes out single-batch noise
-DIVISOR = 3.0  # the loss's minimum lies at 2-3x the best rate for a whole fit (benchmarks/README.md)
+DIVISOR = 3.0  # the loss's minimum lies at 1-5x (mostly 2-3x) the best whole-fit rate (benchmarks/README.md)
 TURN = 0.5  # the test stops once the smoothed loss has climbed back this fraction of its fall
 
 
