@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,51 +94,80 @@ def has_turned(losses: Sequence[float]) -> bool:
     return curve[-1] > curve[lowest] + TURN * (curve[0] - curve[lowest])
 
 
+@dataclass
+class RangeTestRecord:
+    """One range test's optimizer steps: the rate each applied and the mean task loss of its batches."""
+
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+
 @contextmanager
-def recorded_losses(module: pl.LightningModule, accumulate: int,
-                    stop_when: Callable[[list[float]], bool] | None = None) -> Iterator[list[float]]:
-    """Record the loss of each optimizer step (the mean over ``accumulate`` batches) that ``module`` trains while
-    the block runs. Lightning's finder keeps only a heavily smoothed loss, which hides where a short test turns.
-    With ``stop_when``, the module's trainer stops once ``stop_when(losses)`` holds (Lightning's finder then
-    broadcasts process 0's decision).
+def recorded_steps(module: pl.LightningModule, trainer: pl.Trainer,
+                   stop_when: Callable[[list[float]], bool] | None = None) -> Iterator[RangeTestRecord]:
+    """Record each optimizer step that ``module`` takes while the block runs: the rate it applied and the mean loss
+    of the batches it summed (one, or a window of accumulated batches; an epoch may end on a shorter window).
+    Lightning's finder keeps only a heavily smoothed loss, which hides where a short test turns, and skips the steps
+    that end an epoch on a short window. With ``stop_when``, the trainer stops once ``stop_when(losses)`` holds on
+    process 0, every process with it (the decision is broadcast after each step).
 
     The loss recorded is the task's own (a lightning-peft task's first ``batch_loss`` of the step), without the
     terms added to it for training (an AdaLoRA orthogonality penalty, L2 on the adapter): those are trained, but a
     penalty falls at any rate and would hide where the task's loss turns. Other modules: ``training_step``'s loss.
     """
+    record = RangeTestRecord()
     batch_losses: list[float] = []
-    step_losses: list[float] = []
-    training_step = module.training_step
-    batch_loss = getattr(module, "batch_loss", None)
     task_losses: list[torch.Tensor] = []
+    training_step, optimizer_step = module.training_step, module.optimizer_step
+    batch_loss = getattr(module, "batch_loss", None)
 
     def recording_batch_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
         loss = batch_loss(*args, **kwargs)
         task_losses.append(loss)
         return loss
 
-    def recording_step(*args: Any, **kwargs: Any) -> Any:
+    def recording_training_step(*args: Any, **kwargs: Any) -> Any:
         task_losses.clear()
         output = training_step(*args, **kwargs)
         step_loss = output["loss"] if isinstance(output, Mapping) else output
         loss = task_losses[0] if task_losses else step_loss
         batch_losses.append(float(loss.detach()) if loss is not None else math.nan)
-        if len(batch_losses) == accumulate:
-            step_losses.append(sum(batch_losses) / accumulate)
-            batch_losses.clear()
-            if stop_when is not None and stop_when(step_losses):
-                module.trainer.should_stop = True
         return output
 
-    module.training_step = recording_step  # type: ignore[method-assign]
+    def recording_optimizer_step(*args: Any, **kwargs: Any) -> Any:
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        output = optimizer_step(*args, **kwargs)  # runs the step's last batch (Lightning's closure)
+        record.lrs.append(lr)
+        record.losses.append(sum(batch_losses) / len(batch_losses) if batch_losses else math.nan)
+        batch_losses.clear()
+        if stop_when is not None and trainer.strategy.broadcast(stop_when(record.losses)):
+            trainer.should_stop = True
+        return output
+
+    module.training_step = recording_training_step  # type: ignore[method-assign]
+    module.optimizer_step = recording_optimizer_step  # type: ignore[method-assign]
     if batch_loss is not None:
         module.batch_loss = recording_batch_loss  # type: ignore[method-assign]
     try:
-        yield step_losses
+        yield record
     finally:
-        del module.training_step  # the class's methods again
+        del module.training_step, module.optimizer_step  # the class's methods again
         if batch_loss is not None:
             del module.batch_loss
+
+
+@contextmanager
+def only_training(trainer: pl.Trainer) -> Iterator[None]:
+    """Let a range test run its steps over as many epochs as it needs, whatever the fit's ``max_epochs`` (a small
+    data set would otherwise end it after a few steps), without the validation passes that Lightning's finder leaves
+    on at each epoch's end and when the test is stopped (they would only add to its cost)."""
+    max_epochs, every_n_epochs = trainer.fit_loop.max_epochs, trainer.check_val_every_n_epoch
+    trainer.fit_loop.max_epochs = -1  # no limit
+    trainer.check_val_every_n_epoch = sys.maxsize  # no epoch of the test is one to validate
+    try:
+        yield
+    finally:
+        trainer.fit_loop.max_epochs, trainer.check_val_every_n_epoch = max_epochs, every_n_epochs
 
 
 class LearningRateSearch(LearningRateFinder):
@@ -181,24 +212,27 @@ class LearningRateSearch(LearningRateFinder):
             return
         self._warn_if_costly(trainer)
         stop_when = has_turned if self.stop_once_turned else None
-        with recorded_losses(pl_module, trainer.accumulate_grad_batches, stop_when) as losses:
+        with recorded_steps(pl_module, trainer, stop_when) as record, only_training(trainer):
             self.lr_find(trainer, pl_module)
         if self.optimal_lr is None:  # Lightning skips it under fast_dev_run, saying so
             return
-        self.losses = trainer.strategy.broadcast(losses)  # process 0's curve decides, as Lightning's finder does
-        self.lrs = lrs = self.optimal_lr.results["lr"][:len(self.losses)]
-        self.chosen_lr = choose_learning_rate(lrs, self.losses)
+        # process 0's curve decides, as Lightning's finder does
+        self.lrs, self.losses = lrs, losses = trainer.strategy.broadcast((record.lrs, record.losses))
+        self.chosen_lr = choose_learning_rate(lrs, losses)
+        if self.stop_once_turned and has_turned(losses):
+            rank_zero_info(f"learning-rate range test: ended after {len(losses)} steps, once the loss had turned "
+                           "(Lightning's finder reports any early end as 'due to diverging loss')")
         if trainer.is_global_zero:
             self._write_curve(trainer, lrs)
         if self.chosen_lr is None:
             rank_zero_warn(
                 f"training.lr: auto: the loss did not fall by {MIN_RELATIVE_FALL:.0%} over the {len(lrs)}-step range "
-                f"test ({self._min_lr:g} to {self._max_lr:g}; {CURVE_FILE} has the curve), so no rate can be read "
+                f"test ({lrs[0]:g} to {lrs[-1]:g}; {CURVE_FILE} has the curve), so no rate can be read "
                 "from it; training with the method's default. Give the test more steps (LearningRateSearch "
                 "num_training_steps) or set training.lr"
             )
             return
-        if still_falling(self.losses):
+        if still_falling(losses):
             rank_zero_warn(
                 f"training.lr: auto: the loss was still falling at the end of the range test ({lrs[-1]:g}; "
                 f"{CURVE_FILE} has the curve), so its minimum lies beyond it and {self.chosen_lr:g}, a third of the "

@@ -3,11 +3,13 @@ found, keep it in checkpoints and cards, and resume without searching again."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -23,7 +25,7 @@ from lightning_peft.learning_rate_search import (
     LearningRateSearch,
     choose_learning_rate,
     has_turned,
-    recorded_losses,
+    recorded_steps,
     still_falling,
 )
 from tests.test_cli import REPO, run_cli, run_main, write_config
@@ -106,29 +108,60 @@ def test_a_non_finite_loss_ends_the_test():
     assert has_turned([0.69] * 10 + [math.nan])
 
 
-def test_recorded_losses_average_accumulated_batches_and_put_the_method_back():
-    class Module(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.values = iter([1.0, 3.0, 2.0, 4.0, 5.0])
-
-        def training_step(self, batch, batch_idx):
-            return {"loss": torch.tensor(next(self.values))}
-
-    module = Module()
-    with recorded_losses(module, accumulate=2) as losses:
-        for i in range(5):
-            module.training_step(None, i)
-    assert losses == [2.0, 3.0]  # the fifth batch did not complete an optimizer step
-    assert "training_step" not in vars(module)
+def fake_trainer(lr: float) -> SimpleNamespace:
+    """What :func:`recorded_steps` reads of a trainer: the optimizer's rate, the strategy's broadcast, the stop."""
+    return SimpleNamespace(optimizers=[SimpleNamespace(param_groups=[{"lr": lr}])], should_stop=False,
+                           strategy=SimpleNamespace(broadcast=lambda value: value))
 
 
-def test_recorded_losses_are_the_task_s_own_without_the_terms_added_for_training():
-    class Task(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.values = iter([1.0, 9.0, 2.0, 9.0])
+def run_steps(module: torch.nn.Module, windows: list[int]) -> None:
+    """Drive ``module`` as Lightning does: each window's batches, the last one inside ``optimizer_step``."""
+    batch = 0
+    for size in windows:
+        for _ in range(size - 1):
+            module.training_step(None, batch)
+            batch += 1
+        module.optimizer_step(0, batch, None, lambda b=batch: module.training_step(None, b))
+        batch += 1
 
+
+class Stepping(torch.nn.Module):
+    """Training losses from a list; each optimizer step runs its closure, then multiplies the rate by 10."""
+
+    def __init__(self, values: list[float], trainer: SimpleNamespace) -> None:
+        super().__init__()
+        self.values, self.trainer = iter(values), trainer
+
+    def training_step(self, batch, batch_idx):
+        return {"loss": torch.tensor(next(self.values))}
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, closure):
+        closure()
+        self.trainer.optimizers[0].param_groups[0]["lr"] *= 10
+
+
+def test_recorded_steps_pair_each_optimizer_step_s_rate_with_its_batches_mean_loss():
+    trainer = fake_trainer(0.1)
+    module = Stepping([1.0, 3.0, 2.0, 4.0, 5.0], trainer)
+    with recorded_steps(module, trainer) as record:
+        run_steps(module, [2, 2, 1])  # an epoch of 5 batches accumulated by 2 ends on a window of one
+    assert record.losses == [2.0, 3.0, 5.0]
+    assert record.lrs == pytest.approx([0.1, 1.0, 10.0])  # the rate each step applied
+    assert "training_step" not in vars(module) and "optimizer_step" not in vars(module)
+
+
+def test_recorded_steps_stop_the_trainer_when_told():
+    trainer = fake_trainer(0.1)
+    module = Stepping([1.0, 2.0], trainer)
+    with recorded_steps(module, trainer, stop_when=lambda losses: len(losses) == 2) as record:
+        run_steps(module, [1])
+        assert trainer.should_stop is False
+        run_steps(module, [1])
+    assert trainer.should_stop is True and len(record.losses) == 2
+
+
+def test_recorded_steps_keep_the_task_s_own_loss_without_the_terms_added_for_training():
+    class Task(Stepping):
         def batch_loss(self, batch):
             return torch.tensor(next(self.values))
 
@@ -136,12 +169,12 @@ def test_recorded_losses_are_the_task_s_own_without_the_terms_added_for_training
             task_loss = self.batch_loss(batch)
             return task_loss + 10.0 + 0 * self.batch_loss(batch)  # a penalty, and a second pass (adversarial)
 
-    module = Task()
-    with recorded_losses(module, accumulate=1) as losses:
-        for i in range(2):
-            module.training_step(None, i)
-    assert losses == [1.0, 2.0]
-    assert "training_step" not in vars(module) and "batch_loss" not in vars(module)
+    trainer = fake_trainer(0.1)
+    module = Task([1.0, 9.0, 2.0, 9.0], trainer)
+    with recorded_steps(module, trainer) as record:
+        run_steps(module, [1, 1])
+    assert record.losses == [1.0, 2.0]
+    assert not {"training_step", "optimizer_step", "batch_loss"} & set(vars(module))
 
 
 class BatchingOfTheTest(LearningRateSearch):
@@ -230,6 +263,31 @@ def test_without_stop_once_turned_the_test_runs_its_whole_range(tmp_path, tiny_b
     assert result.returncode == 0, result.stderr[-3000:]
     curve = json.loads((tmp_path / "ckpt" / CURVE_FILE).read_text())
     assert len(curve["losses"]) == 60  # the fit test above stops this same curve early
+
+
+def test_the_test_takes_every_optimizer_step_past_the_fit_s_epochs_without_validating(tmp_path, tiny_bert_dir,
+                                                                                       toy_data, capsys, monkeypatch):
+    validated_in_test = []
+    validation_step = SequenceClassifier.validation_step
+
+    def validation_step_seen(self, *args, **kwargs):
+        validated_in_test.append(any(type(c).__name__ == "_LRCallback" for c in self.trainer.callbacks))
+        return validation_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(SequenceClassifier, "validation_step", validation_step_seen)
+    config = fit_config(tmp_path, tiny_bert_dir, toy_data, steps=30)
+    # one epoch of 20 batches = 7 optimizer steps (the last of 2 batches); the test needs 30, over 5 epochs
+    result = run_main(capsys, "fit", "--config", config, "--trainer.max_epochs", "1",
+                      "--trainer.accumulate_grad_batches", "3", "--trainer.callbacks.init_args.stop_once_turned",
+                      "false", "--trainer.callbacks.init_args.early_stop_threshold", "null")
+    assert result.returncode == 0, result.stderr[-3000:]
+    curve = json.loads((tmp_path / "ckpt" / CURVE_FILE).read_text())
+    assert len(curve["losses"]) == len(curve["lrs"]) == 30
+    ratios = [b / a for a, b in itertools.pairwise(curve["lrs"])]
+    # no step left out: one factor between steps (Lightning's schedule moves two between its first two) up to 3.0
+    assert ratios[1:] == pytest.approx([ratios[1]] * 28) and curve["lrs"][-1] == pytest.approx(3.0)
+    assert validated_in_test and not any(validated_in_test)  # the fit validated, the range test did not
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 7  # the fit's one epoch
 
 
 def test_a_curve_without_a_fall_keeps_the_method_default_and_says_so(tmp_path, tiny_bert_dir, toy_data, capsys,
