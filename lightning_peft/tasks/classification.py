@@ -147,10 +147,15 @@ class SequenceClassifier(PeftModule):
         mixup_alpha: float = 0.0,
     ) -> None:
         super().__init__(backbone, peft, optimizer, training)
-        if mixup_alpha < 0 or (mixup_alpha and self.regularization.rdrop_alpha):
+        if mixup_alpha < 0:
             raise LightningPeftError(
-                f"model.init_args.mixup_alpha: {mixup_alpha} — must be >= 0, and mixup does not combine with "
-                "training.regularization.rdrop_alpha (two passes over different mixes); use one of them"
+                f"model.init_args.mixup_alpha: {mixup_alpha} — the Beta distribution's alpha must be > 0 (0.2-0.4 is "
+                "usual), or 0 for no mixup"
+            )
+        if mixup_alpha and self.regularization.rdrop_alpha:
+            raise LightningPeftError(
+                f"model.init_args.mixup_alpha: {mixup_alpha} — mixup does not combine with "
+                "training.regularization.rdrop_alpha (two passes over different mixes); set one of them to 0"
             )
         self.mixup_alpha = mixup_alpha
         if problem_type == "regression":
