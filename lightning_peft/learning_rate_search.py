@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateFinder
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_peft.errors import LightningPeftError
 from lightning_peft.figures import plotting, save_figure
 
 PLOT_FILE = "lr_find.png"
@@ -28,6 +29,8 @@ MIN_RELATIVE_FALL = 0.10
 SMOOTHING_WINDOW = 9  # steps in the running median that takes out single-batch noise
 DIVISOR = 3.0  # the loss's minimum lies at 1-5x (mostly 2-3x) the best whole-fit rate (benchmarks/README.md)
 TURN = 0.5  # the test stops once the smoothed loss has climbed back this fraction of its fall
+#: the fewest steps a rate can be read from: two complete running-median windows, plus the half window at the end
+MIN_STEPS = 2 * SMOOTHING_WINDOW + SMOOTHING_WINDOW // 2
 
 
 def smoothed(losses: Sequence[float], window: int = SMOOTHING_WINDOW) -> list[float]:
@@ -41,9 +44,9 @@ def _minimum(losses: Sequence[float]) -> tuple[list[float], int] | None:
     early reads as a full one does) and the index of its minimum; ``None`` when it never fell by
     :data:`MIN_RELATIVE_FALL`."""
     finite = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), len(losses))
-    curve = smoothed(losses[:finite])[:max(0, finite - SMOOTHING_WINDOW // 2)]
-    if len(curve) < 2 * SMOOTHING_WINDOW:
+    if finite < MIN_STEPS:
         return None
+    curve = smoothed(losses[:finite])[:finite - SMOOTHING_WINDOW // 2]
     lowest = min(range(len(curve)), key=curve.__getitem__)
     if lowest == 0 or curve[lowest] > curve[0] * (1 - MIN_RELATIVE_FALL):
         return None
@@ -196,6 +199,17 @@ class LearningRateSearch(LearningRateFinder):
 
     def __init__(self, min_lr: float = 1e-5, max_lr: float = 1.0, num_training_steps: int = 100,
                  early_stop_threshold: float | None = 4.0, stop_once_turned: bool = True) -> None:
+        if num_training_steps < MIN_STEPS:
+            raise LightningPeftError(
+                f"LearningRateSearch.num_training_steps: a rate is read from {MIN_STEPS} steps or more (a "
+                f"{SMOOTHING_WINDOW}-step running median over at least two windows), got {num_training_steps}; the "
+                "default, 100, covers 1e-5 to 1 at 20 steps a decade"
+            )
+        if not 0 < min_lr < max_lr:
+            raise LightningPeftError(
+                f"LearningRateSearch.min_lr, max_lr: the rate rises from min_lr to max_lr, so 0 < min_lr < max_lr; "
+                f"got {min_lr:g} and {max_lr:g}"
+            )
         super().__init__(min_lr=min_lr, max_lr=max_lr, num_training_steps=num_training_steps, mode="exponential",
                          early_stop_threshold=early_stop_threshold, update_attr=False)
         self.stop_once_turned = stop_once_turned

@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +22,7 @@ from lightning_peft import ClassificationDataModule, LightningPeftError, Sequenc
 from lightning_peft.learning_rate_search import (
     CURVE_FILE,
     DIVISOR,
+    MIN_STEPS,
     PLOT_FILE,
     LearningRateSearch,
     choose_learning_rate,
@@ -28,7 +30,7 @@ from lightning_peft.learning_rate_search import (
     recorded_steps,
     still_falling,
 )
-from tests.test_cli import REPO, run_cli, run_main, write_config
+from tests.test_cli import REPO, assert_one_error, run_cli, run_main, write_config
 
 QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
 LRS = [10 ** (-5 + 5 * i / 99) for i in range(100)]  # 1e-5 … 1, as the default test
@@ -193,7 +195,7 @@ def test_range_test_batches_as_the_fit_does(backbone, tiny_bert_dir, toy_data, t
     dm = ClassificationDataModule(tokenizer=str(tiny_bert_dir), train_file=str(toy_data["train"]), batch_size=8)
     model = SequenceClassifier(backbone, LoraConfig(r=4, target_modules=["query", "value"]), labels=dm.labels,
                                training=TrainingConfig(lr="auto"))
-    search = BatchingOfTheTest(num_training_steps=4, min_lr=1e-3, max_lr=1.0)
+    search = BatchingOfTheTest(num_training_steps=MIN_STEPS, min_lr=1e-3, max_lr=1.0)
     trainer = pl.Trainer(max_steps=6, callbacks=[search, NoPacking()], accelerator="cpu", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, default_root_dir=tmp_path)
@@ -292,9 +294,10 @@ def test_the_test_takes_every_optimizer_step_past_the_fit_s_epochs_without_valid
 
 def test_a_curve_without_a_fall_keeps_the_method_default_and_says_so(tmp_path, tiny_bert_dir, toy_data, capsys,
                                                                      caplog):
-    config = fit_config(tmp_path, tiny_bert_dir, toy_data, steps=5)  # far too short to read a rate from
-    with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match="did not fall by 10% over the 5-step range"):
-        result = run_main(capsys, "fit", "--config", config, "--trainer.max_epochs", "1")
+    config = fit_config(tmp_path, tiny_bert_dir, toy_data, steps=MIN_STEPS)
+    too_small_to_move = ["--trainer.callbacks.init_args.min_lr", "1e-9", "--trainer.callbacks.init_args.max_lr", "1e-8"]
+    with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match=f"not fall by 10% over the {MIN_STEPS}-step"):
+        result = run_main(capsys, "fit", "--config", config, "--trainer.max_epochs", "1", *too_small_to_move)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "learning rate: 0.002 (the default for LORA" in caplog.text
     assert json.loads((tmp_path / "ckpt" / CURVE_FILE).read_text())["lr"] is None  # the curve, to see why
@@ -311,6 +314,23 @@ class RecordRate(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         rate = trainer.lr_scheduler_configs[0].scheduler.base_lrs[0]
         (Path(self.directory) / f"rate-{trainer.global_rank}.txt").write_text(repr(rate))
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"num_training_steps": MIN_STEPS - 1}, f"num_training_steps: a rate is read from {MIN_STEPS} steps or more"),
+    ({"min_lr": 1.0, "max_lr": 1e-3}, "0 < min_lr < max_lr; got 1 and 0.001"),
+    ({"min_lr": 0.0}, "0 < min_lr < max_lr; got 0 and 1"),
+    ({"max_lr": -1.0}, "0 < min_lr < max_lr; got 1e-05 and -1"),
+])
+def test_settings_no_rate_can_come_from_are_refused(settings, message):
+    with pytest.raises(LightningPeftError, match=f"LearningRateSearch.*{re.escape(message)}"):
+        LearningRateSearch(**settings)
+
+
+def test_a_bad_setting_is_one_error_line_from_the_cli(tmp_path, tiny_bert_dir, toy_data, capsys):
+    config = fit_config(tmp_path, tiny_bert_dir, toy_data)
+    result = run_main(capsys, "fit", "--config", config, "--trainer.callbacks.init_args.num_training_steps", "5")
+    assert_one_error(result, "LearningRateSearch.num_training_steps", "got 5")
 
 
 def test_a_listed_search_without_lr_auto_says_it_does_nothing(tmp_path, tiny_bert_dir, toy_data, capsys):
@@ -370,14 +390,14 @@ def chat_task(request, lr):
 @pytest.mark.parametrize("build", [ner_task, seq2seq_task, chat_task], ids=["ner", "seq2seq", "chat"])
 def test_every_task_searches(build, request, tmp_path):
     model, dm = build(request, "auto")
-    search = LearningRateSearch(num_training_steps=12, min_lr=1e-3, max_lr=10.0)
+    search = LearningRateSearch(num_training_steps=MIN_STEPS, min_lr=1e-3, max_lr=10.0)
     trainer = pl.Trainer(max_epochs=6, limit_val_batches=0, callbacks=[search], default_root_dir=tmp_path, **QUIET)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the cost warning; a curve without a fall
         trainer.fit(model, datamodule=dm)
     assert search.output_dir(trainer) == tmp_path / "checkpoints"  # beside the checkpoints
     curve = json.loads((tmp_path / "checkpoints" / CURVE_FILE).read_text())
-    assert 6 <= len(curve["losses"]) == len(curve["lrs"]) <= 12  # fewer: Lightning stopped it at a diverging loss
+    assert 6 <= len(curve["losses"]) == len(curve["lrs"]) <= MIN_STEPS  # fewer: Lightning stopped a diverging loss
     assert all(math.isfinite(loss) for loss in curve["losses"][:6])
     expected = curve["lr"] if curve["lr"] is not None else build(request, None)[0].learning_rate
     assert trainer.lr_scheduler_configs[0].scheduler.base_lrs[0] == pytest.approx(expected)

@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification
 from lightning_peft import ClassificationDataModule, LightningPeftError, SequenceClassifier, TrainingConfig
 from lightning_peft.callbacks import AdaLoRAScheduler, LearningRateSearch
 from lightning_peft.callbacks.adalora import adalora_model, orthogonal_regulariser, rank_table
+from lightning_peft.learning_rate_search import MIN_STEPS
 
 QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
 
@@ -188,7 +189,7 @@ def test_nothing_to_prune_is_an_error_before_training(init_r, lr, backbone, tiny
     dm = toy(tiny_bert_dir, toy_data)
     model = SequenceClassifier(backbone, adalora(init_r=init_r, target_r=2), labels=dm.labels,
                                training=TrainingConfig(lr=lr))
-    search = StartedSearch(num_training_steps=4)
+    search = StartedSearch(num_training_steps=MIN_STEPS)
     trainer = pl.Trainer(max_steps=8, callbacks=[AdaLoRAScheduler(), search], enable_checkpointing=False, **QUIET)
     with pytest.raises(LightningPeftError, match=rf"init_r={init_r} <= target_r=2 leaves nothing to prune"):
         trainer.fit(model, datamodule=dm)
@@ -209,11 +210,11 @@ def test_learning_rate_range_test_trains_the_orthogonal_regulariser(backbone, ti
     pl.seed_everything(0)
     dm = toy(tiny_bert_dir, toy_data)
     model = SequenceClassifier(backbone, adalora(), labels=dm.labels, training=TrainingConfig(lr="auto"))
-    search = LossTermsAtSearch(num_training_steps=8, min_lr=1e-3, max_lr=1.0)
+    search = LossTermsAtSearch(num_training_steps=MIN_STEPS, min_lr=1e-3, max_lr=1.0)
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=16, callbacks=[AdaLoRAScheduler(heatmap=False), search],
                          enable_checkpointing=False, limit_val_batches=0, default_root_dir=tmp_path, **QUIET)
     trainer.fit(model, datamodule=dm)
-    assert search.loss_terms == {"adalora_orth_reg"} and len(search.losses) == 8
+    assert search.loss_terms == {"adalora_orth_reg"} and len(search.losses) == MIN_STEPS
     assert adalora_model(model).peft_config["default"].orth_reg_weight == 0.5 and not model.loss_terms
 
 

@@ -17,6 +17,7 @@ from lightning_peft import (
 from lightning_peft.batching import MicroBatches
 from lightning_peft.callbacks import LearningRateSearch
 from lightning_peft.callbacks.adversarial import AdversarialTraining, per_example_unit, project
+from lightning_peft.learning_rate_search import MIN_STEPS
 from tests.test_batching import padded_batch
 
 
@@ -149,13 +150,13 @@ def test_learning_rate_range_test_trains_the_adversarial_loss(backbone, tiny_ber
     model = SequenceClassifier(backbone, LoraConfig(r=4, target_modules=["query", "value"]), labels=dm.labels,
                                training=TrainingConfig(lr="auto"))
     adversarial = CountedAdversarial()
-    search = AdversarialStepsOfTheSearch(adversarial, num_training_steps=6, min_lr=1e-3, max_lr=1.0)
+    search = AdversarialStepsOfTheSearch(adversarial, num_training_steps=MIN_STEPS, min_lr=1e-3, max_lr=1.0)
     trainer = pl.Trainer(max_steps=8, callbacks=[adversarial, search], accelerator="cpu", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)
-    assert search.adversarial_steps == len(search.losses) == 6
-    assert adversarial.calls == 6 + 8 and "adversarial" not in model.loss_terms
+    assert search.adversarial_steps == len(search.losses) == MIN_STEPS
+    assert adversarial.calls == MIN_STEPS + 8 and "adversarial" not in model.loss_terms
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "ia3"])
