@@ -254,16 +254,30 @@ class SequenceClassifier(PeftModule):
         ``batch["consistency"]`` × the divergence of each view's prediction from its row's, the row's taken as a
         fixed target (UDA's consistency term; the views' labels are not trained on). The rows must arrive whole and
         in order: packed rows or one padded pass, not micro-batches sorted by length."""
-        if isinstance(self.batching, MicroBatches) or self.mixup_alpha or self.regularization.rdrop_alpha:
-            raise LightningPeftError(
-                "data.init_args.augmentation.consistency: needs each batch in one pass (packed rows, or "
-                "training.micro_batch_size null) and no mixup_alpha or rdrop_alpha beside it"
-            )
+        self.check_consistency_fits()
         logits = self(batch)
         clean, augmented = logits.chunk(2)
         half = {key: value[: clean.shape[0]] for key, value in batch.items() if isinstance(value, torch.Tensor)}
         weight = float(batch[CONSISTENCY][0])
         return self.compute_loss(clean, half) + weight * self.consistency_divergence(clean, augmented)
+
+    def check_consistency_fits(self) -> None:
+        """Refuse what would break the pairing of rows and views: another term that mixes or doubles the batch, or
+        length-sorted micro-batches, which reorder the rows."""
+        term = ("model.init_args.mixup_alpha" if self.mixup_alpha
+                else "model.init_args.training.regularization.rdrop_alpha" if self.regularization.rdrop_alpha else None)
+        if term:
+            raise LightningPeftError(
+                f"data.init_args.augmentation.consistency: does not combine with {term} (it would mix or double the "
+                "rows the consistency term pairs with their views); set one of the two to 0"
+            )
+        if isinstance(self.batching, MicroBatches):
+            why = self.packing_blocker() or "model.init_args.training.sequence_packing is off or not possible"
+            raise LightningPeftError(
+                "data.init_args.augmentation.consistency: pairs each row with its view in one pass, but this fit "
+                f"computes its batches in {self.batching.describe()} ({why}); set "
+                "model.init_args.training.micro_batch_size: null (one padded pass)"
+            )
 
     def classification_head(self) -> torch.nn.Module:
         """The module that turns the pooled representation into logits (``classifier``, or ``score`` for decoder

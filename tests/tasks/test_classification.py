@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -281,3 +282,21 @@ def test_augmentation_consistency_trains_the_clean_rows_and_pulls_their_views_to
     trainer.fit(model, datamodule=dm)
     assert type(model.batching).__name__ == "SequencePacking"
     assert trainer.test(model, datamodule=dm, verbose=False)[0]["test/accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"mixup_alpha": 0.4}, "does not combine with model.init_args.mixup_alpha"),
+    ({"training": TrainingConfig(regularization={"rdrop_alpha": 1.0})},
+     "does not combine with model.init_args.training.regularization.rdrop_alpha"),
+    ({"training": TrainingConfig(sequence_packing=False)},
+     "in length-sorted micro-batches of 16 rows (model.init_args.training.sequence_packing is off"),
+])
+def test_augmentation_consistency_names_what_breaks_its_pairs(setting, message, backbone, lora, tiny_bert_dir,
+                                                                toy_data):
+    dm = toy_dm(tiny_bert_dir, toy_data, augmentation={"char_swap": 0.2, "consistency": 1.0})
+    model = SequenceClassifier(backbone, lora, labels=dm.labels, **setting)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    with pytest.raises(LightningPeftError, match=re.escape(message)) as error:
+        model.batch_loss(batch)
+    assert str(error.value).count("model.init_args") == 1 + ("micro_batch_size" in str(error.value))
