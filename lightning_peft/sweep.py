@@ -41,6 +41,7 @@ class Trial:
     metric: float | None = None
     seconds: float = 0.0
     error: str = ""
+    learning_rate: float | None = None  # the rate it trained with (the one training.lr: auto found)
 
 
 @dataclass
@@ -261,19 +262,23 @@ class LocalSweep:
             trial.status, trial.error = f"failed (exit {done.returncode})", lines[-1] if lines else ""
             print(f"  {trial.status}: {trial.error}", flush=True)
             return trial
-        trial.metric = self.read_metric(number, started_at)
+        checkpoint = self.read_checkpoint(number, started_at)
+        metric = checkpoint.get(METRICS_KEY, {}).get(self.spec.metric)
+        trial.metric = None if metric is None else float(metric)
+        trial.learning_rate = (checkpoint.get("hyper_parameters") or {}).get("training", {}).get("lr")
         trial.status = "done" if trial.metric is not None else f"done, no {self.spec.metric}"
-        print(f"  {self.spec.metric} = {trial.metric}", flush=True)
+        print(f"  {self.spec.metric} = {trial.metric}" + (f" (lr {trial.learning_rate:g})"
+                                                            if trial.learning_rate is not None else ""), flush=True)
         return trial
 
-    def read_metric(self, number: int, started_at: float) -> float | None:
-        """The metric as logged at the end of the trial (``last.ckpt``'s validation metrics, as W&B's summary);
-        ``None`` unless that file was written by this trial (started at ``started_at``, a ``time.time()``)."""
+    def read_checkpoint(self, number: int, started_at: float) -> dict[str, Any]:
+        """The trial's ``last.ckpt``: its validation metrics as logged at the end (as W&B's summary) and its
+        hyperparameters with the rate it trained with; empty unless that file was written by this trial (started at
+        ``started_at``, a ``time.time()``)."""
         last = self.trial_directory(number) / "checkpoints" / "last.ckpt"
         if not last.is_file() or last.stat().st_mtime < started_at:
-            return None
-        value = load_checkpoint(last, f"trial {number} checkpoint").get(METRICS_KEY, {}).get(self.spec.metric)
-        return None if value is None else float(value)
+            return {}
+        return load_checkpoint(last, f"trial {number} checkpoint")
 
     # -- results ------------------------------------------------------------------------------------------
     def best(self, trials: list[Trial]) -> Trial | None:
@@ -286,10 +291,10 @@ class LocalSweep:
         names = list(self.spec.parameters)
         with open(self.out / "results.csv", "w", newline="") as file:
             writer = csv.writer(file)
-            writer.writerow(["trial", *names, self.spec.metric, "status", "seconds", "error"])
+            writer.writerow(["trial", *names, self.spec.metric, "learning_rate", "status", "seconds", "error"])
             for t in trials:
-                writer.writerow([t.number, *(t.params.get(n) for n in names), t.metric, t.status, f"{t.seconds:.1f}",
-                                 t.error])
+                writer.writerow([t.number, *(t.params.get(n) for n in names), t.metric, t.learning_rate, t.status,
+                                 f"{t.seconds:.1f}", t.error])
         print(f"\n{'trial':>5}  {self.spec.metric:>14}  {'status':<18} parameters")
         for t in trials:
             metric = "-" if t.metric is None else f"{t.metric:.4f}"

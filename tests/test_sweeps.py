@@ -64,7 +64,7 @@ def test_local_sweep_runs_trials_records_crashes_and_writes_the_best_config(tmp_
     spec_path.write_text(yaml.safe_dump({
         "program": "lightning-peft", "method": "grid", "metric": {"name": "val/accuracy", "goal": "maximize"},
         "parameters": {"model.init_args.training.warmup_ratio": {"values": [0.0, 1.5]},  # 1.5: refused, exit 2
-                       "trainer.max_epochs": {"value": 1}},
+                       "model.init_args.training.lr": {"value": 0.02}, "trainer.max_epochs": {"value": 1}},
         "command": ["${env}", "lightning-peft", "fit", "--config", str(config), "${args}"],
     }))
     main(["sweep", str(spec_path), "--trials", "5", "--out", str(tmp_path / "sweep")])
@@ -73,6 +73,7 @@ def test_local_sweep_runs_trials_records_crashes_and_writes_the_best_config(tmp_
                                                                                 ("1.5", "failed (exit 2)")]
     assert "warmup_ratio: must be in [0, 1), got 1.5" in rows[1]["error"]
     assert 0.0 <= float(rows[0]["val/accuracy"]) <= 1.0
+    assert float(rows[0]["learning_rate"]) == 0.02 and rows[1]["learning_rate"] == ""  # the rate it trained with
     assert (tmp_path / "sweep" / "trial-000" / "checkpoints" / "last.ckpt").is_file()
     best = yaml.safe_load((tmp_path / "sweep" / "best.yaml").read_text())
     assert best["model"]["init_args"]["training"]["warmup_ratio"] == 0.0 and best["trainer"]["max_epochs"] == 1
@@ -99,8 +100,8 @@ def test_a_trial_reads_only_the_checkpoint_it_wrote(tmp_path, tiny_bert_dir, toy
     planted = sweep.trial_directory(0) / "checkpoints" / "last.ckpt"
     planted.parent.mkdir(parents=True)
     torch.save({"state_dict": {}, METRICS_KEY: {"val/accuracy": 0.99}}, planted)
-    assert sweep.read_metric(0, started_at=planted.stat().st_mtime - 1) == pytest.approx(0.99)
-    assert sweep.read_metric(0, started_at=time.time() + 1) is None  # written before the trial started
+    assert sweep.read_checkpoint(0, started_at=planted.stat().st_mtime - 1)[METRICS_KEY]["val/accuracy"] == 0.99
+    assert sweep.read_checkpoint(0, started_at=time.time() + 1) == {}  # written before the trial started
 
 
 def test_random_search_draws_within_each_distribution():
