@@ -127,28 +127,33 @@ class AugmentedRows(TorchDataset):
     """The training split, each row augmented and tokenised when the loader asks for it: the datamodule's
     ``augment_example`` changes the raw row, its own ``preprocess`` tokenises it as it tokenises every row.
 
+    It is indexed by ``(epoch, index)`` pairs (:class:`EpochTaggedSampler`, :class:`PairedBatches`): the epoch that
+    seeds a row's noise comes with the index from the main process, because a loader's worker processes hold copies
+    of the dataset (persistent workers, for the whole fit) and never see the sampler's later epochs.
+
     With ``augmentation.consistency`` the split is twice as long: index ``i`` is row ``i`` as it is, index ``n + i``
     its augmented view, each carrying the weight under :data:`~lightning_peft.types.CONSISTENCY`
     (:class:`PairedBatches` puts both in one batch).
 
     Example::
 
-        AugmentedRows(raw_train, datamodule, sampler)[0]  # {'input_ids': […], 'attention_mask': […], 'labels': 1}
+        AugmentedRows(raw_train, datamodule, seed=0)[(0, 0)]  # {'input_ids': […], 'attention_mask': […], 'labels': 1}
     """
 
-    def __init__(self, raw: Dataset, datamodule: TextDataModule, sampler: EpochSeededSampler) -> None:
+    def __init__(self, raw: Dataset, datamodule: TextDataModule, seed: int) -> None:
         self.raw = raw
         self.datamodule = datamodule
-        self.sampler = sampler  # whose epoch the loader's workers see too
+        self.seed = seed
         self.paired = datamodule.augmentation.consistency > 0
 
     def __len__(self) -> int:
         return len(self.raw) * (2 if self.paired else 1)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
         augmentation = self.datamodule.augmentation
         row, is_view = index % len(self.raw), index >= len(self.raw)
-        rng = random.Random(f"{self.sampler.seed}:{self.sampler.epoch}:{row}")
+        rng = random.Random(f"{self.seed}:{epoch}:{row}")
         example = dict(self.raw[row])
         if is_view or (not self.paired and augmentation.applies(rng)):
             example = self.datamodule.augment_example(example, rng)
@@ -159,13 +164,37 @@ class AugmentedRows(TorchDataset):
         return features
 
 
-class PairedBatches(Sampler[list[int]]):
-    """Batches of the sampler's rows followed by their augmented views (``offset`` further on): what
-    :class:`AugmentedRows` with ``consistency`` is read with. The order, epochs and resuming are the inner sampler's.
+class EpochTaggedSampler(Sampler[tuple[int, int]]):
+    """``sampler``'s order as ``(epoch, index)`` pairs, the epoch of the pass that drew them: what
+    :class:`AugmentedRows` is read with. Epochs, resuming and the order are the inner sampler's.
 
     Example::
 
-        DataLoader(AugmentedRows(raw, dm, sampler), batch_sampler=PairedBatches(sampler, 16, len(raw)))
+        DataLoader(AugmentedRows(raw, dm, seed=0), batch_size=16, sampler=EpochTaggedSampler(sampler))
+    """
+
+    def __init__(self, sampler: EpochSeededSampler) -> None:
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.sampler.epoch
+        return ((epoch, index) for index in self.sampler)
+
+
+class PairedBatches(Sampler[list[tuple[int, int]]]):
+    """Batches of the sampler's rows followed by their augmented views (``offset`` further on), as ``(epoch, index)``
+    pairs: what :class:`AugmentedRows` with ``consistency`` is read with. The order, epochs and resuming are the inner
+    sampler's.
+
+    Example::
+
+        DataLoader(AugmentedRows(raw, dm, seed=0), batch_sampler=PairedBatches(sampler, 16, len(raw)))
     """
 
     def __init__(self, sampler: EpochSeededSampler, batch_size: int, offset: int) -> None:
@@ -179,8 +208,8 @@ class PairedBatches(Sampler[list[int]]):
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.batch_size)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        rows = list(self.sampler)
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, rows = self.sampler.epoch, list(self.sampler)
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
-            yield chunk + [row + self.offset for row in chunk]
+            yield [(epoch, row) for row in chunk] + [(epoch, row + self.offset) for row in chunk]

@@ -20,7 +20,13 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lightning_peft.backbone import load_tokenizer
-from lightning_peft.data.augmentation import AugmentedRows, PairedBatches, TextAugmentation, as_augmentation
+from lightning_peft.data.augmentation import (
+    AugmentedRows,
+    EpochTaggedSampler,
+    PairedBatches,
+    TextAugmentation,
+    as_augmentation,
+)
 from lightning_peft.data.sampling import EpochSeededSampler, ResumableDataLoader
 from lightning_peft.errors import LightningPeftError
 
@@ -378,9 +384,10 @@ class TextDataModule(LightningDataModule):
         in_order = {"batch_size": self.batch_size, "sampler": self._train_sampler}
         if self.augmentation is None or not self.augmentation.kinds:
             return self._loader(self.datasets["train"], ResumableDataLoader, **in_order)
-        rows = AugmentedRows(self.raw_split("train"), self, self._train_sampler)  # tokenised as they are drawn
+        rows = AugmentedRows(self.raw_split("train"), self, self.order_seed)  # tokenised as they are drawn
         if not rows.paired:
-            return self._loader(rows, ResumableDataLoader, **in_order)
+            tagged = EpochTaggedSampler(self._train_sampler)
+            return self._loader(rows, ResumableDataLoader, batch_size=self.batch_size, sampler=tagged)
         paired = PairedBatches(self._train_sampler, self.batch_size, len(rows.raw))
         return self._loader(rows, ResumableDataLoader, batch_sampler=paired)
 

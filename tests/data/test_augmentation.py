@@ -70,6 +70,24 @@ def test_training_rows_change_per_epoch_reproducibly_and_evaluation_rows_never(t
     assert labels == [int(label) for batch in plain.train_dataloader() for label in batch["labels"]]
 
 
+@pytest.mark.parametrize("augmentation", [HEAVY, {"word_dropout": 0.3, "consistency": 1.0}], ids=["rows", "views"])
+def test_worker_processes_draw_each_epoch_s_noise(augmentation, tiny_bert_dir, toy_data):
+    def epochs(workers: int) -> list[list[torch.Tensor]]:
+        dm = ClassificationDataModule(tokenizer=str(tiny_bert_dir), train_file=str(toy_data["train"]), batch_size=16,
+                                      seed=3, augmentation=augmentation, num_workers=workers)
+        dm.setup("fit")
+        loader = dm.train_dataloader()  # one loader for the fit, its workers persistent, as Lightning runs it
+        drawn = []
+        for epoch in (0, 1):
+            dm._train_sampler.set_epoch(epoch)  # what Lightning's set_epoch on the loader's sampler reaches
+            drawn.append([batch["input_ids"] for batch in loader])
+        return drawn
+
+    in_process, in_workers = epochs(0), epochs(2)
+    for epoch in (0, 1):  # workers hold a copy of the dataset: the epoch must come with the indices
+        assert all(torch.equal(a, b) for a, b in zip(in_workers[epoch], in_process[epoch], strict=True))
+
+
 def test_a_tagger_drops_and_moves_tags_with_their_words(tiny_bert_dir, tmp_path):
     sentence = (["john", "smith", "went", "to", "new", "york", "today"],
                 ["B-PER", "I-PER", "O", "O", "B-LOC", "I-LOC", "O"])
