@@ -230,8 +230,8 @@ class LearningRateSearch(LearningRateFinder):
             self.lr_find(trainer, pl_module)
         if self.optimal_lr is None:  # Lightning skips it under fast_dev_run, saying so
             return
-        # process 0's curve decides, as Lightning's finder does
-        self.lrs, self.losses = lrs, losses = trainer.strategy.broadcast((record.lrs, record.losses))
+        lrs, losses = trainer.strategy.broadcast((record.lrs, record.losses))  # process 0's curve decides, as
+        self.lrs, self.losses = lrs, losses  # Lightning's finder does
         self.chosen_lr = choose_learning_rate(lrs, losses)
         if self.stop_once_turned and has_turned(losses):
             rank_zero_info(f"learning-rate range test: ended after {len(losses)} steps, once the loss had turned "

@@ -265,7 +265,7 @@ class LocalSweep:
         checkpoint = self.read_checkpoint(number, started_at)
         metric = checkpoint.get(METRICS_KEY, {}).get(self.spec.metric)
         trial.metric = None if metric is None else float(metric)
-        trial.learning_rate = (checkpoint.get("hyper_parameters") or {}).get("training", {}).get("lr")
+        trial.learning_rate = trained_learning_rate(checkpoint)
         trial.status = "done" if trial.metric is not None else f"done, no {self.spec.metric}"
         print(f"  {self.spec.metric} = {trial.metric}" + (f" (lr {trial.learning_rate:g})"
                                                             if trial.learning_rate is not None else ""), flush=True)
@@ -330,6 +330,14 @@ class LocalSweep:
             axis.tick_params(axis="x", labelrotation=45 if not numeric else 0, labelsize=7)
         axes[0][0].set_ylabel(self.spec.metric)
         print(f"plot: {save_figure(None, figure, self.out / 'metric_vs_parameters.png', 'sweep')}")
+
+
+def trained_learning_rate(checkpoint: dict[str, Any]) -> float | None:
+    """The rate a lightning-peft checkpoint's fit trained with (``hyper_parameters.training.lr``: the one given, the
+    method's default, or the one ``training.lr: auto`` found); ``None`` where a module keeps no such number."""
+    training = (checkpoint.get("hyper_parameters") or {}).get("training")
+    lr = training.get("lr") if isinstance(training, dict) else None
+    return float(lr) if isinstance(lr, int | float) and not isinstance(lr, bool) else None
 
 
 def format_params(params: dict[str, Any]) -> str:

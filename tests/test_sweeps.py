@@ -16,7 +16,7 @@ import yaml
 from lightning_peft.adapter_checkpoint import METRICS_KEY
 from lightning_peft.cli import main, parse_fit_config
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.sweep import LocalSweep, SweepSpec, grid, random_suggest
+from lightning_peft.sweep import LocalSweep, SweepSpec, grid, random_suggest, trained_learning_rate
 from tests.test_cli import write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,3 +133,14 @@ def test_bayes_search_runs_through_optuna(tmp_path, tiny_bert_dir, toy_data):
     rows = list(csv.DictReader((tmp_path / "sweep" / "results.csv").open()))
     assert [r["status"] for r in rows] == ["done", "done"]
     assert all(1e-3 <= float(r["model.init_args.training.lr"]) <= 3e-2 for r in rows)
+
+
+@pytest.mark.parametrize(("checkpoint", "rate"), [
+    ({"hyper_parameters": {"training": {"lr": 0.003}}}, 0.003),
+    ({"hyper_parameters": {"training": {"lr": "auto"}}}, None),  # another module's own record
+    ({"hyper_parameters": {"training": None}}, None),
+    ({"hyper_parameters": {"lr": 0.1}}, None),
+    ({}, None),
+])
+def test_the_trained_rate_is_read_only_where_a_checkpoint_holds_one(checkpoint, rate):
+    assert trained_learning_rate(checkpoint) == rate
