@@ -162,15 +162,17 @@ def recorded_steps(module: pl.LightningModule, trainer: pl.Trainer,
 @contextmanager
 def only_training(trainer: pl.Trainer) -> Iterator[None]:
     """Let a range test run its steps over as many epochs as it needs, whatever the fit's ``max_epochs`` (a small
-    data set would otherwise end it after a few steps), without the validation passes that Lightning's finder leaves
+    data set would otherwise end it after a few steps), end when it is told to, whatever the fit's ``min_epochs`` and
+    ``min_steps`` (Lightning ignores a stop before them), and skip the validation passes that Lightning's finder leaves
     on at each epoch's end and when the test is stopped (they would only add to its cost)."""
-    max_epochs, every_n_epochs = trainer.fit_loop.max_epochs, trainer.check_val_every_n_epoch
-    trainer.fit_loop.max_epochs = -1  # no limit
+    fit_loop, epoch_loop = trainer.fit_loop, trainer.fit_loop.epoch_loop
+    limits = fit_loop.max_epochs, fit_loop.min_epochs, epoch_loop.min_steps, trainer.check_val_every_n_epoch
+    fit_loop.max_epochs, fit_loop.min_epochs, epoch_loop.min_steps = -1, 0, None  # -1: no limit
     trainer.check_val_every_n_epoch = sys.maxsize  # no epoch of the test is one to validate
     try:
         yield
     finally:
-        trainer.fit_loop.max_epochs, trainer.check_val_every_n_epoch = max_epochs, every_n_epochs
+        fit_loop.max_epochs, fit_loop.min_epochs, epoch_loop.min_steps, trainer.check_val_every_n_epoch = limits
 
 
 class LearningRateSearch(LearningRateFinder):
@@ -233,7 +235,7 @@ class LearningRateSearch(LearningRateFinder):
         lrs, losses = trainer.strategy.broadcast((record.lrs, record.losses))  # process 0's curve decides, as
         self.lrs, self.losses = lrs, losses  # Lightning's finder does
         self.chosen_lr = choose_learning_rate(lrs, losses)
-        if self.stop_once_turned and has_turned(losses):
+        if len(losses) < self._num_training_steps and has_turned(losses):
             rank_zero_info(f"learning-rate range test: ended after {len(losses)} steps, once the loss had turned "
                            "(Lightning's finder reports any early end as 'due to diverging loss')")
         if trainer.is_global_zero:

@@ -228,11 +228,12 @@ def fit_config(tmp_path, tiny_bert_dir, toy_data, steps: int = 60) -> str:
 def test_fit_searches_trains_with_the_rate_and_keeps_it(tmp_path, tiny_bert_dir, toy_data, capsys, caplog):
     config = fit_config(tmp_path, tiny_bert_dir, toy_data)
     with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match="cost up to 75% of this fit's 80"):
-        result = run_main(capsys, "fit", "--config", config)
+        result = run_main(capsys, "fit", "--config", config, "--trainer.min_epochs", "4")  # the fit's, not the test's
     assert result.returncode == 0, result.stderr[-3000:]
     curve = json.loads((tmp_path / "ckpt" / CURVE_FILE).read_text())
     assert (tmp_path / "ckpt" / PLOT_FILE).stat().st_size > 0
     assert len(curve["lrs"]) == len(curve["losses"]) < 60  # stopped once the loss had turned
+    assert f"range test: ended after {len(curve['losses'])} steps, once the loss had turned" in caplog.text
     found = curve["lr"]
     assert found == choose_learning_rate(curve["lrs"], curve["losses"])
     assert f"learning rate: {found:g} (training.lr: auto, found by a learning-rate range test" in caplog.text
