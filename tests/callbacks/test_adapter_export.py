@@ -102,9 +102,23 @@ def test_cli_export_writes_the_same_layout_with_merged(tmp_path, tiny_bert_dir, 
 
 def test_shipped_preset_loads(tmp_path):
     preset = yaml.safe_load((REPO / "configs" / "callbacks" / "adapter_export.yaml").read_text())
-    (callback,) = preset["trainer"]["callbacks"]
+    (callback,) = preset["trainer"]["callbacks+"]  # appended to the callbacks of the configs before it
     assert callback["class_path"] == "lightning_peft.callbacks.AdapterExport"
     assert AdapterExport(**callback["init_args"]).merge
+
+
+def test_shipped_callback_presets_stack(monkeypatch):
+    from lightning_peft.cli import parse_fit_config
+
+    monkeypatch.chdir(REPO)
+    presets = ["configs/peft/adalora.yaml", *sorted(str(p.relative_to(REPO)) for p in (REPO / "configs" / "callbacks")
+                                                    .glob("*.yaml"))]
+    _, config = parse_fit_config(["--config", "configs/quickstart.yaml",
+                                  *(arg for preset in presets for arg in ("--config", preset))])
+    listed = [callback.class_path.rpartition(".")[2] for callback in config.trainer.callbacks]
+    expected = [entry["class_path"].rpartition(".")[2] for preset in presets
+                for entry in yaml.safe_load((REPO / preset).read_text())["trainer"]["callbacks+"]]
+    assert listed == expected and "AdaLoRAScheduler" in listed and "EarlyStopping" in listed  # none dropped
 
 
 def test_refuses_a_model_that_is_not_a_peft_module():
