@@ -116,6 +116,8 @@ class AdaLoRAScheduler(Callback):
         trainer = Trainer(callbacks=[AdaLoRAScheduler()])  # model.peft: AdaLoraConfig(target_r=4, init_r=8, …)
     """
 
+    allocates_adalora_ranks = True  # what a task fitting AdaLoRA looks for among the trainer's callbacks
+
     def __init__(self, heatmap: bool = True) -> None:
         self.heatmap = heatmap
         self.last_step = -1

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
-from peft import PeftConfig, TaskType, get_peft_config
+from peft import AdaLoraConfig, PeftConfig, TaskType, get_peft_config
 from torchmetrics import MetricCollection
 from transformers import AutoModel, get_scheduler
 
@@ -254,15 +254,23 @@ class PeftModule(LightningModule, ABC):
         return f"{', '.join(blocking)} cannot work with packed rows" if blocking else None
 
     def setup(self, stage: str) -> None:
-        """Refuse to fit an ONNX backbone, before any fit-start hook (a learning-rate range test) would train it; note
-        which of the fit's callbacks cannot work with packed rows (:attr:`fit_packing_blockers`): a range test at fit
-        start runs with Lightning's finder as the trainer's only callback, and must batch as the fit will."""
+        """Refuse to fit an ONNX backbone, or AdaLoRA without a callback that allocates its ranks, before any
+        fit-start hook (a learning-rate range test) would train it; note which of the fit's callbacks cannot work with
+        packed rows (:attr:`fit_packing_blockers`): a range test at fit start runs with Lightning's finder as the
+        trainer's only callback, and must batch as the fit will."""
         if stage != "fit":
             return
         if self.backbone_config.onnx_file:
             raise LightningPeftError(
                 "backbone.onnx_file: an ONNX model runs inference only (validate, test, predict); fit from the "
                 "transformers model (pretrained_model_name_or_path of the base, or an export's merged/)"
+            )
+        if isinstance(self.peft_config, AdaLoraConfig) and not any(
+                getattr(callback, "allocates_adalora_ranks", False) for callback in self.trainer.callbacks):
+            raise LightningPeftError(
+                "model.peft: AdaLoRA reallocates its ranks through the AdaLoRAScheduler callback, which this fit's "
+                "trainer does not list (without it the adapter trains as a fixed-rank LoRA); add `trainer.callbacks+: "
+                "[{class_path: lightning_peft.callbacks.AdaLoRAScheduler}]` (configs/peft/adalora.yaml has it)"
             )
         self.fit_packing_blockers = packing_blockers(self.trainer.callbacks)
 

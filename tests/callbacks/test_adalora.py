@@ -232,6 +232,15 @@ def test_config_without_total_step_takes_the_fit_s_steps_and_fractional_phases(b
     assert (resolved.total_step, resolved.tinit, resolved.tfinal) == (8, 2, 4)
 
 
+def test_a_fit_without_the_scheduler_is_refused_before_training(backbone, tiny_bert_dir, toy_data, tmp_path):
+    model = SequenceClassifier(backbone, adalora(), labels=toy(tiny_bert_dir, toy_data).labels)
+    trainer = pl.Trainer(max_steps=4, enable_checkpointing=False, limit_val_batches=0, default_root_dir=tmp_path,
+                         **QUIET)
+    with pytest.raises(LightningPeftError, match="AdaLoRA reallocates its ranks through the AdaLoRAScheduler"):
+        trainer.fit(model, datamodule=toy(tiny_bert_dir, toy_data))  # else: a fixed-rank LoRA, silently
+    assert trainer.global_step == 0
+
+
 def test_other_peft_methods_are_refused(backbone, lora, tiny_bert_dir, toy_data):
     dm = toy(tiny_bert_dir, toy_data)
     model = SequenceClassifier(backbone, lora, labels=dm.labels)
