@@ -131,6 +131,11 @@ class AdaLoRAScheduler(Callback):
         callback) trains the objective the fit trains, and a config that cannot train fails before it."""
         if stage != "fit":
             return
+        if sum(isinstance(callback, AdaLoRAScheduler) for callback in trainer.callbacks) > 1:
+            raise LightningPeftError(
+                "trainer.callbacks: AdaLoRAScheduler is listed more than once (configs/peft/adalora.yaml appends one "
+                "to the callbacks of the configs before it); each would step the rank allocation, so keep one"
+            )
         tuner = adalora_model(pl_module)
         if isinstance(trainer.strategy, FSDPStrategy):
             raise LightningPeftError(

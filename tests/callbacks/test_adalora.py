@@ -241,6 +241,15 @@ def test_a_fit_without_the_scheduler_is_refused_before_training(backbone, tiny_b
     assert trainer.global_step == 0
 
 
+def test_a_scheduler_listed_twice_is_refused(backbone, tiny_bert_dir, toy_data, tmp_path):
+    model = SequenceClassifier(backbone, adalora(), labels=toy(tiny_bert_dir, toy_data).labels)
+    trainer = pl.Trainer(max_steps=4, callbacks=[AdaLoRAScheduler(), AdaLoRAScheduler()], enable_checkpointing=False,
+                         limit_val_batches=0, default_root_dir=tmp_path, **QUIET)
+    with pytest.raises(LightningPeftError, match="AdaLoRAScheduler is listed more than once"):
+        trainer.fit(model, datamodule=toy(tiny_bert_dir, toy_data))  # each would step the allocation
+    assert trainer.global_step == 0
+
+
 def test_other_peft_methods_are_refused(backbone, lora, tiny_bert_dir, toy_data):
     dm = toy(tiny_bert_dir, toy_data)
     model = SequenceClassifier(backbone, lora, labels=dm.labels)
