@@ -131,17 +131,17 @@ class AdaLoRAScheduler(Callback):
         callback) trains the objective the fit trains, and a config that cannot train fails before it."""
         if stage != "fit":
             return
-        if sum(isinstance(callback, AdaLoRAScheduler) for callback in trainer.callbacks) > 1:
-            raise LightningPeftError(
-                "trainer.callbacks: AdaLoRAScheduler is listed more than once (configs/peft/adalora.yaml appends one "
-                "to the callbacks of the configs before it); each would step the rank allocation, so keep one"
-            )
         tuner = adalora_model(pl_module)
         if isinstance(trainer.strategy, FSDPStrategy):
             raise LightningPeftError(
                 "AdaLoRAScheduler: AdaLoRA cannot run under FSDP: its sensitivity scores (weight x gradient) would "
                 "come from each process's shard and allocate different ranks per process; use DDP (configs/trainer/"
                 "ddp.yaml), which keeps whole gradients on every process"
+            )
+        if sum(isinstance(callback, AdaLoRAScheduler) for callback in trainer.callbacks) > 1:
+            raise LightningPeftError(
+                "trainer.callbacks: AdaLoRAScheduler is listed more than once (configs/peft/adalora.yaml appends one "
+                "to the callbacks of the configs before it); each would step the rank allocation, so keep one"
             )
         config = tuner.peft_config[tuner.trainable_adapter_name]
         total = int(trainer.estimated_stepping_batches)
