@@ -232,8 +232,9 @@ class LearningRateSearch(LearningRateFinder):
             self.lr_find(trainer, pl_module)
         if self.optimal_lr is None:  # Lightning skips it under fast_dev_run, saying so
             return
-        lrs, losses = trainer.strategy.broadcast((record.lrs, record.losses))  # process 0's curve decides, as
-        self.lrs, self.losses = lrs, losses  # Lightning's finder does
+        # process 0's curve decides, as Lightning's finder does
+        lrs, losses = trainer.strategy.broadcast((record.lrs, record.losses))
+        self.lrs, self.losses = lrs, losses
         self.chosen_lr = choose_learning_rate(lrs, losses)
         if len(losses) < self._num_training_steps and has_turned(losses):
             rank_zero_info(f"learning-rate range test: ended after {len(losses)} steps, once the loss had turned "
