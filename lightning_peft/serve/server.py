@@ -296,7 +296,16 @@ class AdapterServer:
     # -- process ----------------------------------------------------------------------------------------
     def run(self) -> None:
         """Serve until SIGTERM or Ctrl-C; SIGTERM first lets requests in flight finish (new ones get 503)."""
-        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=self._drain, daemon=True).start())
+        owner = os.getpid()
+
+        def on_sigterm(*_: Any) -> None:
+            # LitServe's forked processes inherit this handler. A SIGTERM sent to the whole process group (systemd's
+            # default) reaches them too: only this process drains; the others are stopped by its shutdown, and the
+            # multiprocessing manager (forked before the shutdown event existed) must outlive the drain it serves.
+            if os.getpid() == owner:
+                threading.Thread(target=self._drain, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, on_sigterm)
         self.litserver.run(host=self.host, port=self.port, num_api_servers=1, generate_client_file=False,
                            api_server_worker_type="process", log_level="warning")
 

@@ -1,8 +1,10 @@
 """A decoder (chat) adapter served: /predict and OpenAI's /v1/chat/completions equal `lightning-peft predict`;
-SIGTERM lets a request in flight finish."""
+SIGTERM, to the server or to its process group, lets a request in flight finish."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -59,3 +61,21 @@ def test_sigterm_finishes_the_request_in_flight(chat_server):
     assert server.stop() == 0
     thread.join()
     assert answers[0][0] == 200 and len(answers[0][1]["outputs"]) == 8
+
+
+def test_sigterm_to_the_process_group_finishes_the_request_in_flight(served_chat):
+    """systemd stops a service by signalling all its processes, LitServe's forked ones included."""
+    server = Server("--adapters", f"chat={served_chat['export']}").wait_ready()
+    answers = []
+    long_request = {"adapter": "chat", "inputs": ["translate: good"] * 8, "parameters": {"max_new_tokens": 400}}
+    thread = threading.Thread(target=lambda: answers.append(server.call("POST", "/predict", long_request)))
+    thread.start()
+    time.sleep(0.5)  # the request is in the worker
+    try:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        assert server.process.wait(60) == 0
+    finally:
+        server.stop()
+    thread.join()
+    assert answers[0][0] == 200 and len(answers[0][1]["outputs"]) == 8
+    assert "Traceback" not in server.process.stdout.read()
