@@ -7,6 +7,7 @@ A checkpoint is something a colleague or the internet hands over: it is loaded w
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,11 @@ def load_checkpoint(ckpt_path: str | Path, field: str = "--ckpt_path") -> dict[s
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives; this is text, a bare pickle, …
+            raise LightningPeftError(
+                f"{field}: {str(path)!r} is not a checkpoint torch.save wrote (not a zip archive); give the .ckpt "
+                "file a fit wrote"
+            ) from err
         raise LightningPeftError(
             f"{field}: {str(path)!r} holds Python objects besides tensors and plain data, and lightning-peft never "
             "unpickles them (they can run code); use a checkpoint written by lightning-peft"

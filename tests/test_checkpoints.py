@@ -5,6 +5,7 @@ The behaviour is the CLI's, so most cases run ``lightning-peft`` in a real subpr
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -137,7 +138,7 @@ def test_an_untrained_head_is_not_evaluated_unless_asked(fitted, tmp_path, capsy
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 3
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not-a-checkpoint", "missing", "no-state-dict"])
+@pytest.mark.parametrize("damage", ["truncated", "not-a-checkpoint", "bare-pickle", "missing", "no-state-dict"])
 def test_an_unreadable_checkpoint_is_one_error(fitted, tmp_path, capsys, damage):
     path = tmp_path / "damaged.ckpt"
     if damage == "truncated":
@@ -145,10 +146,13 @@ def test_an_unreadable_checkpoint_is_one_error(fitted, tmp_path, capsys, damage)
         path.write_bytes(data[: len(data) // 2])
     elif damage == "not-a-checkpoint":
         path.write_text("model: not really\n")
+    elif damage == "bare-pickle":
+        path.write_bytes(pickle.dumps({"state_dict": {}}))
     elif damage == "no-state-dict":
         torch.save({"weights": torch.zeros(2)}, path)
-    with pytest.raises(LightningPeftError, match="--ckpt_path: "):
+    with pytest.raises(LightningPeftError, match="--ckpt_path: ") as raised:
         load_checkpoint(path)
+    assert "Python objects" not in str(raised.value)  # only a real checkpoint's objects are named as the cause
     result = run_main(capsys, "test", "--config", str(fitted["config"]), "--ckpt_path", str(path))
     assert_one_error(result, "--ckpt_path: ", str(path))
 
