@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset
+from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
@@ -60,6 +61,14 @@ def is_blank(value: Any) -> bool:
     if isinstance(value, float):
         return math.isnan(value)
     return isinstance(value, str) and not value.strip()
+
+
+def _parser_error(err: BaseException) -> BaseException:
+    """The parser's own error under datasets' ``DatasetGenerationError`` ("An error occurred while generating the
+    dataset"), which names no cause: a bad encoding, a JSON syntax error, an unterminated quote."""
+    while isinstance(err, DatasetGenerationError) and (err.__cause__ or err.__context__):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def _has_rows(path: Path, header: bool) -> bool:
@@ -273,9 +282,11 @@ class TextDataModule(LightningDataModule):
         try:
             return load_dataset(builder, data_files=str(path), split="train", **kwargs)
         except Exception as err:  # parser errors surface as several datasets/pyarrow/pandas types
+            cause = _parser_error(err)
+            hint = "; save the file as UTF-8" if isinstance(cause, UnicodeDecodeError) else ""
             raise LightningPeftError(
                 f"{field}: cannot read {str(path)!r} as {path.suffix.lstrip('.')}: "
-                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                f"{str(cause).splitlines()[0] if str(cause) else type(cause).__name__}{hint}"
             ) from err
 
     def raw_split(self, split: str) -> Dataset | None:

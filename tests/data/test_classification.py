@@ -139,8 +139,12 @@ def test_unreadable_and_missing_files(tiny_bert_dir, tmp_path):
         make_dm(tiny_bert_dir, train_file=str(odd)).setup("fit")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "good", "label": "pos"}\n{not json\n')
-    with pytest.raises(LightningPeftError, match=r"data.train_file: cannot read .*broken.jsonl"):
+    with pytest.raises(LightningPeftError, match=r"train_file: cannot read .*broken.jsonl' as jsonl: JSON parse error"):
         make_dm(tiny_bert_dir, train_file=str(broken)).setup("fit")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\ncafé au lait,pos\n".encode("latin-1"))
+    with pytest.raises(LightningPeftError, match=r"latin.csv' as csv: 'utf-8' codec can't .*as UTF-8"):
+        make_dm(tiny_bert_dir, train_file=str(latin)).setup("fit")
 
 
 def test_regression_label_must_be_numeric(tiny_bert_dir, tmp_path):
