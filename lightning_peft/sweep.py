@@ -28,6 +28,7 @@ from lightning_peft.adapter_checkpoint import METRICS_KEY
 from lightning_peft.checkpoints import load_checkpoint
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.figures import plotting, save_figure
+from lightning_peft.parse_errors import describe_parse_error
 
 #: ``fit`` arguments → (parser, parsed config), nothing built (``lightning_peft.cli.parse_fit_config``)
 ConfigParser = Callable[[list[str]], tuple[Any, Any]]
@@ -57,20 +58,80 @@ class SweepSpec:
 
     @classmethod
     def load(cls, path: Path) -> SweepSpec:
+        where = f"sweep spec {str(path)!r}"
         try:
             spec = yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError) as err:
-            raise LightningPeftError(f"sweep spec {str(path)!r}: cannot read it ({err})") from err
+            raise LightningPeftError(f"{where}: cannot read it ({err})") from err
+        if not isinstance(spec, dict):
+            raise LightningPeftError(f"{where}: must be a YAML mapping (program, method, metric, parameters, "
+                                     f"command), got {type(spec).__name__}")
         command = spec.get("command") or []
-        if command[:3] != ["${env}", "lightning-peft", "fit"] or command[-1:] != ["${args}"]:
-            raise LightningPeftError(
-                f"sweep spec {str(path)!r}: command must be [${{env}}, lightning-peft, fit, …, ${{args}}]"
-            )
+        if not isinstance(command, list) or command[:3] != ["${env}", "lightning-peft", "fit"] \
+                or command[-1:] != ["${args}"]:
+            raise LightningPeftError(f"{where}: command must be [${{env}}, lightning-peft, fit, …, ${{args}}]")
         metric = spec.get("metric") or {}
-        if "name" not in metric:
-            raise LightningPeftError(f"sweep spec {str(path)!r}: metric.name is missing")
-        return cls(path, spec.get("method", "random"), metric["name"], metric.get("goal", "maximize"),
-                   dict(spec.get("parameters") or {}), command[3:-1])
+        if not isinstance(metric, dict) or "name" not in metric:
+            raise LightningPeftError(f"{where}: metric.name is missing")
+        goal = metric.get("goal", "maximize")
+        if goal not in GOALS:
+            raise LightningPeftError(f"{where}: metric.goal must be one of {', '.join(GOALS)}, got {goal!r}")
+        parameters = spec.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise LightningPeftError(f"{where}: parameters must map each fit option to its values, got "
+                                     f"{type(parameters).__name__}")
+        checked = {name: checked_parameter(f"{where}: parameters.{name}", parameter)
+                   for name, parameter in parameters.items()}
+        return cls(path, spec.get("method", "random"), metric["name"], goal, checked, command[3:-1])
+
+    def candidate_values(self) -> dict[str, list[Any]]:
+        """Each parameter's values a trial can get, or its range's two ends: what the CLI must accept."""
+        return {name: [p["value"]] if "value" in p else p.get("values") or [p["min"], p["max"]]
+                for name, p in self.parameters.items()}
+
+
+#: W&B's metric goals
+GOALS = ("maximize", "minimize")
+#: the W&B distributions a local sweep draws from
+DISTRIBUTIONS = ("int_uniform", "uniform", "log_uniform_values")
+
+
+def checked_parameter(where: str, parameter: Any) -> dict[str, Any]:
+    """A W&B sweep parameter (``value``, non-empty ``values``, or ``min`` < ``max`` with a supported
+    ``distribution``) with its distribution filled in, or one error naming ``where``. ``min: 1e-3`` is a string to
+    YAML 1.1 (no dot), and is read as the number it is meant to be."""
+    if not isinstance(parameter, dict):
+        raise LightningPeftError(f"{where}: give {{value: …}}, {{values: […]}} or {{min: …, max: …}}, got "
+                                 f"{parameter!r}")
+    if "value" in parameter:
+        return parameter
+    if "values" in parameter:
+        if not isinstance(parameter["values"], list) or not parameter["values"]:
+            raise LightningPeftError(f"{where}.values: must be a non-empty list, got {parameter['values']!r}")
+        return parameter
+    if "min" not in parameter or "max" not in parameter:
+        raise LightningPeftError(f"{where}: give value, values, or both min and max")
+    low, high = (_number(f"{where}.{end}", parameter[end]) for end in ("min", "max"))
+    distribution = parameter.get("distribution") or ("int_uniform" if isinstance(low, int) else "uniform")
+    if distribution not in DISTRIBUTIONS:
+        raise LightningPeftError(f"{where}.distribution: {distribution!r} is not supported locally; use one of "
+                                 f"{', '.join(DISTRIBUTIONS)}")
+    if not low < high:
+        raise LightningPeftError(f"{where}: min must be below max, got {low} and {high}")
+    if distribution == "log_uniform_values" and low <= 0:
+        raise LightningPeftError(f"{where}.min: log_uniform_values draws on a log scale, so min must be > 0, got {low}")
+    if distribution == "int_uniform" and not (isinstance(low, int) and isinstance(high, int)):
+        raise LightningPeftError(f"{where}: int_uniform needs integer min and max, got {low} and {high}")
+    return {**parameter, "min": low, "max": high, "distribution": distribution}
+
+
+def _number(where: str, value: Any) -> int | float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise LightningPeftError(f"{where}: must be a number, got {value!r}") from None
 
 
 Suggest = Callable[[str, dict[str, Any]], Any]
@@ -88,9 +149,7 @@ def draw(name: str, spec: dict[str, Any], sampler: Any) -> Any:
     distribution = spec.get("distribution") or ("int_uniform" if isinstance(low, int) else "uniform")
     if distribution == "int_uniform":
         return sampler.integer(name, low, high)
-    if distribution in ("uniform", "log_uniform_values"):
-        return sampler.real(name, low, high, log=distribution == "log_uniform_values")
-    raise LightningPeftError(f"sweep parameter {name}: distribution {distribution!r} is not supported locally")
+    return sampler.real(name, low, high, log=distribution == "log_uniform_values")
 
 
 @dataclass
@@ -169,6 +228,20 @@ class LocalSweep:
             raise LightningPeftError(f"--method: {self.method!r} is not one of grid, random, bayes")
         self.parse_config = parse_config
         _, self.base_config = parse_config(spec.fit_args)
+        self.check_values()
+
+    def check_values(self) -> None:
+        """Parse the spec's arguments with each value a trial can get (a range's two ends), so that a misspelt
+        option or a value of the wrong type is one error before any trial, not a sweep of failed trials."""
+        for name, values in self.spec.candidate_values().items():
+            for value in values:
+                try:
+                    self.parse_config([*self.spec.fit_args, f"--{name}={value}"])
+                except argparse.ArgumentError as err:
+                    raise LightningPeftError(
+                        f"sweep spec {str(self.spec.path)!r}: parameters.{name} = {value!r}: "
+                        f"{describe_parse_error(str(err), ['fit'])}"
+                    ) from err
 
     @property
     def maximise(self) -> bool:

@@ -144,3 +144,41 @@ def test_bayes_search_runs_through_optuna(tmp_path, tiny_bert_dir, toy_data):
 ])
 def test_the_trained_rate_is_read_only_where_a_checkpoint_holds_one(checkpoint, rate):
     assert trained_learning_rate(checkpoint) == rate
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda spec: ["not", "a", "mapping"], "must be a YAML mapping"),
+    (lambda spec: {**spec, "metric": {"name": "val/accuracy", "goal": "up"}}, "metric.goal must be one of"),
+    (lambda spec: {**spec, "parameters": ["lr"]}, "parameters must map each fit option"),
+    (lambda spec: {**spec, "parameters": {"model.init_args.training.lr": 0.01}}, "give {value: …}"),
+    (lambda spec: {**spec, "parameters": {"model.init_args.training.lr": {"values": []}}}, "must be a non-empty list"),
+    (lambda spec: {**spec, "parameters": {"model.init_args.training.lr": {"min": 0.01}}}, "both min and max"),
+    (lambda spec: {**spec, "parameters": {"model.init_args.training.lr": {"min": "1e-2", "max": "1e-3"}}},
+     "min must be below max, got 0.01 and 0.001"),  # YAML 1.1 reads 1e-2 as a string: taken as the number
+    (lambda spec: {**spec, "parameters": {"model.init_args.training.lr": {
+        "distribution": "log_uniform_values", "min": 0, "max": 1}}}, "so min must be > 0"),
+    (lambda spec: {**spec, "parameters": {"model.init_args.training.lr": {"min": "low", "max": 1}}},
+     "lr.min: must be a number, got 'low'"),
+    (lambda spec: {**spec, "parameters": {"trainer.max_epochs": {"distribution": "int_uniform", "min": 1, "max": 2.5}}},
+     "int_uniform needs integer min and max"),
+    (lambda spec: {**spec, "parameters": {"model.init_args.training.lr": {"distribution": "q_uniform", "min": 0,
+                                                                          "max": 1}}}, "is not supported locally"),
+    (lambda spec: {**spec, "parameters": {"model.init_args.training.lrr": {"value": 0.01}}},
+     "parameters.model.init_args.training.lrr = 0.01: model.init_args.training.lrr: not an option"),
+    (lambda spec: {**spec, "parameters": {"trainer.max_epochs": {"values": [1, "two"]}}},
+     "parameters.trainer.max_epochs = 'two': trainer.max_epochs: expected int"),
+], ids=["list", "goal", "parameters-list", "bare-value", "no-values", "no-max", "min-above-max", "log-from-zero",
+        "min-not-a-number", "int-range-of-floats", "distribution", "misspelt-option", "value-of-the-wrong-type"])
+def test_a_bad_spec_is_one_error_before_any_trial(tmp_path, tiny_bert_dir, toy_data, capsys, edit, message):
+    config = write_config(tmp_path, tiny_bert_dir, toy_data)
+    spec = {"program": "lightning-peft", "method": "random", "metric": {"name": "val/accuracy"},
+            "parameters": {"trainer.max_epochs": {"value": 1}},
+            "command": ["${env}", "lightning-peft", "fit", "--config", str(config), "${args}"]}
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(edit(spec)))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", str(spec_path), "--trials", "1", "--out", str(tmp_path / "sweep")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.startswith(f"error: sweep spec {str(spec_path)!r}: ") and message in err, err
+    assert not (tmp_path / "sweep").exists()  # refused before any trial ran
