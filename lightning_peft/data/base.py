@@ -336,7 +336,8 @@ class TextDataModule(LightningDataModule):
                 if split in ("train", "test", "predict"):
                     field = "predict_file" if split == "predict" else f"{split}_file"
                     raise LightningPeftError(
-                        f"data.{field}: the {stage!r} stage needs a {split} split; set {field} or dataset_name"
+                        f"data.{field}: {getattr(stage, 'value', stage)} needs a {split} split; set {field} or "
+                        "dataset_name"
                     )
                 continue
             keep = set(self.passthrough_columns) if split == "predict" else set()

@@ -147,6 +147,16 @@ def test_unreadable_and_missing_files(tiny_bert_dir, tmp_path):
         make_dm(tiny_bert_dir, train_file=str(latin)).setup("fit")
 
 
+def test_a_stage_without_its_split_names_the_option(tiny_bert_dir, toy_data):
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    dm = make_dm(tiny_bert_dir, train_file=str(toy_data["train"]))
+    with pytest.raises(LightningPeftError, match=r"^data.test_file: test needs a test split; set test_file"):
+        dm.setup(TrainerFn.TESTING)  # what Lightning passes: an enum, named by its value
+    with pytest.raises(LightningPeftError, match=r"^data.predict_file: predict needs a predict split"):
+        dm.setup(TrainerFn.PREDICTING)
+
+
 def test_regression_label_must_be_numeric(tiny_bert_dir, tmp_path):
     train = write_csv(tmp_path / "train.csv", ["text", "label"], [["good", "high"]])
     with pytest.raises(LightningPeftError, match="not a number"):
