@@ -28,7 +28,9 @@ def convert_gguf(gguf_path: str | Path, output_dir: str | Path, overwrite: bool 
         convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "models/SmolLM2-135M-Instruct")
     """
     gguf_path = Path(gguf_path)
-    if not gguf_path.is_file() or not is_gguf_path(str(gguf_path)):
+    if not gguf_path.is_file():
+        raise LightningPeftError(f"gguf_file: {str(gguf_path)!r} does not exist or is not a file")
+    if not is_gguf_path(str(gguf_path)):
         raise LightningPeftError(f"gguf_file: {str(gguf_path)!r} is not a .gguf file")
     directory, name = split_gguf_path(gguf_path)
     try:

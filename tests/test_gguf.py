@@ -27,8 +27,17 @@ def test_dequantized_drops_the_gguf_flags():
     assert model.hf_quantizer is None and "quantization_config" not in model.config.to_dict()
 
 
-def test_convert_refuses_what_is_not_a_gguf_file(tmp_path, capsys):
+@pytest.mark.parametrize(("name", "content", "cause"), [
+    ("missing.gguf", None, "does not exist or is not a file"),
+    ("model.bin", b"\0" * 8, "is not a .gguf file"),
+    ("junk.gguf", b"junk", "does not start with the GGUF magic bytes"),
+])
+def test_convert_refuses_what_is_not_a_gguf_file(tmp_path, capsys, name, content, cause):
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
     with pytest.raises(SystemExit) as exit_info:
-        main(["convert-gguf", "--gguf_file", str(tmp_path / "missing.gguf"), "--output_dir", str(tmp_path / "out")])
+        main(["convert-gguf", "--gguf_file", str(tmp_path / name), "--output_dir", str(tmp_path / "out")])
     assert exit_info.value.code == 2
-    assert "error: gguf_file: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: gguf_file: ") and cause in err, err
+    assert not (tmp_path / "out").exists()
