@@ -47,15 +47,27 @@ class AdapterWorkerAPI(ls.LitAPI):
     """LitServe's side of the server: one :class:`AdapterEngine` per inference worker, answering batches of
     ``predict``, ``load``, ``unload`` operations in their arrival order."""
 
-    def __init__(self, adapters: dict[str, str], token: str, max_batch_size: int, batch_timeout: float) -> None:
+    def __init__(self, adapters: dict[str, str], token: str, max_batch_size: int, batch_timeout: float,
+                 in_flight: Any = None) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=WORKER_PATH)
         self.initial_adapters = adapters
         self.token = token
+        self.in_flight = in_flight  # the HTTP side's count of requests not yet answered (shared memory)
 
     def setup(self, device: str) -> None:
         self.engine = AdapterEngine(device)
         for name, path in self.initial_adapters.items():
             self.engine.load(read_adapter(name, path))
+        signal.signal(signal.SIGTERM, self.on_sigterm)
+
+    def on_sigterm(self, *_: Any) -> None:
+        """A SIGTERM sent to every process of the server (systemd's stop) reaches this worker too: while requests
+        are in flight it keeps answering (the main process drains them, then stops the worker with another SIGTERM);
+        with none, it stops now."""
+        if self.in_flight is not None and self.in_flight.value > 0:
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def decode_request(self, request: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(request, dict) or request.get("token") != self.token:
@@ -157,10 +169,11 @@ class AdapterServer:
         self.adapters = {adapter.name: adapter for adapter in adapters}
         self.host, self.port, self.max_inputs = host, port, max_inputs
         self.metrics = ServingMetrics()
-        self.in_flight = mp.Value("i", 0)
+        # LitServe spawns its inference worker, which reads this count: a lock made for fork could not go there
+        self.in_flight = mp.get_context("spawn").Value("i", 0)
         self.draining = mp.Value("b", 0)
         self.api = AdapterWorkerAPI({a.name: str(a.directory) for a in adapters}, secrets.token_hex(16),
-                                    max_batch_size, batch_timeout)
+                                    max_batch_size, batch_timeout, self.in_flight)
         middlewares = [(ApiKeyMiddleware, {"api_key": api_key})] if api_key else []
         self.litserver = ls.LitServer(self.api, accelerator=accelerator, devices=1, workers_per_device=1,
                                       timeout=False, middlewares=middlewares)
@@ -230,7 +243,7 @@ class AdapterServer:
         expect_fields(body, {"adapter": str, "inputs": list, "parameters": dict}, required=("adapter", "inputs"))
         self._check_inputs(body["adapter"], body["inputs"])
         return {"op": "predict", "adapter": body["adapter"], "inputs": body["inputs"],
-                "parameters": generation_parameters(body.get("parameters") or {}, "parameters")}
+                "parameters": generation_parameters(body.get("parameters") or {}, PREDICT_PARAMETER_FIELDS)}
 
     def _chat_operation(self, body: dict[str, Any]) -> dict[str, Any]:
         expect_fields(body, {"model": str, "messages": list, "max_tokens": int, "temperature": (int, float),
@@ -246,7 +259,7 @@ class AdapterServer:
         parameters = {"max_new_tokens": body.get("max_tokens"), "temperature": body.get("temperature")}
         return {"op": "predict", "adapter": body["model"], "inputs": [body["messages"]],
                 "parameters": generation_parameters({k: v for k, v in parameters.items() if v is not None},
-                                                    "body")}
+                                                    CHAT_PARAMETER_FIELDS)}
 
     def _check_inputs(self, adapter: str, inputs: list[Any], field: str = "adapter") -> None:
         if adapter not in self.adapters:
@@ -317,27 +330,34 @@ class AdapterServer:
         self.litserver._shutdown_event.set()
 
 
-def expect_fields(body: dict[str, Any], types: dict[str, Any], required: tuple[str, ...]) -> None:
-    """:class:`InputError` for a missing required field, an unknown field or a value of the wrong type."""
+def expect_fields(body: dict[str, Any], types: dict[str, Any], required: tuple[str, ...], prefix: str = "") -> None:
+    """:class:`InputError` for a missing required field, an unknown field or a value of the wrong type; ``prefix``
+    names where ``body`` sits in the request (``parameters.``)."""
     for name in required:
         if name not in body:
-            raise InputError(name, f"missing; send {{{', '.join(repr(r) for r in required)}}}")
+            raise InputError(prefix + name, f"missing; send {{{', '.join(repr(r) for r in required)}}}")
     for name, value in body.items():
         if name not in types:
-            raise InputError(name, f"not a field of this request; the fields are {', '.join(types)}")
+            raise InputError(prefix + name, f"not a field of this request; the fields are {', '.join(types)}")
         if not isinstance(value, types[name]) or (isinstance(value, bool) and types[name] is not bool):
             expected = types[name].__name__ if isinstance(types[name], type) else "number"
-            raise InputError(name, f"must be a {expected}, got {type(value).__name__}")
+            raise InputError(prefix + name, f"must be a {expected}, got {type(value).__name__}")
 
 
-def generation_parameters(parameters: dict[str, Any], field: str) -> dict[str, Any]:
-    """Checked ``max_new_tokens`` (1 … :data:`MAX_NEW_TOKENS_LIMIT`) and ``temperature`` (≥ 0; 0: greedy)."""
-    expect_fields(parameters, {"max_new_tokens": int, "temperature": (int, float)}, required=())
+#: where the generation parameters sit in each route's request, for the errors that name them
+PREDICT_PARAMETER_FIELDS = {"max_new_tokens": "parameters.max_new_tokens", "temperature": "parameters.temperature"}
+CHAT_PARAMETER_FIELDS = {"max_new_tokens": "max_tokens", "temperature": "temperature"}
+
+
+def generation_parameters(parameters: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
+    """Checked ``max_new_tokens`` (1 … :data:`MAX_NEW_TOKENS_LIMIT`) and ``temperature`` (≥ 0; 0: greedy); errors
+    name the request's own ``fields``."""
+    expect_fields(parameters, {"max_new_tokens": int, "temperature": (int, float)}, required=(), prefix="parameters.")
     limit = parameters.get("max_new_tokens", 1)
     if not 1 <= limit <= MAX_NEW_TOKENS_LIMIT:
-        raise InputError(f"{field}.max_new_tokens", f"must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {limit}")
+        raise InputError(fields["max_new_tokens"], f"must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {limit}")
     if parameters.get("temperature", 0) < 0:
-        raise InputError(f"{field}.temperature", "must be ≥ 0 (0: greedy decoding)")
+        raise InputError(fields["temperature"], "must be ≥ 0 (0: greedy decoding)")
     return parameters
 
 

@@ -42,7 +42,8 @@ def test_generation_equals_predict_on_both_routes(chat_server, served_chat):
     ({"model": "chat", "messages": [{"role": "user"}]}, "messages"),
     ({"model": "chat", "messages": "hi"}, "messages"),
     ({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}, "stream"),
-    ({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, "body.max_new_tokens"),
+    ({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, "max_tokens"),
+    ({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
     ({"model": "other", "messages": [{"role": "user", "content": "hi"}]}, "model"),
 ])
 def test_bad_chat_requests_name_the_field(chat_server, body, field):

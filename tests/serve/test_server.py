@@ -74,6 +74,10 @@ BAD_REQUESTS = [
     ({"adapter": "sentiment", "inputs": ["good " * 200]}, 413, "inputs[0]", "at most 128"),
     ({"adapter": "sentiment", "inputs": ["good"], "parameters": {"max_new_tokens": 0}}, 422,
      "parameters.max_new_tokens", "between 1"),
+    ({"adapter": "sentiment", "inputs": ["good"], "parameters": {"top_p": 0.9}}, 422, "parameters.top_p",
+     "not a field"),
+    ({"adapter": "sentiment", "inputs": ["good"], "parameters": {"temperature": "hot"}}, 422,
+     "parameters.temperature", "must be a number"),
 ]
 
 
