@@ -306,6 +306,21 @@ def test_shipped_configs_fit(config, tmp_path, monkeypatch, capsys):
     main(args)
 
 
+TASK_CONFIGS = [p for p in SHIPPED_CONFIGS if p.parent.name not in ADD_ON_DIRECTORIES]
+
+
+@pytest.mark.parametrize("task", TASK_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
+def test_a_peft_preset_after_a_task_config_trains_at_its_method_s_rate(task, monkeypatch):
+    """A task config that set a number would hold every configs/peft preset added after it to that rate (IA3 or
+    AdaLoRA at LoRA's: models that barely move); ``null`` lets each method take its own default."""
+    from lightning_peft.cli import parse_fit_config
+
+    monkeypatch.chdir(REPO)
+    for preset in sorted((REPO / "configs" / "peft").glob("*.yaml")):
+        _, config = parse_fit_config(["--config", str(task), "--config", str(preset.relative_to(REPO))])
+        assert config.model.init_args.training.lr is None, (task.name, preset.name)
+
+
 @pytest.mark.parametrize(
     ("overrides", "metric"),
     [({}, ("val/accuracy", "max")), ({"problem_type": "multi_label_classification"}, ("val/f1", "max")),
