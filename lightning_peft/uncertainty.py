@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from lightning_peft.errors import LightningPeftError
+from lightning_peft.export import ADAPTER_DIR
 
 CALIBRATION_FILE = "calibration.json"  # written beside an exported adapter: {"temperature": T, …}
 
@@ -48,17 +49,23 @@ class PredictionOptions:
             )
         if self.abstain_below is not None and not 0.0 < self.abstain_below <= 1.0:
             raise LightningPeftError(f"model.prediction.abstain_below: must be in (0, 1], got {self.abstain_below}")
-        self.ensemble = [str(path) for path in self.ensemble]
-        for path in self.ensemble:
-            if not (Path(path) / "adapter_config.json").is_file():
-                raise LightningPeftError(
-                    f"model.prediction.ensemble: {path} is not an exported adapter directory (no adapter_config.json;"
-                    " give the adapter/ folder that `lightning-peft export` or AdapterExport wrote)"
-                )
+        self.ensemble = [ensemble_member(str(path)) for path in self.ensemble]
 
     @property
     def is_default(self) -> bool:
         return self.mc_samples is None and self.abstain_below is None and not self.ensemble
+
+
+def ensemble_member(path: str) -> str:
+    """The adapter directory of an export given as its root (``<export>/adapter``, as ``serve --adapters`` takes it)
+    or as ``adapter/`` itself."""
+    for candidate in (Path(path) / ADAPTER_DIR, Path(path)):
+        if (candidate / "adapter_config.json").is_file():
+            return str(candidate)
+    raise LightningPeftError(
+        f"model.prediction.ensemble: {path} is not an export (no adapter/adapter_config.json or adapter_config.json); "
+        "give a directory that `lightning-peft export` or AdapterExport wrote"
+    )
 
 
 def as_prediction_options(value: PredictionOptions | dict | None) -> PredictionOptions:
