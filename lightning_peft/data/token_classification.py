@@ -177,6 +177,14 @@ class TokenClassificationDataModule(LabelledDataModule):
         return dataset
 
     def prepare_split(self, dataset: Dataset, split: str) -> Dataset:
+        examples = {self.tokens_column: '["John", "lives"]', self.tags_column: '["B-PER", "O"]'}
+        for column in [self.tokens_column, *([self.tags_column] if self.has_labels(split) else [])]:
+            for row, value in enumerate(dataset[column]):
+                if not isinstance(value, list):
+                    raise LightningPeftError(
+                        f"{self._where(dataset, split, row)}: column {column!r} holds a {type(value).__name__} "
+                        f"({value!r}); give a list, one entry per word (e.g. {examples[column]})"
+                    )
         for row, words in enumerate(dataset[self.tokens_column]):
             if not words:
                 raise LightningPeftError(f"{self._where(dataset, split, row)}: empty sentence (no words); remove it")

@@ -106,6 +106,12 @@ def test_length_mismatch_and_empty_sentence_in_jsonl(tiny_bert_dir, tmp_path):
     train.write_text(json.dumps({"tokens": [], "ner_tags": []}) + "\n")
     with pytest.raises(LightningPeftError, match="empty sentence"):
         make_dm(tiny_bert_dir, train_file=str(train)).setup("fit")
+    train.write_text(json.dumps({"tokens": "john lives", "ner_tags": ["B-PER", "O"]}) + "\n")
+    with pytest.raises(LightningPeftError, match=r"row 0: column 'tokens' holds a str \('john lives'\); give a list"):
+        make_dm(tiny_bert_dir, train_file=str(train)).setup("fit")
+    train.write_text(json.dumps({"tokens": ["john", "lives"], "ner_tags": "B-PER O"}) + "\n")
+    with pytest.raises(LightningPeftError, match=r"row 0: column 'ner_tags' holds a str .*\[.B-PER., .O.\]"):
+        make_dm(tiny_bert_dir, train_file=str(train)).labels  # noqa: B018
 
 
 def test_slow_tokenizer_is_refused(tiny_bert_dir, toy_ner, monkeypatch):
