@@ -203,13 +203,24 @@ class TextDataModule(LightningDataModule):
 
     def check_filled(self, dataset: Dataset, split: str, column: str, what: str) -> None:
         """Raise, naming the split's file, the row and the column, when a cell of ``column`` is empty (see
-        :func:`is_blank`): an empty text or label would otherwise be trained on as the string ``"None"``."""
+        :func:`is_blank`) or not one value (a list or a mapping, from json rows): either would otherwise be trained on
+        as its string, ``"None"`` or ``"['a', 'b']"``."""
         for row, value in enumerate(dataset[column]):
             if is_blank(value):
                 raise LightningPeftError(
                     f"{self.describe(split)} row {row}: empty {what} (column {column!r}: {value!r}); fill it in or "
                     "remove the row"
                 )
+            if isinstance(value, (list, dict)):
+                raise LightningPeftError(
+                    f"{self.describe(split)} row {row}: the {what} (column {column!r}) is a "
+                    f"{'list' if isinstance(value, list) else 'mapping'} ({value!r}); give one {what} per row"
+                    + self.several_values_hint(column)
+                )
+
+    def several_values_hint(self, column: str) -> str:
+        """What to do instead when ``column`` holds several values (e.g. multi-label classification); a hook."""
+        return ""
 
     def report_counts(self, split: str, counts: dict[str, list[int]]) -> None:
         """Warn about what preprocessing had to change in ``split`` (e.g. truncation); the columns are then dropped."""

@@ -70,6 +70,13 @@ class ClassificationDataModule(LabelledDataModule):
             return [part.strip() for part in value.split(self.label_separator) if part.strip()]
         return [str(v) for v in value]
 
+    def several_values_hint(self, column: str) -> str:
+        if column == self.label_column:
+            return ", or set data.init_args.problem_type: multi_label_classification for rows with several labels"
+        if column == self.text_column and not self.text_pair_column:
+            return ", or put a second text in its own column and name it in data.init_args.text_pair_column"
+        return ""
+
     @property
     def uses_label_names(self) -> bool:
         return self.problem_type != "regression"

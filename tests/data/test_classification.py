@@ -209,6 +209,24 @@ def test_nan_labels_and_empty_prediction_texts_are_refused(tiny_bert_dir, toy_da
         dm.setup("predict")
 
 
+@pytest.mark.parametrize(("row", "message"), [
+    ({"text": ["good", "film"], "label": "pos"}, "the text (column 'text') is a list (['good', 'film']); give one text "
+                                                 "per row, or put a second text in its own column"),
+    ({"text": "good", "label": ["pos"]}, "the label (column 'label') is a list (['pos']); give one label per row, or "
+                                         "set data.init_args.problem_type: multi_label_classification"),
+    ({"text": "good", "label": {"pos": 1}}, "the label (column 'label') is a mapping ({'pos': 1})"),
+], ids=["list-text", "list-label", "mapping-label"])
+def test_a_cell_of_several_values_is_refused(tiny_bert_dir, tmp_path, row, message):
+    """json rows can hold lists and mappings, which were trained on as their strings ("['pos']") or crashed label
+    discovery."""
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text(json.dumps({"text": "fine", "label": "neg"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(LightningPeftError, match=re.escape(f"row 1: {message}")):
+        dm = make_dm(tiny_bert_dir, train_file=str(jsonl))
+        dm.labels  # noqa: B018
+        dm.setup("fit")
+
+
 def test_unlabelled_class_label_rows_are_refused(tiny_bert_dir):
     """-1 in a ClassLabel column (GLUE's test splits) is a missing label, not a traceback from int2str."""
     features = Features({"text": Value("string"), "label": ClassLabel(names=["neg", "pos"])})
