@@ -10,7 +10,7 @@ from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import DataCollatorForSeq2Seq
 
-from lightning_peft.data.base import TextDataModule
+from lightning_peft.data.base import TextDataModule, is_blank
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.types import IGNORE_INDEX
 
@@ -104,9 +104,14 @@ class Seq2SeqDataModule(TextDataModule):
         sources, targets = self._texts(dataset, split)
         for kind, texts in (("source", sources), ("target", targets or [])):
             for row, text in enumerate(texts):
-                if not isinstance(text, str) or not text.strip():
+                if is_blank(text):  # None, an empty csv cell (NaN), blank text
                     raise LightningPeftError(
                         f"{self.describe(split)} row {row}: empty {kind} text ({text!r}); remove the row or fill it in"
+                    )
+                if not isinstance(text, str):
+                    raise LightningPeftError(
+                        f"{self.describe(split)} row {row}: the {kind} text is a {type(text).__name__} ({text!r}); "
+                        "give one text per row"
                     )
         return dataset
 

@@ -56,6 +56,8 @@ def test_predict_is_served_longest_first_and_remembers_the_input_order(tiny_t5_d
     [
         ([{"source": "good", "target": " "}], {}, r"row 0: empty target text"),
         ([{"source": "", "target": "bad"}], {}, r"row 0: empty source text"),
+        ([{"source": ["a", "b"], "target": "bad"}], {}, r"row 0: the source text is a list \(\['a', 'b'\]\); give one"),
+        ([{"source": "good", "target": {"de": "x"}}], {}, r"row 0: the target text is a dict"),
         ([{"text": "good", "target": "bad"}], {}, r"no column 'source' \(columns: text, target\)"),
         ([{"translation": {"en": "good"}}], {"source_lang": "de", "target_lang": "en"}, r"no 'de' \(found \['en'\]\)"),
     ],
