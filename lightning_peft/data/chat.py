@@ -32,7 +32,11 @@ def check_conversation(messages: Any, where: str, needs_assistant: bool) -> list
         if role not in ROLES:
             raise LightningPeftError(f"{where}: messages[{i}].role {role!r} is not one of {', '.join(ROLES)}; "
                                      "fix the row or remove it")
-        if not isinstance(content, str) or is_blank(content):
+        if content is not None and not isinstance(content, str):
+            parts = " (join its text parts into one string)" if isinstance(content, list) else ""
+            raise LightningPeftError(f"{where}: messages[{i}].content must be text, got {type(content).__name__} "
+                                     f"({content!r}){parts}")
+        if is_blank(content):
             raise LightningPeftError(f"{where}: messages[{i}].content is empty ({content!r}); fill it in or remove "
                                      "the turn")
     if needs_assistant and not any(m["role"] == "assistant" for m in messages):

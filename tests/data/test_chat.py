@@ -111,6 +111,10 @@ def test_collator_pads_labels_right_and_prompts_left():
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}],
      r"row 0: messages\[1\].content is empty"),
     ("hello", "row 0: messages must be a non-empty list"),
+    ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": "hello"}],
+     r"row 0: messages\[0\].content must be text, got list \(.*\) \(join its text parts into one string\)"),
+    ([{"role": "user", "content": 5}, {"role": "assistant", "content": "hello"}],
+     r"row 0: messages\[0\].content must be text, got int \(5\)$"),
 ])
 def test_bad_conversations_name_the_row_and_field(chat_tokenizer_dir, tmp_path, messages, error):
     path = tmp_path / "train.jsonl"
