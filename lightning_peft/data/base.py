@@ -171,10 +171,14 @@ class TextDataModule(LightningDataModule):
         self._raw: dict[str, Dataset | None] = {}
         self._train_sampler: EpochSeededSampler | None = None
         self._train_position: tuple[int, int] | None = None  # (epoch, samples done) of a resumed fit
-        checks = {"batch_size": batch_size, "max_length": max_length, "group_by_length_window": group_by_length_window}
+        checks = {"batch_size": batch_size, "eval_batch_size": eval_batch_size, "max_length": max_length,
+                  "group_by_length_window": group_by_length_window, "limit_train_samples": limit_train_samples,
+                  "limit_eval_samples": limit_eval_samples, "limit_predict_samples": limit_predict_samples}
         for name, value in checks.items():
             if value is not None and value < 1:
                 raise LightningPeftError(f"data.{name}: must be a positive integer, got {value}")
+        if num_workers < 0:
+            raise LightningPeftError(f"data.num_workers: must be 0 (the main process) or more, got {num_workers}")
 
     # -- hooks for task datamodules ---------------------------------------------------------------------
     def required_columns(self, split: str) -> list[str]:

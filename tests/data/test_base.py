@@ -1,5 +1,5 @@
-"""TextDataModule's tokenisation cache: a cached split is reused only for the same data, code, settings and
-tokenizer contents."""
+"""TextDataModule: its settings' checks, and its tokenisation cache (a cached split is reused only for the same data,
+code, settings and tokenizer contents)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import importlib.util
 import shutil
 import sys
 
+import pytest
 from transformers import AutoTokenizer
 
-from lightning_peft import ClassificationDataModule
+from lightning_peft import ClassificationDataModule, LightningPeftError
 from lightning_peft.data.base import preprocessing_code
 
 
@@ -70,3 +71,16 @@ def test_edited_preprocessing_code_is_part_of_the_cache_key(tmp_path, tiny_bert_
         tokens.append(dm.datasets["train"]["input_ids"])
     assert tokens[0] == tokenised_train(tiny_bert_dir, toy_data["train"])
     assert tokens[1] != tokens[0]
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"batch_size": 0}, "data.batch_size: must be a positive integer, got 0"),
+    ({"eval_batch_size": -2}, "data.eval_batch_size: must be a positive integer, got -2"),
+    ({"limit_train_samples": 0}, "data.limit_train_samples: must be a positive integer, got 0"),
+    ({"limit_eval_samples": -1}, "data.limit_eval_samples: must be a positive integer, got -1"),
+    ({"num_workers": -1}, r"data.num_workers: must be 0 \(the main process\) or more, got -1"),
+])
+def test_sizes_that_cannot_work_are_refused_by_name(tiny_bert_dir, setting, message):
+    """A limit of 0 read as 'the file has no rows', and num_workers -1 was a DataLoader traceback."""
+    with pytest.raises(LightningPeftError, match=message):
+        ClassificationDataModule(tokenizer=str(tiny_bert_dir), train_file="unused.csv", **setting)
