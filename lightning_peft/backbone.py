@@ -395,6 +395,22 @@ def _load_onnx(spec: BackboneConfig, peft_config: PeftConfig | None) -> torch.nn
     return model
 
 
+#: names of learnt (or fixed) absolute position tables: BERT-likes, GPT-2, BART / Marian
+POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
+
+
+def position_limit(model: torch.nn.Module) -> int | None:
+    """The most positions ``model``'s absolute position tables cover — an input longer than that fails in the
+    embedding lookup — or ``None`` where it has none (relative or rotary positions: T5, Llama)."""
+    limits = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.rpartition(".")[2] in POSITION_TABLES:
+            offset = getattr(module, "offset", 0)  # BART's table starts 2 rows in
+            offset += module.padding_idx + 1 if module.padding_idx is not None else 0  # RoBERTa's after padding
+            limits.append(module.num_embeddings - offset)
+    return min(limits, default=None)
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

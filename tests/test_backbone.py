@@ -100,3 +100,34 @@ def test_dtype_option(tiny_bert_dir):
 def test_linear_layer_names(backbone):
     model = load_backbone(backbone, AutoModelForSequenceClassification, num_labels=2)
     assert {"query", "key", "value", "dense", "classifier"} <= set(linear_layer_names(model))
+
+
+def test_position_limit_reads_each_architecture_s_position_table():
+    """BERT's table, RoBERTa's after its padding index, GPT-2's ``wpe``, BART's past its offset; none for relative
+    (T5) or rotary (Llama) positions, which have no table to run past."""
+    from transformers import (
+        BartConfig,
+        BartModel,
+        BertConfig,
+        BertModel,
+        GPT2Config,
+        GPT2Model,
+        LlamaConfig,
+        LlamaModel,
+        RobertaConfig,
+        RobertaModel,
+        T5Config,
+        T5Model,
+    )
+
+    from lightning_peft.backbone import position_limit
+
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+    assert position_limit(BertModel(BertConfig(**small, max_position_embeddings=128))) == 128
+    assert position_limit(RobertaModel(RobertaConfig(**small, max_position_embeddings=514, pad_token_id=1))) == 512
+    assert position_limit(GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=256))) == 256
+    bart = BartConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                      decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64)
+    assert position_limit(BartModel(bart)) == 64
+    assert position_limit(T5Model(T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=32, d_kv=16))) is None
+    assert position_limit(LlamaModel(LlamaConfig(**small))) is None

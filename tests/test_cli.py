@@ -339,6 +339,23 @@ def test_the_checkpoint_monitors_the_tasks_metric_unless_told(tmp_path, tiny_ber
     assert (told.trainer.checkpoint_callback.monitor, told.trainer.checkpoint_callback.mode) == ("val/loss", "min")
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--data.init_args.max_length", "200"], "data.max_length: 200 is more than the 128 positions"),
+    (["--model.init_args.peft", "{class_path: peft.PromptTuningConfig, init_args: {num_virtual_tokens: 20}}",
+      "--data.init_args.max_length", "120"],
+     "data.max_length: 120 + 20 virtual tokens is more than the 128 positions the model's position embeddings "
+     "cover; set data.init_args.max_length to at most 108"),
+], ids=["max_length", "with-virtual-tokens"])
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_inputs_longer_than_the_position_table_are_refused_before_running(tmp_path, tiny_bert_dir, toy_data, capsys,
+                                                                           args, message, command):
+    """The tiny BERT has 128 positions: the first row cut at 200 tokens would fail in the embedding lookup."""
+    config = str(write_config(tmp_path, tiny_bert_dir, toy_data))
+    extra = ["--allow_untrained", "true"] if command == "validate" else []
+    assert_one_error(run_main(capsys, command, "--config", config, *args, *extra), message)
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_a_tagger_picks_its_checkpoint_by_entity_f1(tmp_path, tiny_bert_dir, toy_ner):
     config = {
         "model": {"class_path": "lightning_peft.TokenClassifier",

@@ -51,7 +51,8 @@ def preset_peft_config(path: Path):
 def datamodule(task: str, tokenizer: Path, files: dict[str, Path]):
     cls = {"classification": ClassificationDataModule, "token_classification": TokenClassificationDataModule,
            "seq2seq": Seq2SeqDataModule, "seq2seq_t5": Seq2SeqDataModule, "causal_lm": ChatDataModule}[task]
-    data = cls(tokenizer=str(tokenizer), train_file=str(files["train"]), batch_size=8, seed=0)
+    # max_length 64: the tiny BERT's 128 positions hold a row plus the prompt methods' 20 virtual tokens
+    data = cls(tokenizer=str(tokenizer), train_file=str(files["train"]), batch_size=8, seed=0, max_length=64)
     data.setup("fit")
     return data
 

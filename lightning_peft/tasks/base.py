@@ -22,7 +22,7 @@ from lightning_peft.adapter_checkpoint import (
     plain_hyperparameters,
     validation_metrics,
 )
-from lightning_peft.backbone import BackboneConfig, count_parameters, load_backbone, new_weights
+from lightning_peft.backbone import BackboneConfig, count_parameters, load_backbone, new_weights, position_limit
 from lightning_peft.batching import BatchingStrategy, choose_batching
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.export import export_task, initial_adapter_state
@@ -257,7 +257,9 @@ class PeftModule(LightningModule, ABC):
         """Refuse to fit an ONNX backbone, or AdaLoRA without a callback that allocates its ranks, before any
         fit-start hook (a learning-rate range test) would train it; note which of the fit's callbacks cannot work with
         packed rows (:attr:`fit_packing_blockers`): a range test at fit start runs with Lightning's finder as the
-        trainer's only callback, and must batch as the fit will."""
+        trainer's only callback, and must batch as the fit will. In every stage, refuse inputs longer than the
+        model's position embeddings cover (:meth:`check_lengths_fit_positions`)."""
+        self.check_lengths_fit_positions()
         if stage != "fit":
             return
         if self.backbone_config.onnx_file:
@@ -273,6 +275,24 @@ class PeftModule(LightningModule, ABC):
                 "[{class_path: lightning_peft.callbacks.AdaLoRAScheduler}]` (configs/peft/adalora.yaml has it)"
             )
         self.fit_packing_blockers = packing_blockers(self.trainer.callbacks)
+
+    def check_lengths_fit_positions(self) -> None:
+        """Refuse a datamodule ``max_length`` (or ``max_target_length``) beyond the model's absolute position table
+        (BERT: 512), less the virtual tokens a prompt method prepends: the first long row would fail in the
+        embedding lookup, mid-run."""
+        datamodule = getattr(getattr(self, "_trainer", None), "datamodule", None)
+        limit = position_limit(self.model)
+        if limit is None or datamodule is None:
+            return
+        prompt = self.peft_config.num_virtual_tokens if self.peft_config and self.peft_config.is_prompt_learning else 0
+        for option, virtual in (("max_length", prompt), ("max_target_length", 0)):  # prompts go before the input
+            length = getattr(datamodule, option, None)
+            if isinstance(length, int) and length + virtual > limit:
+                added = f" + {virtual} virtual tokens" if virtual else ""
+                raise LightningPeftError(
+                    f"data.{option}: {length}{added} is more than the {limit} positions the model's position "
+                    f"embeddings cover; set data.init_args.{option} to at most {limit - virtual}"
+                )
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
         """The task loss of one (micro-)batch in training; with R-Drop, the mean loss of two dropout passes (one
