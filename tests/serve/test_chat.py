@@ -71,7 +71,7 @@ def test_sigterm_to_the_process_group_finishes_the_request_in_flight(served_chat
     long_request = {"adapter": "chat", "inputs": ["translate: good"] * 8, "parameters": {"max_new_tokens": 400}}
     thread = threading.Thread(target=lambda: answers.append(server.call("POST", "/predict", long_request)))
     thread.start()
-    time.sleep(0.5)  # the request is in the worker
+    time.sleep(0.5)  # the request is in flight (queued or in the worker: either way it must be answered)
     try:
         os.killpg(server.process.pid, signal.SIGTERM)
         assert server.process.wait(60) == 0
