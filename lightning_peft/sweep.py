@@ -225,7 +225,8 @@ class LocalSweep:
         self.method = method or spec.method
         self.seed = seed
         if self.method not in ("grid", "random", "bayes"):
-            raise LightningPeftError(f"--method: {self.method!r} is not one of grid, random, bayes")
+            where = "--method" if method else f"sweep spec {str(spec.path)!r}: method"
+            raise LightningPeftError(f"{where}: {self.method!r} is not one of grid, random, bayes")
         self.parse_config = parse_config
         _, self.base_config = parse_config(spec.fit_args)
         self.check_values()

@@ -149,6 +149,7 @@ def test_the_trained_rate_is_read_only_where_a_checkpoint_holds_one(checkpoint, 
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda spec: ["not", "a", "mapping"], "must be a YAML mapping"),
     (lambda spec: {**spec, "metric": {"name": "val/accuracy", "goal": "up"}}, "metric.goal must be one of"),
+    (lambda spec: {**spec, "method": "hyperband"}, "method: 'hyperband' is not one of grid, random, bayes"),
     (lambda spec: {**spec, "parameters": ["lr"]}, "parameters must map each fit option"),
     (lambda spec: {**spec, "parameters": {"model.init_args.training.lr": 0.01}}, "give {value: …}"),
     (lambda spec: {**spec, "parameters": {"model.init_args.training.lr": {"values": []}}}, "must be a non-empty list"),
@@ -167,8 +168,9 @@ def test_the_trained_rate_is_read_only_where_a_checkpoint_holds_one(checkpoint, 
      "parameters.model.init_args.training.lrr = 0.01: model.init_args.training.lrr: not an option"),
     (lambda spec: {**spec, "parameters": {"trainer.max_epochs": {"values": [1, "two"]}}},
      "parameters.trainer.max_epochs = 'two': trainer.max_epochs: expected int"),
-], ids=["list", "goal", "parameters-list", "bare-value", "no-values", "no-max", "min-above-max", "log-from-zero",
-        "min-not-a-number", "int-range-of-floats", "distribution", "misspelt-option", "value-of-the-wrong-type"])
+], ids=["list", "goal", "method", "parameters-list", "bare-value", "no-values", "no-max", "min-above-max",
+        "log-from-zero", "min-not-a-number", "int-range-of-floats", "distribution", "misspelt-option",
+        "value-of-the-wrong-type"])
 def test_a_bad_spec_is_one_error_before_any_trial(tmp_path, tiny_bert_dir, toy_data, capsys, edit, message):
     config = write_config(tmp_path, tiny_bert_dir, toy_data)
     spec = {"program": "lightning-peft", "method": "random", "metric": {"name": "val/accuracy"},
