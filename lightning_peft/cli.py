@@ -202,6 +202,10 @@ class LightningPeftCLI(LightningCLI):
             kwargs["callbacks"] = [*callbacks, RichProgressBar()]
         if config.get("logger") in (None, True):
             kwargs["logger"] = CSVLogger(save_dir=config.get("default_root_dir") or DEFAULT_ROOT_DIR)
+        accumulate = config.get("accumulate_grad_batches")
+        if isinstance(accumulate, int) and accumulate < 1:  # Lightning takes it, then divides by it at fit start
+            raise LightningPeftError(f"trainer.accumulate_grad_batches: must be 1 or more (batches per optimizer "
+                                     f"step), got {accumulate}")
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError, TypeError) as err:

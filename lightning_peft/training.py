@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from peft import PeftConfig, PeftType
+from transformers import SchedulerType
 
 from lightning_peft.errors import LightningPeftError
 from lightning_peft.regularization import Regularization, as_regularization
@@ -91,6 +92,12 @@ class TrainingConfig:
             raise LightningPeftError(f"model.init_args.training.lr: must be a number, auto or null, got {self.lr!r}")
         if isinstance(self.lr, (int, float)) and not self.lr >= 0:
             raise LightningPeftError(f"model.init_args.training.lr: must be >= 0, auto or null, got {self.lr}")
+        schedulers = [kind.value for kind in SchedulerType]
+        if self.lr_scheduler_type not in schedulers:
+            raise LightningPeftError(
+                f"model.init_args.training.lr_scheduler_type: {self.lr_scheduler_type!r} is not a transformers "
+                f"scheduler; use one of {', '.join(schedulers)}"
+            )
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise LightningPeftError(
                 f"model.init_args.training.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}"

@@ -52,6 +52,10 @@ def test_a_bad_key_or_type_is_named_first(case, tmp_path, tiny_bert_dir, toy_dat
     [
         (["--model.init_args.training.lr", "-0.1"], "model.init_args.training.lr: must be >= 0, auto or null"),
         (["--trainer.max_epochs", "-3"], "trainer: `max_epochs` must be a non-negative integer"),
+        (["--trainer.accumulate_grad_batches", "0"],  # Lightning takes it, then divides by it
+         "trainer.accumulate_grad_batches: must be 1 or more (batches per optimizer step), got 0"),
+        (["--model.init_args.training.lr_scheduler_type", "cosine_annealing"],
+         "model.init_args.training.lr_scheduler_type: 'cosine_annealing' is not a transformers scheduler; use one of"),
         (["--model.init_args.training.warmup_ratio", "1.5"], "warmup_ratio: must be in [0, 1)"),
         (["--model.init_args.training.lr", "fastest"],  # a union: every member that refused it, and the value
          "model.init_args.training.lr: expected float or 'auto' or null, got 'fastest'"),
@@ -61,7 +65,8 @@ def test_a_bad_key_or_type_is_named_first(case, tmp_path, tiny_bert_dir, toy_dat
          "got 'None' (write null as `null`; on the command line give the enclosing option as YAML: "
          "--model.init_args.training '{lr: null}')"),
     ],
-    ids=["negative-lr", "negative-epochs", "warmup-ratio", "lr-word", "union", "nested-null"],
+    ids=["negative-lr", "negative-epochs", "no-accumulation", "scheduler", "warmup-ratio", "lr-word", "union",
+         "nested-null"],
 )
 def test_an_invalid_value_is_one_error_line(args, message, tmp_path, tiny_bert_dir, toy_data, capsys):
     config = write_config(tmp_path, tiny_bert_dir, toy_data)

@@ -31,6 +31,7 @@ def test_each_method_has_its_own_default_learning_rate(peft, lr):
     ({"lr": -1.0}, "training.lr"),
     ({"warmup_ratio": 1.0}, "training.warmup_ratio"),
     ({"micro_batch_size": 0}, "training.micro_batch_size"),
+    ({"lr_scheduler_type": "cosine_annealing"}, "training.lr_scheduler_type: 'cosine_annealing' is not a transformers"),
     ({"regularization": {"rdrop_alpha": -1.0}}, "training.regularization.rdrop_alpha"),
 ])
 def test_bad_training_options_name_their_field(options, field):
