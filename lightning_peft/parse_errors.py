@@ -16,6 +16,7 @@ _OPTION = re.compile(r"Option '([^']+)' is not accepted")
 _GROUP_OPTION = re.compile(r"Group '([^']+)' does not accept option '([^']+)'")
 _EXPECTED = re.compile(r"Expected a ([^.]+|typing\.Literal\[.*\])$")  # one union member's refusal, alone on its line
 _GIVEN = re.compile(r"Given value: (.*)$")
+_EXPECTED_GOT = re.compile(r"Expected a (typing\.Literal\[.*\]|[^.]+)\. Got value: (.*)$")  # a plain option's refusal
 #: lines of the nested report that only describe its structure
 _STRUCTURE = ("Does not validate against", "Subtypes:", "Errors:", "Given value type")
 
@@ -88,6 +89,8 @@ def describe_parse_error(message: str, command: list[str]) -> str:
     if reason is None or not keys:
         first = message.strip().splitlines()[0] if message.strip() else "the configuration is invalid"
         return f"{first}; {hint}"
+    if found := _EXPECTED_GOT.match(reason):
+        reason = f"expected {_type_name(found.group(1))}, got {found.group(2)!r}"
     if group := _GROUP_OPTION.search(reason):
         keys += [group.group(1), group.group(2)] if keys[-1] == "init_args" else [group.group(2)]
         return f"{'.'.join(keys)}: not an option of {group.group(1)}; check its spelling; {hint}"

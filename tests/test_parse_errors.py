@@ -25,9 +25,9 @@ CASES = {
     "misspelt-data-key": (lambda c: rename(c["data"]["init_args"], "batch_size", "batch_sizee"),
                           "error: data.init_args.batch_sizee: not an option of lightning_peft.Classification"),
     "wrong-type": (lambda c: c["data"]["init_args"].update(batch_size="sixteen"),
-                   "error: data.init_args.batch_size: Expected a <class 'int'>. Got value: sixteen"),
+                   "error: data.init_args.batch_size: expected int, got 'sixteen'"),
     "nested-peft-value": (lambda c: c["model"]["init_args"]["peft"]["init_args"].update(r="four"),
-                          "error: model.init_args.peft.init_args.r: Expected a <class 'int'>"),
+                          "error: model.init_args.peft.init_args.r: expected int, got 'four'"),
     "misspelt-backbone-key": (
         lambda c: rename(c["model"]["init_args"]["backbone"], "pretrained_model_name_or_path", "model_path"),
         "error: model.init_args.backbone.model_path: not an option of backbone"),
@@ -63,12 +63,15 @@ def test_a_bad_key_or_type_is_named_first(case, tmp_path, tiny_bert_dir, toy_dat
          "model.init_args.training.lr: expected float or 'auto' or null, got 'fastest'"),
         (["--model.init_args.training.micro_batch_size", "x"],
          "model.init_args.training.micro_batch_size: expected int or null, got 'x'"),
+        (["--data.init_args.problem_type", "binary"],
+         "data.init_args.problem_type: expected 'single_label_classification' or 'multi_label_classification' or "
+         "'regression', got 'binary'"),
         (["--model.init_args.training.lr", "null"],  # jsonargparse passes this nested null on as the text 'None'
          "got 'None' (write null as `null`; on the command line give the enclosing option as YAML: "
          "--model.init_args.training '{lr: null}')"),
     ],
     ids=["negative-lr", "negative-epochs", "no-accumulation", "scheduler", "validation-interval", "warmup-ratio",
-         "lr-word", "union", "nested-null"],
+         "lr-word", "union", "literal", "nested-null"],
 )
 def test_an_invalid_value_is_one_error_line(args, message, tmp_path, tiny_bert_dir, toy_data, capsys):
     config = write_config(tmp_path, tiny_bert_dir, toy_data)
