@@ -9,6 +9,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
+import lightning
 import torch
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import OptimizerCallable
@@ -59,12 +60,16 @@ def packing_blockers(callbacks: list[Any]) -> list[str]:
     return [type(c).__name__ for c in callbacks if getattr(c, "supports_sequence_packing", True) is False]
 
 
+#: where Lightning's own code lives
+LIGHTNING_SOURCE = os.path.dirname(lightning.__file__) + os.sep
+
+
 def raised_by_lightning(err: BaseException) -> bool:
     """Whether ``err`` was raised inside Lightning itself (a check of the trainer's settings), not in code it called."""
     frame = err.__traceback__
     while frame is not None and frame.tb_next is not None:
         frame = frame.tb_next
-    return frame is not None and f"{os.sep}lightning{os.sep}" in frame.tb_frame.f_code.co_filename
+    return frame is not None and frame.tb_frame.f_code.co_filename.startswith(LIGHTNING_SOURCE)
 
 
 class PeftModule(LightningModule, ABC):
