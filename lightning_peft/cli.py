@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import lightning
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
@@ -391,6 +392,24 @@ def _user_error(err: BaseException) -> LightningPeftError | None:
     return err
 
 
+#: where Lightning's own code lives
+LIGHTNING_SOURCE = os.path.dirname(lightning.__file__) + os.sep
+
+
+def _trainer_error(err: BaseException) -> str | None:
+    """``trainer: <message>`` for a check Lightning itself raised against the trainer's settings — some run only
+    once the data is set up, at fit start (``val_check_interval`` beyond an epoch's batches) — or ``None`` for an
+    error raised in code Lightning called."""
+    if not isinstance(err, (ValueError, MisconfigurationException)):
+        return None
+    frame = err.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    if frame is None or not frame.tb_frame.f_code.co_filename.startswith(LIGHTNING_SOURCE):
+        return None
+    return f"trainer: {' '.join(str(err).split())}"
+
+
 #: exit status of a fit stopped by Ctrl-C or SIGTERM (128 + SIGTERM, as a shell reports a terminated process)
 STOPPED_BY_SIGNAL = 143
 #: OS errors that are the machine's or the user's paths, not a bug: reported as one line
@@ -423,7 +442,7 @@ def main(args: list[str] | None = None) -> None:
     except SIGTERMException:
         sys.exit(STOPPED_BY_SIGNAL)  # RunCheckpoint has written last.ckpt and said how to resume
     except Exception as err:
-        user_error = _user_error(err)
+        user_error = _user_error(err) or _trainer_error(err)
         if user_error is None and isinstance(err, OSError) and err.errno in USER_OS_ERRORS:
             user_error = f"{err.strerror}: {err.filename or ''}; free space, fix the permissions or choose another path"
         if user_error is None:

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from lightning_peft.parse_errors import describe_parse_error
-from tests.test_cli import assert_one_error, run_main, write_config
+from tests.test_cli import REPO, assert_one_error, run_main, write_config
 
 
 def edited_config(tmp_path, tiny_bert_dir, toy_data, edit) -> str:
@@ -58,6 +58,9 @@ def test_a_bad_key_or_type_is_named_first(case, tmp_path, tiny_bert_dir, toy_dat
          "model.init_args.training.lr_scheduler_type: 'cosine_annealing' is not a transformers scheduler; use one of"),
         (["--trainer.val_check_interval", "1000"],  # Lightning checks it against the data at fit start
          "trainer: `val_check_interval` (1000) must be less than or equal to the number of the training batches"),
+        (["--config", str(REPO / "configs" / "peft" / "adalora.yaml"),  # AdaLoRA's scheduler asks for it first
+          "--trainer.val_check_interval", "1000"],
+         "trainer: `val_check_interval` (1000) must be less than or equal to the number of the training batches"),
         (["--model.init_args.training.warmup_ratio", "1.5"], "warmup_ratio: must be in [0, 1)"),
         (["--model.init_args.training.lr", "fastest"],  # a union: every member that refused it, and the value
          "model.init_args.training.lr: expected float or 'auto' or null, got 'fastest'"),
@@ -70,7 +73,8 @@ def test_a_bad_key_or_type_is_named_first(case, tmp_path, tiny_bert_dir, toy_dat
          "got 'None' (write null as `null`; on the command line give the enclosing option as YAML: "
          "--model.init_args.training '{lr: null}')"),
     ],
-    ids=["negative-lr", "negative-epochs", "no-accumulation", "scheduler", "validation-interval", "warmup-ratio",
+    ids=["negative-lr", "negative-epochs", "no-accumulation", "scheduler", "validation-interval",
+         "validation-interval-adalora", "warmup-ratio",
          "lr-word", "union", "literal", "nested-null"],
 )
 def test_an_invalid_value_is_one_error_line(args, message, tmp_path, tiny_bert_dir, toy_data, capsys):

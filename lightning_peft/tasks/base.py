@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
-import lightning
 import torch
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from peft import AdaLoraConfig, PeftConfig, TaskType, get_peft_config
 from torchmetrics import MetricCollection
 from transformers import AutoModel, get_scheduler
@@ -58,18 +55,6 @@ def as_peft_config(value: PeftConfig | dict[str, Any] | None) -> PeftConfig | No
 def packing_blockers(callbacks: list[Any]) -> list[str]:
     """The names of the ``callbacks`` that declare ``supports_sequence_packing = False``."""
     return [type(c).__name__ for c in callbacks if getattr(c, "supports_sequence_packing", True) is False]
-
-
-#: where Lightning's own code lives
-LIGHTNING_SOURCE = os.path.dirname(lightning.__file__) + os.sep
-
-
-def raised_by_lightning(err: BaseException) -> bool:
-    """Whether ``err`` was raised inside Lightning itself (a check of the trainer's settings), not in code it called."""
-    frame = err.__traceback__
-    while frame is not None and frame.tb_next is not None:
-        frame = frame.tb_next
-    return frame is not None and frame.tb_frame.f_code.co_filename.startswith(LIGHTNING_SOURCE)
 
 
 class PeftModule(LightningModule, ABC):
@@ -409,12 +394,7 @@ class PeftModule(LightningModule, ABC):
             optimizer = self.optimizer_factory(groups, lr=self.learning_rate)
         except (TypeError, ValueError) as err:  # torch's own checks: "Invalid learning rate: -0.1", …
             raise LightningPeftError(f"model.init_args.optimizer: {err}") from err
-        try:  # Lightning sets up the training data here and checks the trainer's settings against it
-            total_steps = int(self.trainer.estimated_stepping_batches)
-        except (ValueError, MisconfigurationException) as err:  # e.g. val_check_interval beyond an epoch's batches
-            if not raised_by_lightning(err):
-                raise
-            raise LightningPeftError(f"trainer: {' '.join(str(err).split())}") from err
+        total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = get_scheduler(
             self.training_config.lr_scheduler_type,
             optimizer,
