@@ -67,6 +67,12 @@ class ExistingOutput(LightningPeftError):
     """An output path holds something lightning-peft did not write (the message names it and the fix)."""
 
 
+def adapter_directory(path: str | Path) -> Path:
+    """The adapter directory of an export (``<export>/adapter``), or ``path`` itself when it is one."""
+    path = Path(path).expanduser().absolute()
+    return path / ADAPTER_DIR if (path / ADAPTER_DIR).is_dir() else path
+
+
 def check_replaceable(target: Path, field: str, overwrite: bool) -> None:
     """Raise :class:`ExistingOutput` unless ``target`` is absent, an empty directory, an earlier export (it holds
     :data:`EXPORT_MARKER`), or ``overwrite`` is set. ``field`` names the setting in the message (``export_dir``:

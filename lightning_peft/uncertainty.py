@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.export import ADAPTER_DIR
+from lightning_peft.export import adapter_directory
 
 CALIBRATION_FILE = "calibration.json"  # written beside an exported adapter: {"temperature": T, …}
 
@@ -59,13 +59,13 @@ class PredictionOptions:
 def ensemble_member(path: str) -> str:
     """The adapter directory of an export given as its root (``<export>/adapter``, as ``serve --adapters`` takes it)
     or as ``adapter/`` itself."""
-    for candidate in (Path(path) / ADAPTER_DIR, Path(path)):
-        if (candidate / "adapter_config.json").is_file():
-            return str(candidate)
-    raise LightningPeftError(
-        f"model.prediction.ensemble: {path} is not an export (no adapter/adapter_config.json or adapter_config.json); "
-        "give a directory that `lightning-peft export` or AdapterExport wrote"
-    )
+    directory = adapter_directory(path)
+    if not (directory / "adapter_config.json").is_file():
+        raise LightningPeftError(
+            f"model.prediction.ensemble: {path} is not an export (no adapter/adapter_config.json or "
+            "adapter_config.json); give a directory that `lightning-peft export` or AdapterExport wrote"
+        )
+    return str(directory)
 
 
 def as_prediction_options(value: PredictionOptions | dict | None) -> PredictionOptions:

@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 
 from lightning_peft.compressed import INT8_DIR, ONNX_FILE
 from lightning_peft.errors import LightningPeftError
-from lightning_peft.export import ADAPTER_DIR
+from lightning_peft.export import ADAPTER_DIR, adapter_directory
 from lightning_peft.tasks.base import LABELS_FILE
 from lightning_peft.tasks.seq2seq import WARM_START_FILE
 from lightning_peft.uncertainty import CALIBRATION_FILE
@@ -90,12 +90,6 @@ class ServedAdapter:
         if self.task in GENERATION_TASKS:
             facts["generation"] = self.generation
         return facts
-
-
-def adapter_directory(path: str | Path) -> Path:
-    """The adapter directory of an export (``<export>/adapter``), or ``path`` itself when it is one."""
-    path = Path(path).expanduser().absolute()
-    return path / ADAPTER_DIR if (path / ADAPTER_DIR).is_dir() else path
 
 
 def resolved_base(name_or_path: str, relative_to: Path | None = None) -> str:
