@@ -140,16 +140,16 @@ Suggest = Callable[[str, dict[str, Any]], Any]
 def draw(name: str, spec: dict[str, Any], sampler: Any) -> Any:
     """One value of a W&B sweep parameter: its ``value``, one of its ``values``, or a draw from its ``distribution``
     over ``min``–``max`` (integers default to ``int_uniform``, others to ``uniform``), made by ``sampler``'s
-    ``categorical(name, values)``, ``integer(name, low, high)`` or ``real(name, low, high, log)``."""
+    ``categorical(name, values)``, ``integer(name, low, high)`` or ``real(name, low, high, log)``; ``spec`` is
+    checked (and its distribution filled in) by :func:`checked_parameter`."""
+    spec = checked_parameter(f"sweep parameter {name}", spec)
     if "value" in spec:
         return spec["value"]
     if "values" in spec:
         return sampler.categorical(name, spec["values"])
-    low, high = spec["min"], spec["max"]
-    distribution = spec.get("distribution") or ("int_uniform" if isinstance(low, int) else "uniform")
-    if distribution == "int_uniform":
-        return sampler.integer(name, low, high)
-    return sampler.real(name, low, high, log=distribution == "log_uniform_values")
+    if spec["distribution"] == "int_uniform":
+        return sampler.integer(name, spec["min"], spec["max"])
+    return sampler.real(name, spec["min"], spec["max"], log=spec["distribution"] == "log_uniform_values")
 
 
 @dataclass
